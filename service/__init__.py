@@ -1,0 +1,1 @@
+"""The cnnserve REST API (FastAPI)."""

@@ -1,0 +1,1 @@
+"""Celery workers: the job contract, the training engine, data and the checkpoint store."""
