@@ -1,0 +1,388 @@
+"""The checkpoint store: safetensors weights, a JSON manifest and resume state per epoch.
+
+Layout under `root` (the settings' `data_dir/checkpoints`):
+
+    <job_id>/e<epoch:03d>/weights.safetensors   the model's state_dict
+    <job_id>/e<epoch:03d>/manifest.json         a `Manifest`
+    <job_id>/e<epoch:03d>/state.pt              optimizer + RNG state (loaded weights_only)
+    <job_id>/aliases.json                       {"latest": id, "best": id}
+
+A checkpoint id is `<job_id>-e<epoch:03d>`; ids are made here and checked against a strict
+pattern, so no client string ever becomes a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field, ValidationError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models import CLASSES, build_model
+
+JOB_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+CHECKPOINT_ID_RE = re.compile(r"^(?P<job>[0-9a-f]{16})-e(?P<epoch>[0-9]{3})$")
+MODEL_NAME_RE = re.compile(r"^[a-z0-9_]{1,32}$")
+
+
+class CheckpointError(Exception):
+    """Base class for checkpoint-store errors."""
+
+
+class CheckpointNotFoundError(CheckpointError, LookupError):
+    """No checkpoint answers to this id or alias."""
+
+    def __init__(self, ref: str, reason: str = "") -> None:
+        self.ref = ref
+        super().__init__(reason or f"no checkpoint {ref!r}")
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint whose files do not match its manifest."""
+
+
+class Preprocessing(BaseModel):
+    """What inference must do to an image so it matches what training saw."""
+
+    grayscale: bool = True
+    pad_to_square: bool = True
+    resize: int = Field(description="Square side the image is resized to.")
+    interpolation: str = "bilinear"
+    scale: float = Field(1 / 255, description="Pixel values are multiplied by this (to 0..1).")
+    mean: float = 0.0
+    std: float = 1.0
+    invert: str = Field(
+        "auto",
+        description="Fashion-MNIST is light-on-dark; 'auto' inverts dark-on-light photos.",
+    )
+
+
+class Manifest(BaseModel):
+    """What a checkpoint is: the role torchvision's `Weights.meta` plays."""
+
+    id: str
+    job_id: str
+    epoch: int
+    model: str
+    arch: list[list[int]] | str | None = None
+    input_size: int
+    in_channels: int = 1
+    num_classes: int = 10
+    classes: list[str] = Field(default_factory=lambda: list(CLASSES))
+    preprocessing: Preprocessing
+    metrics: dict[str, float] = Field(default_factory=dict)
+    history: list[dict[str, float]] = Field(default_factory=list)
+    spec: dict[str, Any] = Field(default_factory=dict)
+    dataset: dict[str, Any] = Field(default_factory=dict)
+    weights_sha256: str
+    state_sha256: str | None = None
+    versions: dict[str, str] = Field(default_factory=dict)
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    @property
+    def arch_value(self) -> str | tuple[tuple[int, int], ...] | None:
+        if isinstance(self.arch, list):
+            return tuple((int(a), int(b)) for a, b in self.arch)
+        return self.arch
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def versions() -> dict[str, str]:
+    def ver(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {
+        "cnnserve": ver("cnnserve"),
+        "torch": torch.__version__,
+        "torchvision": ver("torchvision"),
+        "safetensors": ver("safetensors"),
+        "python": platform.python_version(),
+    }
+
+
+def checkpoint_id(job_id: str, epoch: int) -> str:
+    return f"{job_id}-e{epoch:03d}"
+
+
+class CheckpointStore:
+    """Saves, finds, verifies, loads and deletes checkpoints under one directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # paths (only from validated ids)
+    def _dir(self, ckpt_id: str) -> Path:
+        m = CHECKPOINT_ID_RE.match(ckpt_id)
+        if not m:
+            raise CheckpointNotFoundError(ckpt_id, f"{ckpt_id!r} is not a checkpoint id")
+        return self.root / m["job"] / f"e{m['epoch']}"
+
+    def _job_dir(self, job_id: str) -> Path:
+        if not JOB_ID_RE.match(job_id):
+            raise CheckpointNotFoundError(job_id, f"{job_id!r} is not a job id")
+        return self.root / job_id
+
+    # writing
+    def save(
+        self,
+        *,
+        job_id: str,
+        epoch: int,
+        model: nn.Module,
+        manifest_fields: dict[str, Any],
+        state: dict[str, Any] | None = None,
+        keep: int = 3,
+    ) -> Manifest:
+        """Write one epoch's checkpoint atomically, update `latest`/`best`, prune old ones.
+
+        `manifest_fields` holds the Manifest fields other than id, job, epoch and hashes.
+        """
+        final = self._dir(checkpoint_id(job_id, epoch))
+        job_dir = final.parent
+        job_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=job_dir, prefix=f".tmp-{final.name}-"))
+        try:
+            weights = tmp / "weights.safetensors"
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+            save_file(tensors, str(weights))
+            state_sha = None
+            if state is not None:
+                torch.save(state, tmp / "state.pt")
+                state_sha = sha256_file(tmp / "state.pt")
+            manifest = Manifest(
+                id=checkpoint_id(job_id, epoch),
+                job_id=job_id,
+                epoch=epoch,
+                weights_sha256=sha256_file(weights),
+                state_sha256=state_sha,
+                versions=versions(),
+                **manifest_fields,
+            )
+            (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2))
+            for f in tmp.iterdir():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
+            if final.exists():  # a resumed job rewrites an epoch it had not finished recording
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(job_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._update_aliases(job_id, manifest, keep)
+        return manifest
+
+    def _update_aliases(self, job_id: str, manifest: Manifest, keep: int) -> None:
+        aliases = self.aliases(job_id)
+        aliases["latest"] = manifest.id
+        best_id = aliases.get("best")
+        best_acc = -1.0
+        if best_id:
+            try:
+                best_acc = self.manifest(best_id).metrics.get("val_acc", -1.0)
+            except CheckpointError:
+                best_acc = -1.0
+        if manifest.metrics.get("val_acc", -1.0) >= best_acc:
+            aliases["best"] = manifest.id
+        _write_json_atomic(self._job_dir(job_id) / "aliases.json", aliases)
+        epochs = sorted(self._epoch_ids(job_id))
+        protected = {aliases["best"], aliases["latest"], *epochs[-keep:]}
+        for old in epochs:
+            if old not in protected:
+                shutil.rmtree(self._dir(old), ignore_errors=True)
+
+    # reading
+    def aliases(self, job_id: str) -> dict[str, str]:
+        path = self._job_dir(job_id) / "aliases.json"
+        try:
+            return dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return {}
+        except (json.JSONDecodeError, TypeError, ValueError):
+            return {}
+
+    def _epoch_ids(self, job_id: str) -> list[str]:
+        job_dir = self._job_dir(job_id)
+        if not job_dir.is_dir():
+            return []
+        return [
+            f"{job_id}-{d.name}"
+            for d in job_dir.iterdir()
+            if d.is_dir() and re.fullmatch(r"e[0-9]{3}", d.name)
+        ]
+
+    def _job_ids(self) -> Iterator[str]:
+        if not self.root.is_dir():
+            return
+        for d in sorted(self.root.iterdir()):
+            if d.is_dir() and JOB_ID_RE.match(d.name):
+                yield d.name
+
+    def manifest(self, ckpt_id: str) -> Manifest:
+        """The manifest of a checkpoint id (not an alias)."""
+        path = self._dir(ckpt_id) / "manifest.json"
+        try:
+            return Manifest.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(ckpt_id) from None
+        except ValidationError as exc:
+            raise CheckpointCorruptError(
+                f"checkpoint {ckpt_id}: its manifest is damaged and cannot be read"
+            ) from exc
+
+    def list(self, *, job_id: str | None = None, model: str | None = None) -> list[Manifest]:
+        """Manifests of every readable checkpoint, newest job first, by epoch."""
+        job_ids = [job_id] if job_id else list(self._job_ids())
+        out: list[Manifest] = []
+        for jid in job_ids:
+            for cid in sorted(self._epoch_ids(jid)):
+                try:
+                    m = self.manifest(cid)
+                except CheckpointError:
+                    continue
+                if model is None or m.model == model:
+                    out.append(m)
+        out.sort(key=lambda m: (m.created_at, m.epoch), reverse=True)
+        return out
+
+    def resolve(self, ref: str) -> str:
+        """A checkpoint id from an id or an alias: `<job>:latest`, `<job>:best`, `<model>:best`."""
+        if CHECKPOINT_ID_RE.match(ref):
+            if not (self._dir(ref) / "manifest.json").is_file():
+                raise CheckpointNotFoundError(ref)
+            return ref
+        head, sep, alias = ref.partition(":")
+        if not sep or alias not in ("latest", "best"):
+            raise CheckpointNotFoundError(
+                ref,
+                f"{ref!r} is neither a checkpoint id (<job>-e<NNN>) nor an alias "
+                "(<job>:latest, <job>:best, <model>:best)",
+            )
+        if JOB_ID_RE.match(head):
+            target = self.aliases(head).get(alias)
+            if not target:
+                raise CheckpointNotFoundError(ref, f"job {head} has no {alias} checkpoint")
+            return target
+        if alias == "best" and MODEL_NAME_RE.match(head):
+            best = max(
+                self.list(model=head),
+                key=lambda m: (m.metrics.get("val_acc", -1.0), m.created_at),
+                default=None,
+            )
+            if best is None:
+                raise CheckpointNotFoundError(ref, f"no checkpoint of model {head!r} exists")
+            return best.id
+        raise CheckpointNotFoundError(ref, f"no checkpoint answers to {ref!r}")
+
+    def weights_path(self, ckpt_id: str) -> Path:
+        """The verified safetensors file of a checkpoint."""
+        manifest = self.manifest(ckpt_id)
+        path = self._dir(ckpt_id) / "weights.safetensors"
+        if not path.is_file():
+            raise CheckpointCorruptError(f"checkpoint {ckpt_id}: its weights file is missing")
+        if sha256_file(path) != manifest.weights_sha256:
+            raise CheckpointCorruptError(
+                f"checkpoint {ckpt_id}: its weights do not match the manifest's sha256 "
+                "(the file was altered or truncated); use another checkpoint"
+            )
+        return path
+
+    def load_model(
+        self, ckpt_id: str, device: str | torch.device = "cpu"
+    ) -> tuple[nn.Module, Manifest]:
+        """Build the network from the manifest and load its verified weights, in eval mode."""
+        manifest = self.manifest(ckpt_id)
+        path = self.weights_path(ckpt_id)
+        model = build_model(
+            manifest.model,
+            arch=manifest.arch_value,
+            input_size=manifest.input_size,
+            num_classes=manifest.num_classes,
+            in_channels=manifest.in_channels,
+        )
+        try:
+            model.load_state_dict(load_file(str(path), device="cpu"))
+        except (RuntimeError, OSError) as exc:
+            raise CheckpointCorruptError(
+                f"checkpoint {ckpt_id}: weights do not load: {exc}"
+            ) from exc
+        return model.to(device).eval(), manifest
+
+    def load_state(self, ckpt_id: str) -> dict[str, Any]:
+        """The resume state (optimizer, RNG, ...), verified and loaded without unpickling code."""
+        manifest = self.manifest(ckpt_id)
+        path = self._dir(ckpt_id) / "state.pt"
+        if manifest.state_sha256 is None or not path.is_file():
+            raise CheckpointCorruptError(f"checkpoint {ckpt_id} has no resume state")
+        if sha256_file(path) != manifest.state_sha256:
+            raise CheckpointCorruptError(f"checkpoint {ckpt_id}: resume state fails its sha256")
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        return state
+
+    def delete(self, ckpt_id: str) -> None:
+        """Remove a checkpoint and repoint its job's aliases at what is left."""
+        directory = self._dir(ckpt_id)
+        if not directory.is_dir():
+            raise CheckpointNotFoundError(ckpt_id)
+        job_id = directory.parent.name
+        shutil.rmtree(directory)
+        remaining = sorted(self._epoch_ids(job_id))
+        aliases = self.aliases(job_id)
+        if not remaining:
+            (self._job_dir(job_id) / "aliases.json").unlink(missing_ok=True)
+            return
+        manifests = []
+        for cid in remaining:
+            try:
+                manifests.append(self.manifest(cid))
+            except CheckpointError:
+                continue
+        aliases["latest"] = remaining[-1]
+        if manifests:
+            aliases["best"] = max(manifests, key=lambda m: m.metrics.get("val_acc", -1.0)).id
+        _write_json_atomic(self._job_dir(job_id) / "aliases.json", aliases)
