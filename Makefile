@@ -1,0 +1,98 @@
+# cnnserve: `make up` starts the local stack, `make test` runs everything CI runs.
+# Both do their own set-up first (virtualenv, Python packages, Debian packages, Redis);
+# `make setup` is idempotent and takes about a second when everything is already there.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.cnnserve-pyproject.sha256
+APT_PACKAGES := dataset-fashion-mnist redis-server chromium docker-compose
+REDIS_HOST := 127.0.0.1
+REDIS_PORT := 6379
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+UP_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help setup venv packages apt redis up test pytest lint format typecheck
+
+help:
+	@echo "make up         set up, then start Redis (if none), a worker and the API on http://127.0.0.1:8000"
+	@echo "make test       set up, then pytest, ruff check, ruff format --check and mypy (what .ci/run runs)"
+	@echo "make setup      virtualenv, Python packages, Debian packages, Redis (idempotent)"
+	@echo "make format     ruff format and ruff check --fix in place"
+
+setup: venv packages apt redis
+
+# Reuse .venv when its interpreter runs; create it otherwise.
+venv:
+	@if ! $(BIN)/python -c 'import sys' >/dev/null 2>&1; then \
+		echo "setup: creating $(VENV) with $(PYTHON)"; \
+		$(PYTHON) -m venv $(VENV); \
+	fi
+
+# Install (editable, with dev extras) only when pyproject.toml differs from the last install.
+packages: venv
+	@want=$$(sha256sum pyproject.toml | cut -d' ' -f1); \
+	have=$$(cat $(STAMP) 2>/dev/null || true); \
+	if [ "$$want" != "$$have" ]; then \
+		echo "setup: pyproject.toml changed since the last install; pip install -e '.[dev]'"; \
+		$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'; \
+		echo "$$want" > $(STAMP); \
+	fi
+
+# Debian packages: apt-get update and install only when one is missing.
+apt:
+	@missing=""; \
+	for p in $(APT_PACKAGES); do \
+		dpkg -s "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "setup: installing Debian packages:$$missing"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+# Start a non-persistent Redis on 127.0.0.1:6379 unless one already answers.
+redis: apt
+	@if ! redis-cli -h $(REDIS_HOST) -p $(REDIS_PORT) ping >/dev/null 2>&1; then \
+		echo "setup: starting redis-server on $(REDIS_HOST):$(REDIS_PORT)"; \
+		$(SUDO) mkdir -p /var/lib/redis /var/log/redis; \
+		$(SUDO) redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log; \
+		for _ in $$(seq 50); do \
+			redis-cli -h $(REDIS_HOST) -p $(REDIS_PORT) ping >/dev/null 2>&1 && break; \
+			sleep 0.1; \
+		done; \
+		redis-cli -h $(REDIS_HOST) -p $(REDIS_PORT) ping >/dev/null || { echo "setup: redis did not start; see /var/log/redis/ci.log" >&2; exit 1; }; \
+	fi
+
+up: setup
+	$(BIN)/cnnserve up $(UP_ARGS)
+
+# Run every check even when an earlier one fails, then fail if any did.
+test: setup
+	@failed=""; \
+	$(MAKE) --no-print-directory pytest || failed="$$failed pytest"; \
+	$(MAKE) --no-print-directory lint || failed="$$failed lint"; \
+	$(MAKE) --no-print-directory typecheck || failed="$$failed mypy"; \
+	if [ -n "$$failed" ]; then echo "make test: FAILED:$$failed" >&2; exit 1; fi; \
+	echo "make test: all checks passed"
+
+pytest:
+	$(BIN)/pytest -q --durations=15 $(PYTEST_ARGS)
+
+lint:
+	@rc=0; \
+	$(BIN)/ruff check . || rc=1; \
+	$(BIN)/ruff format --check . || rc=1; \
+	exit $$rc
+
+typecheck:
+	$(BIN)/mypy
+
+format:
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .

@@ -1,0 +1,1 @@
+"""Benchmarks for cnnserve: training throughput and API latency."""
