@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,6 +45,13 @@ class Settings(BaseSettings):
     model_cache_size: int = Field(4, ge=1, description="Checkpoints kept loaded for inference.")
     batch_window_ms: float = Field(2.0, ge=0, description="Wait to batch concurrent predictions.")
     max_batch_size: int = Field(64, ge=1, description="Images in one inference batch.")
+    batching: bool = Field(
+        True, description="Stack concurrent predictions for one checkpoint into one forward pass."
+    )
+    inference_backend: Literal["auto", "onnxruntime", "eager"] = Field(
+        "auto",
+        description="auto: ONNX Runtime where the export works (faster on CPUs), else eager.",
+    )
 
     @property
     def api_key_list(self) -> list[str]:
