@@ -30,6 +30,11 @@ setup: venv packages apt redis
 # Reuse .venv when its interpreter runs; create it otherwise.
 venv:
 	@if ! $(BIN)/python -c 'import sys' >/dev/null 2>&1; then \
+		if ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
+			echo "setup: $(PYTHON) lacks venv/ensurepip; installing python3-venv"; \
+			$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q; \
+			$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv; \
+		fi; \
 		echo "setup: creating $(VENV) with $(PYTHON)"; \
 		$(PYTHON) -m venv $(VENV); \
 	fi
