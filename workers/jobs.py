@@ -262,3 +262,22 @@ class JobStore:
         if earlier["body"] != body_hash:
             raise ValueError("this Idempotency-Key was already used with a different request body")
         return str(earlier["job_id"])
+
+    # removal (used by the API to undo a job it could not enqueue)
+    def delete(self, job_id: str) -> None:
+        """Remove a job's record, listing entry, events, cancel flag and lease."""
+        key = self._key(job_id)
+        pipe = self.r.pipeline()
+        pipe.delete(key, f"{key}:events", f"{key}:cancel", f"{key}:lease")
+        pipe.zrem(f"{PREFIX}jobs", job_id)
+        pipe.execute()
+
+    _FORGET_IDEM = (
+        "local v = redis.call('get', KEYS[1]) "
+        "if v and cjson.decode(v)['job_id'] == ARGV[1] then return redis.call('del', KEYS[1]) "
+        "else return 0 end"
+    )
+
+    def forget_idempotency_key(self, key: str, job_id: str) -> None:
+        """Release an Idempotency-Key claimed for `job_id` (when that job was never made)."""
+        self.r.eval(self._FORGET_IDEM, 1, f"{PREFIX}idem:{key}", job_id)

@@ -1,0 +1,194 @@
+"""The FastAPI application factory: routers, error handlers, limits, metrics and offline docs."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+import anyio
+import redis
+from celery import Celery
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+from service.auth import log_auth_mode
+from service.errors import problemize_openapi, register_exception_handlers
+from service.limits import BodySizeLimitMiddleware
+from service.metrics import RequestMetricsMiddleware
+from service.routes import checkpoints, health, job_events, jobs, ops
+from service.routes import models as models_routes
+from service.routes.health import WorkerPingCache
+from workers.checkpoints import CheckpointStore
+from workers.jobs import JobStore
+from workers.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+API_PREFIX = "/v1"
+STATIC_URL = "/static-docs"
+
+DESCRIPTION = """\
+Train the convolutional networks of *Dive into Deep Learning* (LeNet, VGG, ResNet18) on
+Fashion-MNIST with Celery workers, keep their checkpoints, and serve shape summaries and image
+classification from them.
+
+* **models**: the zoo, default recipes and layer-by-layer shape summaries.
+* **ops**: the book's primitives: cross-correlation, pooling, output-size arithmetic.
+* **jobs**: submit training jobs, follow them live (Server-Sent Events), plot their curves.
+* **checkpoints**: list, download, delete, and classify images with a trained checkpoint.
+
+Errors are [RFC 9457](https://www.rfc-editor.org/rfc/rfc9457) `application/problem+json`.
+State-changing calls need `Authorization: Bearer <key>` when the server has API keys.
+"""
+
+TAGS: list[dict[str, Any]] = [
+    {"name": "models", "description": "The networks of the book, their recipes and shapes."},
+    {"name": "ops", "description": "The seed's primitives (D2L 7.2–7.5) on small inputs."},
+    {
+        "name": "jobs",
+        "description": "Training jobs: submit, list, cancel, live events and training curves.",
+    },
+    {
+        "name": "checkpoints",
+        "description": "Trained weights by id or alias, and image classification with them.",
+    },
+    {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
+]
+
+
+def make_celery(settings: Settings) -> Celery:
+    """The Celery app the API enqueues with: the workers' own when it can take settings."""
+    try:
+        workers_celery: Any = importlib.import_module("workers.celery_app")
+    except ImportError:
+        workers_celery = None
+    factory = getattr(workers_celery, "make_celery", None) or getattr(
+        workers_celery, "create_celery_app", None
+    )
+    if callable(factory):
+        app: Celery = factory(settings)
+        return app
+    # a producer only: it sends by task name and never imports the engine
+    app = Celery("cnnserve-api", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=False,
+    )
+    return app
+
+
+def _lifespan(settings: Settings) -> Any:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = redis.Redis.from_url(
+            settings.redis_url,
+            decode_responses=True,
+            socket_connect_timeout=2,
+            socket_timeout=10,
+            health_check_interval=30,
+        )
+        app.state.settings = settings
+        app.state.job_store = JobStore(client)
+        app.state.checkpoint_store = CheckpointStore(settings.checkpoints_dir)
+        app.state.celery = make_celery(settings)
+        app.state.worker_ping_cache = WorkerPingCache()
+        app.state.sse_threads = anyio.CapacityLimiter(job_events.SSE_THREADS)
+        log_auth_mode(settings)
+        logger.info("cnnserve API ready (Redis %s)", settings.redis_url.rsplit("@", 1)[-1])
+        try:
+            yield
+        finally:
+            inference = getattr(app.state, "inference", None)
+            if inference is not None and hasattr(inference, "close"):
+                inference.close()
+            app.state.celery.close()
+            client.close()
+
+    return lifespan
+
+
+def _add_docs(app: FastAPI) -> None:
+    """Swagger UI and ReDoc served from local files, so /docs works without a network."""
+    static = resources.files("fastapi_offline") / "static"
+    app.mount(STATIC_URL, StaticFiles(directory=str(static)), name="static-docs")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} – API docs",
+            swagger_js_url=f"{root}{STATIC_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{STATIC_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{STATIC_URL}/favicon.png",
+            swagger_ui_parameters={"defaultModelsExpandDepth": 0, "tryItOutEnabled": True},
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} – API reference",
+            redoc_js_url=f"{root}{STATIC_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{STATIC_URL}/favicon.png",
+            with_google_fonts=False,
+        )
+
+
+def _custom_openapi(app: FastAPI) -> Any:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+                tags=app.openapi_tags,
+            )
+            app.openapi_schema = problemize_openapi(schema)
+        return app.openapi_schema
+
+    return openapi
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the cnnserve API for `settings` (default: the process's `get_settings()`)."""
+    settings = settings or get_settings()
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        app_version = version("cnnserve")
+    except PackageNotFoundError:
+        app_version = "0.0.0"
+    app = FastAPI(
+        title="cnnserve",
+        version=app_version,
+        summary="Train and serve the CNNs of Dive into Deep Learning on Fashion-MNIST.",
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        docs_url=None,
+        redoc_url=None,
+        lifespan=_lifespan(settings),
+    )
+    # state is also set here so code that runs before the lifespan (tests) sees the settings
+    app.state.settings = settings
+    register_exception_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware)
+    for module in (models_routes, ops, jobs, job_events, checkpoints):
+        app.include_router(module.router, prefix=API_PREFIX)
+    app.include_router(health.router)
+    _add_docs(app)
+    app.openapi = _custom_openapi(app)  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,73 @@
+"""`Annotated` dependency aliases: settings, stores and the Celery app from `app.state`.
+
+`create_app` puts one of each on `app.state` in its lifespan, so a test can build an app with
+its own settings and every route sees them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Path, Request
+
+from workers.checkpoints import CheckpointStore
+from workers.jobs import JobNotFoundError, JobRecord, JobStore
+from workers.settings import Settings
+
+JOB_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+
+
+def get_app_settings(request: Request) -> Settings:
+    """The settings the app was built with."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_job_store(request: Request) -> JobStore:
+    """The app's job store (one Redis connection pool per app)."""
+    store: JobStore = request.app.state.job_store
+    return store
+
+
+def get_checkpoint_store(request: Request) -> CheckpointStore:
+    """The app's checkpoint store under `settings.checkpoints_dir`."""
+    store: CheckpointStore = request.app.state.checkpoint_store
+    return store
+
+
+def get_celery(request: Request) -> Celery:
+    """The Celery app used to enqueue training tasks by name."""
+    celery: Celery = request.app.state.celery
+    return celery
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+JobStoreDep = Annotated[JobStore, Depends(get_job_store)]
+CheckpointStoreDep = Annotated[CheckpointStore, Depends(get_checkpoint_store)]
+CeleryDep = Annotated[Celery, Depends(get_celery)]
+
+JobIdPath = Annotated[
+    str,
+    Path(
+        description="A job id: 16 hex digits, as `POST /v1/jobs` returned it.",
+        examples=["0123456789abcdef"],
+    ),
+]
+
+
+def valid_job_id(job_id: JobIdPath) -> str:
+    """The path's job id when it has the shape of one; a 404 problem otherwise."""
+    if not JOB_ID_RE.fullmatch(job_id):
+        raise JobNotFoundError(job_id)
+    return job_id
+
+
+def valid_job(job_id: Annotated[str, Depends(valid_job_id)], store: JobStoreDep) -> JobRecord:
+    """The job record the path names; a 404 problem when there is none."""
+    return store.get(job_id)
+
+
+ValidJobId = Annotated[str, Depends(valid_job_id)]
+ValidJob = Annotated[JobRecord, Depends(valid_job)]
