@@ -1,0 +1,444 @@
+"""Classification inference: cached models, a CPU-friendly backend, and request batching.
+
+- `ModelCache`: an LRU of loaded checkpoints (size `settings.model_cache_size`), keyed by
+  checkpoint id and weights hash, counting hits and misses in the metrics.
+- Backends: ONNX Runtime where the export works and agrees with PyTorch (on this 2-core CPU it
+  is 2–6× faster at batch 1, see docs/benchmarks.md), eager PyTorch otherwise. The exported
+  graph is cached under `data_dir/onnx-cache`, keyed by the weights' sha256.
+- The network is wrapped with training's on-device resize (`F.interpolate`, bilinear, no
+  antialias) and a softmax, so every backend takes N×1×28×28 floats and returns probabilities.
+- `InferenceService`: runs the forward passes on a small thread pool (never on the event
+  loop) and, when `settings.batching` is on, stacks concurrent requests for one checkpoint
+  into one forward pass: the first request waits up to `batch_window_ms` for company, at most
+  one batch per checkpoint is in flight, and whatever queues meanwhile goes next
+  (≤ `max_batch_size` images).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fastapi import Depends, Request
+from torch import nn
+
+from service.images import NATIVE_SIZE
+from service.metrics import (
+    INFERENCE_BATCH_SIZE,
+    INFERENCE_LATENCY,
+    MODEL_CACHE_HITS,
+    MODEL_CACHE_MISSES,
+)
+from workers.checkpoints import CheckpointStore, Manifest
+from workers.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["onnxruntime", "eager"]
+#: Bump when the exported graph changes, so stale cached .onnx files are not reused.
+EXPORT_VERSION = "v1"
+#: Largest absolute difference in probabilities tolerated between ONNX Runtime and PyTorch.
+BACKEND_TOLERANCE = 1e-4
+
+
+def cpu_budget() -> tuple[int, int]:
+    """(compute workers, threads per worker) for this machine's usable cores.
+
+    Few workers with several intra-op threads each: a big model's single image then uses the
+    cores, while on a large machine a few forward passes can still run side by side.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    workers = max(1, cores // 4)
+    return workers, max(1, cores // workers)
+
+
+class InferenceNet(nn.Module):
+    """A classifier as inference runs it: 28×28 in, training's resize, probabilities out."""
+
+    def __init__(self, net: nn.Module, size: int) -> None:
+        super().__init__()
+        self.net = net
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size != NATIVE_SIZE:
+            # exactly the engine's on-device resize of the 28×28 /255 tensor
+            x = F.interpolate(
+                x,
+                size=(self.size, self.size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=False,
+            )
+        return torch.softmax(self.net(x), dim=1)
+
+
+RunFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint ready to classify: its manifest and a batch function (N×1×28×28 → N×C)."""
+
+    checkpoint_id: str
+    weights_sha256: str
+    manifest: Manifest
+    backend: Backend
+    run_batch: RunFn
+    max_batch_size: int = 64
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Probabilities for a batch, in chunks of at most `max_batch_size` images."""
+        if len(x) <= self.max_batch_size:
+            return self.run_batch(x)
+        parts = [
+            self.run_batch(x[i : i + self.max_batch_size])
+            for i in range(0, len(x), self.max_batch_size)
+        ]
+        return np.concatenate(parts)
+
+
+def eager_runner(module: InferenceNet) -> RunFn:
+    """A batch function running the module in eager PyTorch under inference mode."""
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+    return run
+
+
+def export_onnx(module: InferenceNet, path: Path) -> None:
+    """Export the module to ONNX with a dynamic batch axis, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    example = torch.zeros(1, 1, NATIVE_SIZE, NATIVE_SIZE)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(
+                module,
+                (example,),
+                str(tmp),
+                dynamo=False,  # the dynamo exporter needs onnxscript; this one needs nothing
+                input_names=["image"],
+                output_names=["probabilities"],
+                dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+                opset_version=17,
+            )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def onnx_runner(path: Path, threads: int) -> RunFn:
+    """A batch function running an exported model with ONNX Runtime on the CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning intra-op threads would take the CPU from the event loop between requests.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(x: np.ndarray) -> np.ndarray:
+        out = session.run(None, {"image": np.ascontiguousarray(x, dtype=np.float32)})
+        return np.asarray(out[0])
+
+    return run
+
+
+def onnx_cache_path(cache_dir: Path, manifest: Manifest) -> Path:
+    """Where a checkpoint's exported graph lives: keyed by its weights and input size."""
+    name = (
+        f"{manifest.model}-{manifest.weights_sha256[:32]}-r{manifest.preprocessing.resize}"
+        f"-{EXPORT_VERSION}.onnx"
+    )
+    return cache_dir / name
+
+
+def load_for_inference(
+    store: CheckpointStore,
+    ckpt_id: str,
+    *,
+    backend: Literal["auto", "onnxruntime", "eager"],
+    cache_dir: Path,
+    threads: int,
+    max_batch_size: int = 64,
+) -> LoadedModel:
+    """Load a checkpoint's verified weights and pick the backend that serves it."""
+    net, manifest = store.load_model(ckpt_id, "cpu")
+    module = InferenceNet(net, manifest.preprocessing.resize).eval()
+    eager = eager_runner(module)
+    chosen: Backend = "eager"
+    run = eager
+    if backend in ("auto", "onnxruntime"):
+        path = onnx_cache_path(cache_dir, manifest)
+        try:
+            if not path.is_file():
+                started = time.perf_counter()
+                export_onnx(module, path)
+                logger.info(
+                    "exported %s to ONNX in %.2f s: %s",
+                    ckpt_id,
+                    time.perf_counter() - started,
+                    path,
+                )
+            candidate = onnx_runner(path, threads)
+            probe = np.random.default_rng(0).random((2, 1, NATIVE_SIZE, NATIVE_SIZE))
+            probe = probe.astype(np.float32)
+            diff = float(np.abs(candidate(probe) - eager(probe)).max())
+            if diff > BACKEND_TOLERANCE:
+                logger.warning(
+                    "ONNX Runtime disagrees with PyTorch on %s (max diff %.2e); serving eager",
+                    ckpt_id,
+                    diff,
+                )
+                path.unlink(missing_ok=True)
+            else:
+                run, chosen = candidate, "onnxruntime"
+        except Exception:  # any export or runtime failure: eager still answers correctly
+            logger.warning("ONNX export of %s failed; serving it with eager PyTorch", ckpt_id)
+            logger.debug("ONNX failure", exc_info=True)
+    return LoadedModel(
+        checkpoint_id=ckpt_id,
+        weights_sha256=manifest.weights_sha256,
+        manifest=manifest,
+        backend=chosen,
+        run_batch=run,
+        max_batch_size=max_batch_size,
+    )
+
+
+Loader = Callable[[str], LoadedModel]
+
+
+class ModelCache:
+    """A bounded LRU of loaded models keyed by checkpoint id; thread-safe, loads deduplicated."""
+
+    def __init__(self, loader: Loader, size: int) -> None:
+        self._loader = loader
+        self.size = size
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    def __contains__(self, ckpt_id: object) -> bool:
+        with self._lock:
+            return ckpt_id in self._models
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._models)
+
+    def lookup(self, ckpt_id: str, weights_sha256: str) -> LoadedModel | None:
+        """The cached model (refreshed as most recent) if its weights still match, else None."""
+        with self._lock:
+            loaded = self._models.get(ckpt_id)
+            if loaded is None or loaded.weights_sha256 != weights_sha256:
+                return None
+            self._models.move_to_end(ckpt_id)
+        MODEL_CACHE_HITS.inc()
+        return loaded
+
+    def load(self, ckpt_id: str, weights_sha256: str) -> LoadedModel:
+        """Load (blocking) unless another thread just did; evicts the least recently used."""
+        MODEL_CACHE_MISSES.inc()
+        with self._lock:
+            key_lock = self._loading.setdefault(ckpt_id, threading.Lock())
+        with key_lock:
+            with self._lock:
+                loaded = self._models.get(ckpt_id)
+                if loaded is not None and loaded.weights_sha256 == weights_sha256:
+                    self._models.move_to_end(ckpt_id)
+                    return loaded
+            loaded = self._loader(ckpt_id)
+            with self._lock:
+                self._models[ckpt_id] = loaded
+                self._models.move_to_end(ckpt_id)
+                while len(self._models) > self.size:
+                    evicted, _ = self._models.popitem(last=False)
+                    logger.info("model cache full: evicted %s", evicted)
+                self._loading.pop(ckpt_id, None)
+            return loaded
+
+    def evict(self, ckpt_id: str) -> None:
+        """Forget a checkpoint (after it was deleted)."""
+        with self._lock:
+            self._models.pop(ckpt_id, None)
+
+
+@dataclass
+class _Pending:
+    x: np.ndarray
+    future: asyncio.Future[np.ndarray]
+
+
+@dataclass
+class _Queue:
+    loaded: LoadedModel
+    pending: list[_Pending] = field(default_factory=list)
+    images: int = 0
+    in_flight: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+
+class InferenceService:
+    """Classifies preprocessed batches for checkpoints, off the event loop, batched."""
+
+    def __init__(self, settings: Settings, store: CheckpointStore) -> None:
+        self.settings = settings
+        self.store = store
+        workers, threads = cpu_budget()
+        self.threads = threads
+        torch.set_num_threads(threads)
+        self._compute = ThreadPoolExecutor(workers, thread_name_prefix="cnnserve-infer")
+        self._loaders = ThreadPoolExecutor(2, thread_name_prefix="cnnserve-load")
+        self.cache = ModelCache(self._load, settings.model_cache_size)
+        self._queues: dict[str, _Queue] = {}
+
+    def _load(self, ckpt_id: str) -> LoadedModel:
+        return load_for_inference(
+            self.store,
+            ckpt_id,
+            backend=self.settings.inference_backend,
+            cache_dir=self.settings.data_dir / "onnx-cache",
+            threads=self.threads,
+            max_batch_size=self.settings.max_batch_size,
+        )
+
+    async def model(self, manifest: Manifest) -> LoadedModel:
+        """The loaded model for a checkpoint, from the cache or loaded on a worker thread."""
+        loaded = self.cache.lookup(manifest.id, manifest.weights_sha256)
+        if loaded is not None:
+            return loaded
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._loaders, self.cache.load, manifest.id, manifest.weights_sha256
+        )
+
+    async def predict(self, manifest: Manifest, x: np.ndarray) -> tuple[LoadedModel, np.ndarray]:
+        """Class probabilities (N×C) for preprocessed images (N×1×28×28 float32)."""
+        loaded = await self.model(manifest)
+        if not self.settings.batching:
+            return loaded, await self._forward(loaded, x)
+        loop = asyncio.get_running_loop()
+        queue = self._queues.get(loaded.checkpoint_id)
+        if queue is None or queue.loaded is not loaded:
+            if queue is not None and (queue.pending or queue.in_flight):
+                # the checkpoint was reloaded: finish the old queue, start a new one
+                return loaded, await self._forward(loaded, x)
+            queue = self._queues[loaded.checkpoint_id] = _Queue(loaded)
+        item = _Pending(x, loop.create_future())
+        queue.pending.append(item)
+        queue.images += len(x)
+        if not queue.in_flight:
+            window = self.settings.batch_window_ms / 1000.0
+            if queue.images >= self.settings.max_batch_size or window <= 0:
+                self._dispatch(queue)
+            elif queue.timer is None:
+                queue.timer = loop.call_later(window, self._dispatch, queue)
+        return loaded, await item.future
+
+    async def _forward(self, loaded: LoadedModel, x: np.ndarray) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        probs = await loop.run_in_executor(self._compute, loaded.run, x)
+        self._observe(loaded, len(x), time.perf_counter() - started)
+        return probs
+
+    @staticmethod
+    def _observe(loaded: LoadedModel, images: int, seconds: float) -> None:
+        INFERENCE_LATENCY.labels(model=loaded.manifest.model).observe(seconds)
+        INFERENCE_BATCH_SIZE.labels(model=loaded.manifest.model).observe(images)
+
+    def _dispatch(self, queue: _Queue) -> None:
+        """Send the queue's next batch (≤ max_batch_size images, at least one request)."""
+        if queue.timer is not None:
+            queue.timer.cancel()
+            queue.timer = None
+        if queue.in_flight or not queue.pending:
+            return
+        batch: list[_Pending] = []
+        images = 0
+        while queue.pending:
+            n = len(queue.pending[0].x)
+            if batch and images + n > self.settings.max_batch_size:
+                break
+            batch.append(queue.pending.pop(0))
+            images += n
+        queue.images -= images
+        queue.in_flight = True
+        asyncio.get_running_loop().create_task(self._run_batch(queue, batch))
+
+    async def _run_batch(self, queue: _Queue, batch: list[_Pending]) -> None:
+        try:
+            x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
+            probs = await self._forward(queue.loaded, x)
+        except Exception as exc:  # hand the failure to every waiting request
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+        else:
+            start = 0
+            for p in batch:
+                end = start + len(p.x)
+                if not p.future.done():  # a client may have gone away
+                    p.future.set_result(probs[start:end])
+                start = end
+        finally:
+            queue.in_flight = False
+            if queue.pending:
+                self._dispatch(queue)  # what queued during this batch goes now
+            elif self._queues.get(queue.loaded.checkpoint_id) is queue:
+                del self._queues[queue.loaded.checkpoint_id]
+
+    def forget(self, ckpt_id: str) -> None:
+        """Drop a deleted checkpoint from the cache."""
+        self.cache.evict(ckpt_id)
+
+    def close(self) -> None:
+        """Stop the thread pools (pending forward passes finish first)."""
+        self._compute.shutdown(wait=True)
+        self._loaders.shutdown(wait=False)
+
+
+_SERVICE_LOCK = threading.Lock()
+
+
+def get_inference(request: Request) -> InferenceService:
+    """The app's inference service (`app.state.inference`), made on first use."""
+    state = request.app.state
+    service: InferenceService | None = getattr(state, "inference", None)
+    if service is None:
+        with _SERVICE_LOCK:
+            service = getattr(state, "inference", None)
+            if service is None:
+                service = InferenceService(state.settings, state.checkpoint_store)
+                state.inference = service
+    return service
+
+
+InferenceDep = Annotated[InferenceService, Depends(get_inference)]

@@ -1,0 +1,506 @@
+"""Checkpoints: list, read, download and delete them, and classify images with one.
+
+A `ref` is a checkpoint id (`<job>-eNNN`, made by the server) or an alias (`<job>:latest`,
+`<job>:best`, `<model>:best`). `CheckpointStore.resolve` checks it against strict patterns, so
+no client string ever becomes a path; anything else is a 404 problem.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.auth import RequireKey
+from service.deps import CheckpointStoreDep, SettingsDep
+from service.errors import BadRequestError, ProblemError, problem_responses
+from service.images import (
+    ALLOWED_MEDIA_TYPES,
+    ImageInputError,
+    InvertMode,
+    decode_image,
+    pixels_to_array,
+    preprocess,
+)
+from service.inference import InferenceDep, onnx_cache_path
+from workers.checkpoints import CheckpointStore, Manifest
+from workers.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/checkpoints", tags=["checkpoints"])
+
+EXAMPLE_ID = "0123456789abcdef-e002"
+
+RefPath = Annotated[
+    str,
+    Path(
+        description="A checkpoint id (`<job>-eNNN`) or an alias: `<job>:latest`, "
+        "`<job>:best`, `<model>:best`.",
+        examples=[EXAMPLE_ID, "0123456789abcdef:best", "lenet:best"],
+        max_length=64,
+    ),
+]
+
+
+class TooManyImagesError(ProblemError):
+    """More images in one predict call than the server takes."""
+
+    status = 413
+    slug = "too-many-images"
+    title = "Too many images"
+
+
+class UnsupportedBodyError(ProblemError):
+    """A predict body that is neither multipart nor JSON."""
+
+    status = 415
+    slug = "unsupported-media-type"
+    title = "Unsupported Media Type"
+
+
+# --- schemas -------------------------------------------------------------------------------
+
+
+class CheckpointSummary(BaseModel):
+    """One checkpoint in a listing: what it is and how good it was."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": EXAMPLE_ID,
+                    "job_id": "0123456789abcdef",
+                    "epoch": 2,
+                    "model": "lenet",
+                    "arch": None,
+                    "input_size": 28,
+                    "metrics": {"train_loss": 0.71, "val_loss": 0.69, "val_acc": 0.73},
+                    "weights_sha256": "9f2c…",
+                    "created_at": "2025-01-01T12:00:00+00:00",
+                }
+            ]
+        }
+    )
+
+    id: str = Field(description="The checkpoint id, `<job>-eNNN`.")
+    job_id: str = Field(description="The training job that wrote it.")
+    epoch: int = Field(description="The epoch after which it was saved (1-based).")
+    model: str = Field(description="The registered model name.")
+    arch: list[list[int]] | str | None = Field(None, description="The arch, if the model has one.")
+    input_size: int = Field(description="The square input side the network was trained at.")
+    metrics: dict[str, float] = Field(description="train_loss, val_loss, val_acc of that epoch.")
+    weights_sha256: str = Field(description="sha256 of the safetensors weights file.")
+    created_at: str = Field(description="When it was written (ISO 8601, UTC).")
+
+    @classmethod
+    def of(cls, m: Manifest) -> CheckpointSummary:
+        return cls(
+            id=m.id,
+            job_id=m.job_id,
+            epoch=m.epoch,
+            model=m.model,
+            arch=m.arch,
+            input_size=m.input_size,
+            metrics=m.metrics,
+            weights_sha256=m.weights_sha256,
+            created_at=m.created_at,
+        )
+
+
+class CheckpointList(BaseModel):
+    """Checkpoints matching the filters, newest first."""
+
+    checkpoints: list[CheckpointSummary]
+
+
+class ClassScore(BaseModel):
+    """A class and the probability the network gives it."""
+
+    label: str = Field(description="The class name.", examples=["ankle boot"])
+    class_id: int = Field(description="The class index (Fashion-MNIST label).", examples=[9])
+    probability: float = Field(description="Softmax probability, 0..1.", examples=[0.97])
+
+
+class Prediction(ClassScore):
+    """The most likely class of one image, and the `top_k` most likely."""
+
+    top_k: list[ClassScore] = Field(description="The top_k classes, most likely first.")
+
+
+class PredictResponse(BaseModel):
+    """Predictions, one per image, in the order the images were sent."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "checkpoint": EXAMPLE_ID,
+                    "model": "lenet",
+                    "predictions": [
+                        {
+                            "label": "ankle boot",
+                            "class_id": 9,
+                            "probability": 0.97,
+                            "top_k": [
+                                {"label": "ankle boot", "class_id": 9, "probability": 0.97},
+                                {"label": "sneaker", "class_id": 7, "probability": 0.02},
+                            ],
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+    checkpoint: str = Field(description="The checkpoint id the ref resolved to.")
+    model: str = Field(description="The model of that checkpoint.")
+    predictions: list[Prediction]
+
+
+class PredictJSON(BaseModel):
+    """A JSON predict body: base64 images or raw 0–255 grayscale pixel arrays (one of them)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"images": ["iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAA..."]},
+                {"pixels": [[0, 0, 12, 255], [0, 40, 200, 255], [0, 0, 0, 0], [0, 0, 0, 0]]},
+            ]
+        },
+    )
+
+    images: list[str] | None = Field(
+        None,
+        description="Base64 PNG/JPEG/WebP/BMP files (a `data:image/...;base64,` prefix is fine).",
+    )
+    pixels: list[list[list[float]]] | list[list[float]] | None = Field(
+        None,
+        description="One 2-D grayscale array (rows of 0–255 values, 0 = black) or a list of them.",
+    )
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _resolve_manifest(store: CheckpointStore, ref: str) -> Manifest:
+    return store.manifest(store.resolve(ref))
+
+
+async def resolved_manifest(ref: RefPath, store: CheckpointStoreDep) -> Manifest:
+    """The manifest of the checkpoint `ref` names; a 404 problem when none does."""
+    return await run_in_threadpool(_resolve_manifest, store, ref)
+
+
+ResolvedManifest = Annotated[Manifest, Depends(resolved_manifest)]
+
+
+def _too_many(count: int, limit: int) -> TooManyImagesError:
+    return TooManyImagesError(
+        f"{count} images in one request; this server takes at most {limit}: "
+        "split them over several requests",
+        limit=limit,
+    )
+
+
+async def _images_from_multipart(request: Request, settings: Settings) -> list[bytes]:
+    limit = settings.max_images_per_request
+    try:
+        form = await request.form(max_files=limit, max_fields=limit + 16)
+    except StarletteHTTPException as exc:
+        if "Too many files" in str(exc.detail):
+            raise _too_many(limit + 1, limit) from None
+        raise BadRequestError(
+            f"the multipart body could not be read ({exc.detail}); send the images as "
+            "multipart/form-data file parts named 'files'"
+        ) from None
+    try:
+        parts = form.getlist("files")
+        if not parts:
+            names = sorted(set(form.keys()))
+            raise BadRequestError(
+                "no images: send each image as a multipart file part named 'files'"
+                + (f" (got fields {names})" if names else "")
+            )
+        blobs: list[bytes] = []
+        for i, part in enumerate(parts):
+            if not isinstance(part, UploadFile):
+                raise ImageInputError(
+                    "the 'files' part is a text field, not a file upload; "
+                    "attach it as a file (curl -F 'files=@image.png')",
+                    index=i,
+                )
+            blobs.append(await part.read())
+        return blobs
+    finally:
+        await form.close()
+
+
+def _b64(text: str, index: int) -> bytes:
+    if text.startswith("data:"):
+        _, _, text = text.partition(",")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageInputError(
+            "not valid base64; send the file's bytes base64-encoded (RFC 4648)", index=index
+        ) from None
+
+
+def _arrays_from_json(body: bytes, settings: Settings) -> list[np.ndarray]:
+    try:
+        payload = PredictJSON.model_validate_json(body)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        raise RequestValidationError(errors, body=None) from None
+    limit = settings.max_images_per_request
+    if (payload.images is None) == (payload.pixels is None):
+        raise BadRequestError(
+            'send exactly one of "images" (base64 files) or "pixels" (0–255 arrays)'
+        )
+    if payload.images is not None:
+        if not payload.images:
+            raise BadRequestError('"images" is empty; send at least one base64 image')
+        if len(payload.images) > limit:
+            raise _too_many(len(payload.images), limit)
+        return [
+            decode_image(_b64(s, i), max_pixels=settings.max_image_pixels, index=i)
+            for i, s in enumerate(payload.images)
+        ]
+    pixels: Any = payload.pixels
+    if not pixels:
+        raise BadRequestError('"pixels" is empty; send a 2-D array or a list of them')
+    arrays = [pixels] if not isinstance(pixels[0][0], list) else pixels
+    if len(arrays) > limit:
+        raise _too_many(len(arrays), limit)
+    return [
+        pixels_to_array(a, max_pixels=settings.max_image_pixels, index=i)
+        for i, a in enumerate(arrays)
+    ]
+
+
+def _batch(arrays: list[np.ndarray], manifest: Manifest, invert: InvertMode) -> np.ndarray:
+    return np.stack([preprocess(a, manifest.preprocessing, invert) for a in arrays])
+
+
+def _prepare_files(
+    blobs: list[bytes], settings: Settings, manifest: Manifest, invert: InvertMode
+) -> np.ndarray:
+    arrays = [
+        decode_image(b, max_pixels=settings.max_image_pixels, index=i) for i, b in enumerate(blobs)
+    ]
+    return _batch(arrays, manifest, invert)
+
+
+def _prepare_json(
+    body: bytes, settings: Settings, manifest: Manifest, invert: InvertMode
+) -> np.ndarray:
+    return _batch(_arrays_from_json(body, settings), manifest, invert)
+
+
+def _predictions(probs: np.ndarray, classes: list[str], top_k: int) -> list[Prediction]:
+    k = min(top_k, probs.shape[1])
+    out: list[Prediction] = []
+    for row in probs:
+        order = np.argsort(-row, kind="stable")[:k]
+        scores = [
+            ClassScore(label=classes[c], class_id=int(c), probability=float(row[c])) for c in order
+        ]
+        out.append(Prediction(**scores[0].model_dump(), top_k=scores))
+    return out
+
+
+# --- routes --------------------------------------------------------------------------------
+
+
+@router.get(
+    "",
+    summary="List checkpoints",
+    description="Every readable checkpoint, newest first, optionally only one job's or one "
+    "model's. Each entry is a summary of its manifest; `GET /v1/checkpoints/{ref}` has all.",
+    responses=problem_responses(422),
+)
+def list_checkpoints(
+    store: CheckpointStoreDep,
+    job_id: Annotated[
+        str | None,
+        Query(pattern=r"^[0-9a-f]{16}$", description="Only this job's checkpoints."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        Query(pattern=r"^[a-z0-9_]{1,32}$", description="Only checkpoints of this model."),
+    ] = None,
+) -> CheckpointList:
+    manifests = store.list(job_id=job_id, model=model)
+    return CheckpointList(checkpoints=[CheckpointSummary.of(m) for m in manifests])
+
+
+@router.get(
+    "/{ref}",
+    summary="Get a checkpoint's manifest",
+    description="The manifest: model, arch, input size, classes, the preprocessing inference "
+    "applies, metrics and history, the job spec, data set and weight hashes, versions.",
+    responses=problem_responses(404, 409),
+)
+def get_checkpoint(manifest: ResolvedManifest) -> Manifest:
+    return manifest
+
+
+@router.get(
+    "/{ref}/weights",
+    summary="Download a checkpoint's weights",
+    description="The safetensors file (the model's state_dict), verified against the "
+    "manifest's sha256 before it is sent. Load it with `safetensors.torch.load_file`.",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "The safetensors file.",
+            "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+        },
+        **problem_responses(404, 409),
+    },
+)
+def get_weights(manifest: ResolvedManifest, store: CheckpointStoreDep) -> FileResponse:
+    path = store.weights_path(manifest.id)
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"{manifest.id}.safetensors",
+        headers={"X-Weights-SHA256": manifest.weights_sha256},
+    )
+
+
+@router.delete(
+    "/{ref}",
+    summary="Delete a checkpoint",
+    description="Removes the checkpoint's files; the job's `latest` and `best` aliases move "
+    "to what is left. Needs an API key when keys are configured.",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[RequireKey],
+    responses=problem_responses(401, 404),
+)
+def delete_checkpoint(
+    manifest: ResolvedManifest,
+    store: CheckpointStoreDep,
+    settings: SettingsDep,
+    inference: InferenceDep,
+) -> Response:
+    store.delete(manifest.id)
+    inference.forget(manifest.id)
+    onnx_cache_path(settings.data_dir / "onnx-cache", manifest).unlink(missing_ok=True)
+    logger.info("deleted checkpoint %s", manifest.id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+_PREDICT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "Images as multipart file parts named `files` (repeat the field for "
+        "several), or JSON with base64 `images` or raw `pixels`.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": f"Image files ({ALLOWED_MEDIA_TYPES}).",
+                        }
+                    },
+                }
+            },
+            "application/json": {
+                "schema": PredictJSON.model_json_schema(),
+                "examples": {
+                    "pixels": {
+                        "summary": "A 4×4 grayscale array",
+                        "value": {
+                            "pixels": [
+                                [0, 0, 12, 255],
+                                [0, 40, 200, 255],
+                                [0, 0, 0, 0],
+                                [0, 0, 0, 0],
+                            ]
+                        },
+                    },
+                    "images": {
+                        "summary": "Base64-encoded PNG files",
+                        "value": {"images": ["iVBORw0KGgoAAAANSUhEUgAAABwAAAAc..."]},
+                    },
+                },
+            },
+        },
+    }
+}
+
+
+@router.post(
+    "/{ref}/predict",
+    summary="Classify images with a checkpoint",
+    description="Top-k Fashion-MNIST classes with probabilities, one prediction per image in "
+    "the order sent. Preprocessing comes from the checkpoint's manifest and equals "
+    "training's: grayscale, optional inversion (`invert=auto` inverts images whose border is "
+    "light, since Fashion-MNIST is light-on-dark), pad to a square with black, scale to "
+    "28×28 (Lanczos, like the data set's own images), then the network's bilinear resize. "
+    f"Formats: {ALLOWED_MEDIA_TYPES}, recognised by content. Concurrent requests for one "
+    "checkpoint are batched into one forward pass.",
+    openapi_extra=_PREDICT_BODY,
+    responses=problem_responses(
+        404,
+        409,
+        413,
+        415,
+        422,
+        s413="the PNG is 20000×20000 = 400000000 pixels, more than the 16777216 this server "
+        "decodes; downscale it first",
+        s415="image 0: the content is a GIF image, not an image this server reads; "
+        "send PNG, JPEG, WebP or BMP",
+    ),
+)
+async def predict(
+    request: Request,
+    manifest: ResolvedManifest,
+    settings: SettingsDep,
+    inference: InferenceDep,
+    top_k: Annotated[
+        int, Query(ge=1, le=10, description="How many classes to return per image.")
+    ] = 1,
+    invert: Annotated[
+        Literal["auto", "true", "false"],
+        Query(description="Invert intensities: auto (when the border is light), true, false."),
+    ] = "auto",
+) -> PredictResponse:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        blobs = await _images_from_multipart(request, settings)
+        if len(blobs) > settings.max_images_per_request:
+            raise _too_many(len(blobs), settings.max_images_per_request)
+        # decoding and resizing are CPU work: off the event loop
+        batch = await run_in_threadpool(_prepare_files, blobs, settings, manifest, invert)
+    elif content_type == "application/json" or content_type.endswith("+json"):
+        body = await request.body()
+        batch = await run_in_threadpool(_prepare_json, body, settings, manifest, invert)
+    else:
+        raise UnsupportedBodyError(
+            f"the body is {content_type or 'untyped'}; send multipart/form-data with image "
+            'files in the \'files\' field, or application/json with "images" or "pixels"'
+        )
+    loaded, probs = await inference.predict(manifest, batch)
+    return PredictResponse(
+        checkpoint=manifest.id,
+        model=manifest.model,
+        predictions=_predictions(probs, loaded.manifest.classes, top_k),
+    )
