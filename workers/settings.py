@@ -38,6 +38,18 @@ class Settings(BaseSettings):
     )
     lease_seconds: int = Field(30, ge=2, description="A job lease lasts this long unrenewed.")
     keep_checkpoints: int = Field(3, ge=1, description="Epoch checkpoints kept per job, plus best.")
+    # training workers
+    worker_device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda|cuda:[0-9]{1,2})$",
+        description="The device a worker trains `device=auto` jobs on (`worker --device`).",
+    )
+    torch_threads: int = Field(
+        0, ge=0, le=256, description="CPU threads torch may use for training; 0 = torch's default."
+    )
+    train_compile: bool = Field(
+        False, description="torch.compile the model when training on a CUDA GPU."
+    )
     # API limits
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body.")
     max_image_pixels: int = Field(4096 * 4096, ge=64, description="Largest decoded image.")

@@ -1,0 +1,82 @@
+"""Helpers for the training tests: worker processes and waiting on job records."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workers.contracts import JobSpec
+from workers.jobs import JobRecord, JobStore
+
+
+@dataclass
+class WorkerProcess:
+    """A `cnnserve worker` subprocess, stopped by PID."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """`kill -9`: no warm shutdown, no chance to tidy up."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def lenet_spec(**fields: Any) -> JobSpec:
+    return JobSpec.model_validate({"model": "lenet", "device": "cpu", **fields})
+
+
+def wait_for(
+    store: JobStore,
+    job_id: str,
+    predicate: Callable[[JobRecord], bool],
+    timeout: float,
+    what: str,
+    worker: WorkerProcess | None = None,
+) -> JobRecord:
+    """Poll the job record until `predicate` holds; fail with the record and worker log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        record = store.get(job_id)
+        if predicate(record):
+            return record
+        if time.monotonic() > deadline:
+            log = worker.log()[-4000:] if worker else ""
+            pytest.fail(f"timed out waiting for {what}: {record.model_dump_json()}\n{log}")
+        time.sleep(0.1)
+
+
+def wait_finished(
+    store: JobStore, job_id: str, timeout: float, worker: WorkerProcess | None = None
+) -> JobRecord:
+    return wait_for(store, job_id, lambda r: r.status.finished, timeout, "a final status", worker)
+
+
+def statuses(store: JobStore, job_id: str) -> list[dict[str, Any]]:
+    """The job's `status` events, in order."""
+    return [data for _id, kind, data in store.events(job_id, count=10_000) if kind == "status"]

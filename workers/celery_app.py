@@ -1,0 +1,103 @@
+"""The Celery app: Redis broker and result backend, JSON only, durable delivery of jobs.
+
+The API imports this module to enqueue jobs and to see live workers; it never imports the
+training engine (only workers load `workers.tasks`, through `include`).
+
+What the API calls:
+- `enqueue_job(app, job_id)` after `JobStore.create(spec)` to queue the job;
+- `live_workers(app, timeout)` (Celery ping) or `worker_heartbeats(redis_url)` (instant, from
+  the heartbeat keys workers keep in Redis) for `/readyz`;
+- to cancel: `JobStore.request_cancel(id)`, and if the job is still `queued`, mark it
+  `cancelled` (with `finished_at` and a `status` event) — a worker that later receives its
+  message finds it finished and drops it; a running job is stopped by its worker.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+
+from workers.contracts import QUEUE, TRAIN_TASK
+from workers.jobs import PREFIX
+from workers.settings import Settings, get_settings
+
+#: Workers refresh `cnnserve:worker:<name>` this often; the key expires after 3 misses.
+WORKER_HEARTBEAT_S = 5.0
+WORKER_KEY = f"{PREFIX}worker:"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app on the settings' Redis, configured for long, durable training jobs."""
+    app = Celery(
+        "cnnserve",
+        broker=settings.redis_url,
+        backend=settings.redis_url,
+        include=["workers.tasks"],
+    )
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # a job's message is acked only when the job is over, so a dead worker loses nothing
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # longer than the longest job, or Redis would hand a running job to a second worker
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        task_default_queue=QUEUE,
+        task_routes={TRAIN_TASK: {"queue": QUEUE}},
+        task_ignore_result=True,  # the job record in Redis is the result
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        enable_utc=True,
+    )
+    return app
+
+
+app = make_celery(get_settings())
+
+
+def enqueue_job(celery: Celery, job_id: str) -> str:
+    """Queue a training job by task name (no engine import); returns the Celery task id."""
+    result = celery.send_task(TRAIN_TASK, args=[job_id], queue=QUEUE)
+    return str(result.id)
+
+
+def live_workers(celery: Celery, timeout: float = 1.0) -> list[str]:
+    """Node names of the workers that answer a ping within `timeout` seconds."""
+    replies: list[dict[str, Any]] = celery.control.ping(timeout=timeout) or []
+    return sorted({name for reply in replies for name in reply})
+
+
+def worker_heartbeats(redis_url: str) -> list[dict[str, Any]]:
+    """The workers that refreshed their heartbeat key recently (no broadcast, no waiting).
+
+    Each entry: `name`, `device`, `pid`, `host`, `job` (the job it trains or None), `seen_at`
+    (epoch seconds).
+    """
+    client: Any = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        keys = sorted(client.scan_iter(match=f"{WORKER_KEY}*", count=100))
+        out = []
+        for raw in client.mget(keys) if keys else []:
+            if raw:
+                out.append(json.loads(raw))
+        return out
+    finally:
+        client.close()
+
+
+def write_heartbeat(client: Any, info: dict[str, Any]) -> None:
+    """Record that a worker is alive (called by the worker every `WORKER_HEARTBEAT_S`)."""
+    info = {**info, "seen_at": time.time()}
+    client.set(f"{WORKER_KEY}{info['name']}", json.dumps(info), ex=int(3 * WORKER_HEARTBEAT_S))
+
+
+def clear_heartbeat(client: Any, name: str) -> None:
+    client.delete(f"{WORKER_KEY}{name}")

@@ -1,0 +1,508 @@
+"""The training engine: d2l's recipe on Fashion-MNIST, fast, resumable, and free of Celery.
+
+Recipe (as the seed): Xavier init (the models do it), cross-entropy, plain SGD by default, a
+fresh shuffle each epoch, validation on all 10,000 test images after every epoch.
+
+Speed: the uint8 data set sits on the training device as one tensor; each batch is gathered,
+scaled by 1/255 and resized there (bilinear, no antialias: the manifest's preprocessing);
+losses and accuracy accumulate on the device and are read once per epoch. On a GPU: bf16
+autocast, channels_last, cudnn autotuning and optionally `torch.compile`. On the CPU: no
+DataLoader, no worker processes, no per-batch host sync.
+
+The caller sees the run through `TrainingCallbacks` (progress, finished epochs, stop requests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from models import build_model, get_model_entry
+from workers.checkpoints import CheckpointError, CheckpointStore, Manifest, Preprocessing
+from workers.contracts import JobSpec
+from workers.data import FashionMNIST
+from workers.errors import DeviceError, OutOfMemoryError, ResumeError
+from workers.jobs import EpochMetrics, Progress
+
+log = logging.getLogger(__name__)
+
+#: Validation batches hold about this many input pixels (bounded memory at 224×224).
+EVAL_PIXELS = 2**21
+
+
+class StopRequest(StrEnum):
+    """Why the caller wants the run to stop early."""
+
+    cancel = "cancel"
+    #: Someone else owns the job now (e.g. its lease was lost): stop, record nothing.
+    interrupt = "interrupt"
+
+
+class Outcome(StrEnum):
+    """How a run ended."""
+
+    completed = "completed"
+    cancelled = "cancelled"
+    timed_out = "timed_out"
+    interrupted = "interrupted"
+
+
+class TrainingCallbacks(Protocol):
+    """What the engine tells its caller, and asks it."""
+
+    def on_progress(self, progress: Progress) -> None: ...
+
+    def on_epoch(self, metrics: EpochMetrics, manifest: Manifest) -> None: ...
+
+    def stop_requested(self) -> StopRequest | None: ...
+
+
+class NullCallbacks:
+    """Callbacks that listen to nothing and never stop the run."""
+
+    def on_progress(self, progress: Progress) -> None:
+        return None
+
+    def on_epoch(self, metrics: EpochMetrics, manifest: Manifest) -> None:
+        return None
+
+    def stop_requested(self) -> StopRequest | None:
+        return None
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How to run a job, as opposed to what to train (the `JobSpec`)."""
+
+    device: str = "auto"
+    keep_checkpoints: int = 3
+    max_seconds: float | None = None
+    progress_interval_s: float = 0.5
+    compile: bool = False
+    torch_threads: int = 0
+
+
+@dataclass
+class TrainResult:
+    """What a run did."""
+
+    outcome: Outcome
+    device: str
+    precision: str
+    history: list[EpochMetrics] = field(default_factory=list)
+    start_epoch: int = 1
+    resumed_from: str | None = None
+    latest_checkpoint: str | None = None
+    stopped_at: Progress | None = None
+    seconds: float = 0.0
+
+
+def requested_device(spec_device: str, worker_device: str) -> str:
+    """The device a worker should train a job on: the spec's, or the worker's for `auto`."""
+    if spec_device == "auto":
+        return worker_device
+    if spec_device == "cuda" and worker_device.startswith("cuda:"):
+        return worker_device
+    return spec_device
+
+
+def resolve_device(request: str) -> torch.device:
+    """A torch device for `auto`, `cpu`, `cuda` or `cuda:N`; a clear error if there is none."""
+    if request == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if request == "cpu":
+        return torch.device("cpu")
+    if request == "cuda" or request.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"the job asks for device {request!r} but this worker has no usable CUDA GPU; "
+                "submit it with device 'auto' or 'cpu', or start a worker on a GPU machine "
+                "(`cnnserve worker --device cuda`)"
+            )
+        index = int(request.partition(":")[2] or 0)
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise DeviceError(
+                f"the job asks for {request!r} but this worker has {count} GPU(s) "
+                f"(cuda:0 to cuda:{count - 1})"
+            )
+        return torch.device("cuda", index)
+    raise DeviceError(f"unknown device {request!r}; use auto, cpu, cuda or cuda:N")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting on a device (None: plain fp32)."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        has_bf16 = torch.cuda.is_bf16_supported()
+        if precision == "bf16" and not has_bf16:
+            raise DeviceError(f"{device} has no bf16 support; submit the job with precision fp32")
+        return torch.bfloat16 if has_bf16 else None
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def make_optimizer(name: str, params: Iterator[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The spec's optimizer: plain SGD (d2l), SGD with momentum 0.9, or AdamW."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "sgd_momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def train_subset(n_total: int, spec: JobSpec) -> torch.Tensor | None:
+    """Indices of the examples a `train_limit` job trains on (fixed per seed), or None."""
+    if spec.train_limit is None or spec.train_limit >= n_total:
+        return None
+    gen = torch.Generator().manual_seed(spec.seed)
+    return torch.randperm(n_total, generator=gen)[: spec.train_limit]
+
+
+class _Run:
+    """One attempt at a job: owns the model, optimizer and device tensors until released."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        job_id: str,
+        data: FashionMNIST,
+        store: CheckpointStore,
+        options: TrainOptions,
+        callbacks: TrainingCallbacks,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+    ) -> None:
+        assert spec.input_size is not None and spec.lr is not None
+        self.spec = spec
+        self.job_id = job_id
+        self.data = data
+        self.store = store
+        self.options = options
+        self.callbacks = callbacks
+        self.device = device
+        self.amp_dtype = amp_dtype
+        self.input_size = spec.input_size
+        self.cuda = device.type == "cuda"
+        self.channels_last = self.cuda  # every zoo model is convolutional
+        self.started = time.monotonic()
+
+        torch.manual_seed(spec.seed)  # Xavier init and dropout draw from the global RNG
+        if self.cuda:
+            torch.cuda.manual_seed_all(spec.seed)
+            torch.backends.cudnn.benchmark = True
+        entry = get_model_entry(spec.model)
+        resolved = entry.resolve_arch(spec.arch_value)
+        self.arch = [list(p) for p in resolved] if resolved is not None else None
+        self.model = build_model(spec.model, arch=spec.arch_value, input_size=spec.input_size)
+        self.model.to(device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = make_optimizer(spec.optimizer, self.model.parameters(), spec.lr)
+        self.forward: nn.Module = self.model
+        if options.compile and self.cuda:
+            self.forward = torch.compile(self.model)  # type: ignore[assignment]
+
+        subset = train_subset(data.train_images.shape[0], spec)
+        train_x, train_y = data.train_images, data.train_labels
+        if subset is not None:
+            train_x, train_y = train_x[subset], train_y[subset]
+        self.train_x = train_x.to(device, non_blocking=True)
+        self.train_y = train_y.to(device, non_blocking=True)
+        self.test_x = data.test_images.to(device, non_blocking=True)
+        self.test_y = data.test_labels.to(device, non_blocking=True)
+        self.n_train = int(self.train_x.shape[0])
+        self.batches = math.ceil(self.n_train / spec.batch_size)
+        self.eval_batch = max(spec.batch_size, min(2048, EVAL_PIXELS // self.input_size**2))
+        self.shuffle = torch.Generator().manual_seed(spec.seed + 1)
+
+        self.history: list[EpochMetrics] = []
+        self.start_epoch = 1
+        self.resumed_from: str | None = None
+        self.latest: str | None = None
+        self.next_check = 0.0
+        self.val_seconds = 0.0
+        self.stopped_at: Progress | None = None
+        self.rate: float | None = None
+
+    # set-up
+    def resume(self, ckpt_id: str) -> None:
+        """Continue after `ckpt_id`: its weights, optimizer, RNG and shuffle state, history."""
+        try:
+            manifest = self.store.manifest(ckpt_id)
+            weights = load_file(str(self.store.weights_path(ckpt_id)), device="cpu")
+            state = self.store.load_state(ckpt_id)
+            if manifest.model != self.spec.model or manifest.input_size != self.input_size:
+                raise ResumeError(
+                    f"checkpoint {ckpt_id} holds {manifest.model} at {manifest.input_size}px, "
+                    f"not this job's {self.spec.model} at {self.input_size}px"
+                )
+            self.model.load_state_dict(weights)
+            self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"])
+            if self.cuda and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+            self.shuffle.set_state(state["generator"])
+            epoch = int(state["epoch"])
+            history = [EpochMetrics.model_validate(h) for h in manifest.history]
+        except CheckpointError as exc:
+            raise ResumeError(
+                f"cannot resume from checkpoint {ckpt_id}: {exc}. The job stops rather than "
+                "train from scratch; resubmit it to start over"
+            ) from exc
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise ResumeError(
+                f"cannot resume from checkpoint {ckpt_id}: its resume state does not fit this "
+                f"job ({exc}); resubmit the job to start over"
+            ) from exc
+        self.history = [m for m in history if m.epoch <= epoch]
+        self.start_epoch = epoch + 1
+        self.resumed_from = ckpt_id
+        self.latest = ckpt_id
+        log.info("job %s resumes after epoch %d from %s", self.job_id, epoch, ckpt_id)
+
+    # the loop
+    def _prep(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.unsqueeze(1).to(torch.float32).mul_(1 / 255)
+        if self.input_size != x.shape[-1]:
+            x = F.interpolate(
+                x, size=(self.input_size, self.input_size), mode="bilinear", antialias=False
+            )
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _checkpoint(self, epoch: int, batch: int, epoch_t0: float | None) -> Outcome | None:
+        """Report progress and look for a stop; throttled to `progress_interval_s`.
+
+        During validation (`epoch_t0` None) the training rate of the epoch is reported.
+        """
+        now = time.monotonic()
+        if now < self.next_check:
+            return None
+        self.next_check = now + self.options.progress_interval_s
+        done = min(batch * self.spec.batch_size, self.n_train)
+        if epoch_t0 is not None:
+            self.rate = done / max(now - epoch_t0, 1e-9) if batch else None
+        rate = self.rate
+        eta = None
+        if rate:
+            left_images = (self.n_train - done) + (self.spec.epochs - epoch) * self.n_train
+            eta = left_images / rate + (self.spec.epochs - epoch + 1) * self.val_seconds
+        progress = Progress(
+            epoch=epoch,
+            epochs=self.spec.epochs,
+            batch=batch,
+            batches=self.batches,
+            images_per_s=round(rate, 1) if rate else None,
+            eta_s=round(eta, 1) if eta is not None else None,
+        )
+        self.stopped_at = progress
+        self.callbacks.on_progress(progress)
+        request = self.callbacks.stop_requested()
+        if request is StopRequest.cancel:
+            return Outcome.cancelled
+        if request is StopRequest.interrupt:
+            return Outcome.interrupted
+        limit = self.options.max_seconds
+        if limit is not None and now - self.started > limit:
+            return Outcome.timed_out
+        return None
+
+    def train_epoch(self, epoch: int, epoch_t0: float) -> torch.Tensor | Outcome:
+        """One pass over the (shuffled) training set; the summed loss, or why it stopped."""
+        self.model.train()
+        bs = self.spec.batch_size
+        perm = torch.randperm(self.n_train, generator=self.shuffle).to(self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        for b in range(self.batches):
+            idx = perm[b * bs : (b + 1) * bs]
+            x = self._prep(self.train_x[idx])
+            y = self.train_y[idx]
+            with self._autocast():
+                loss = F.cross_entropy(self.forward(x), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += loss.detach().float() * idx.shape[0]
+            stop = self._checkpoint(epoch, b + 1, epoch_t0)
+            if stop is not None:
+                return stop
+        return loss_sum
+
+    def validate(self, epoch: int) -> tuple[float, float] | Outcome:
+        """Loss and accuracy on all test images, read back with one host sync."""
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        n = int(self.test_x.shape[0])
+        with torch.inference_mode():
+            for start in range(0, n, self.eval_batch):
+                x = self._prep(self.test_x[start : start + self.eval_batch])
+                y = self.test_y[start : start + self.eval_batch]
+                with self._autocast():
+                    logits = self.forward(x)
+                loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+                correct += (logits.argmax(dim=1) == y).sum()
+                stop = self._checkpoint(epoch, self.batches, None)
+                if stop is not None:
+                    return stop
+        total, hits = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).tolist()
+        return total / n, hits / n
+
+    def save(self, epoch: int, metrics: EpochMetrics) -> Manifest:
+        state: dict[str, Any] = {
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "generator": self.shuffle.get_state(),
+            "epoch": epoch,
+        }
+        if self.cuda:
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        dataset = self.data.describe()
+        dataset.update(train_limit=self.spec.train_limit, trained_on=self.n_train)
+        manifest_fields: dict[str, Any] = {
+            "model": self.spec.model,
+            "arch": self.arch,
+            "input_size": self.input_size,
+            "preprocessing": Preprocessing(resize=self.input_size),
+            "metrics": {
+                "train_loss": metrics.train_loss,
+                "val_loss": metrics.val_loss,
+                "val_acc": metrics.val_acc,
+            },
+            "history": [m.model_dump() for m in self.history],
+            "spec": self.spec.model_dump(mode="json"),
+            "dataset": dataset,
+        }
+        return self.store.save(
+            job_id=self.job_id,
+            epoch=epoch,
+            model=self.model,
+            manifest_fields=manifest_fields,
+            state=state,
+            keep=self.options.keep_checkpoints,
+        )
+
+    def execute(self) -> TrainResult:
+        for epoch in range(self.start_epoch, self.spec.epochs + 1):
+            epoch_t0 = time.monotonic()
+            self.next_check = 0.0  # report the start of every epoch at once
+            trained = self.train_epoch(epoch, epoch_t0)
+            if isinstance(trained, Outcome):
+                return self._result(trained)
+            val_t0 = time.monotonic()
+            validated = self.validate(epoch)
+            if isinstance(validated, Outcome):
+                return self._result(validated)
+            val_loss, val_acc = validated
+            now = time.monotonic()
+            self.val_seconds = now - val_t0
+            metrics = EpochMetrics(
+                epoch=epoch,
+                train_loss=float(trained.item()) / self.n_train,
+                val_loss=val_loss,
+                val_acc=val_acc,
+                seconds=round(now - epoch_t0, 3),
+            )
+            self.history.append(metrics)
+            manifest = self.save(epoch, metrics)
+            self.latest = manifest.id
+            log.info(
+                "job %s epoch %d/%d: train_loss %.4f val_loss %.4f val_acc %.4f (%.2f s)",
+                self.job_id,
+                epoch,
+                self.spec.epochs,
+                metrics.train_loss,
+                val_loss,
+                val_acc,
+                metrics.seconds,
+            )
+            self.callbacks.on_epoch(metrics, manifest)
+            limit = self.options.max_seconds
+            over = limit is not None and time.monotonic() - self.started > limit
+            if over and epoch < self.spec.epochs:
+                return self._result(Outcome.timed_out)
+        return self._result(Outcome.completed)
+
+    def _result(self, outcome: Outcome) -> TrainResult:
+        return TrainResult(
+            outcome=outcome,
+            device=str(self.device),
+            precision="bf16" if self.amp_dtype == torch.bfloat16 else "fp32",
+            history=list(self.history),
+            start_epoch=self.start_epoch,
+            resumed_from=self.resumed_from,
+            latest_checkpoint=self.latest,
+            stopped_at=self.stopped_at if outcome is not Outcome.completed else None,
+            seconds=round(time.monotonic() - self.started, 3),
+        )
+
+
+def train(
+    spec: JobSpec,
+    *,
+    job_id: str,
+    data: FashionMNIST,
+    store: CheckpointStore,
+    options: TrainOptions | None = None,
+    callbacks: TrainingCallbacks | None = None,
+    resume_from: str | None = None,
+) -> TrainResult:
+    """Train `spec` as job `job_id`, checkpointing every epoch into `store`.
+
+    With `resume_from` (a checkpoint id of this job) it continues after that epoch with the
+    saved weights, optimizer, RNG and shuffle state. Raises a `TrainingError` subclass with an
+    actionable message for a missing device, a damaged checkpoint or CUDA running out of memory.
+    """
+    options = options or TrainOptions()
+    device = resolve_device(options.device)
+    amp_dtype = resolve_precision(spec.precision, device)
+    if options.torch_threads:
+        torch.set_num_threads(options.torch_threads)
+    run: _Run | None = None
+    oom: str | None = None
+    try:
+        run = _Run(
+            spec, job_id, data, store, options, callbacks or NullCallbacks(), device, amp_dtype
+        )
+        if resume_from is not None:
+            run.resume(resume_from)
+        return run.execute()
+    except torch.cuda.OutOfMemoryError:
+        oom = (
+            f"CUDA out of memory on {device} training {spec.model} at {spec.input_size}px with "
+            f"batch_size {spec.batch_size}; submit it with a smaller batch_size "
+            f"(e.g. {max(1, spec.batch_size // 2)}) or a smaller input_size"
+        )
+    finally:
+        del run  # drop the model, optimizer and device tensors before emptying the cache
+        release_memory(device)
+    # raised outside the handler so no traceback keeps the run's tensors alive
+    raise OutOfMemoryError(oom)
+
+
+def release_memory(device: torch.device | str) -> None:
+    """Collect garbage and hand cached GPU memory back to the driver."""
+    gc.collect()
+    if torch.device(device).type == "cuda" and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

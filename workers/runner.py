@@ -1,0 +1,369 @@
+"""One job's life on a worker: lease, attempts, cancel, resume, training and its record.
+
+The Celery task calls `run_job`; everything here is plain Python over Redis (`JobStore`) and
+the checkpoint store, so it runs the same under any worker pool or none.
+
+Durability, in brief: a job is trained only by the holder of its lease (renewed by a
+heartbeat thread). A worker that dies stops renewing; `recover_orphans`, run by every live
+worker, finds `running` jobs without a lease and queues them again, and the next worker
+resumes from the job's `latest` checkpoint. Each start counts as an attempt; past
+`max_attempts` the job fails instead of killing workers in a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from workers.checkpoints import CheckpointError, CheckpointStore, Manifest
+from workers.contracts import JobStatus
+from workers.data import load_fashion_mnist
+from workers.engine import (
+    Outcome,
+    StopRequest,
+    TrainOptions,
+    release_memory,
+    requested_device,
+    resolve_device,
+    train,
+)
+from workers.errors import TrainingError
+from workers.jobs import PREFIX, EpochMetrics, JobNotFoundError, JobRecord, JobStore, Progress
+from workers.jobs import now_iso as _now
+from workers.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Set when the worker is asked to shut down: running jobs stop and go back to the queue.
+shutdown_requested = threading.Event()
+#: The job this process is training (for the worker's heartbeat), or None.
+current_job: str | None = None
+
+
+class LeaseKeeper:
+    """Renews a job's lease from a daemon thread; `lost` is set if someone else took it."""
+
+    def __init__(self, store: JobStore, job_id: str, owner: str, ttl_s: float) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.owner = owner
+        self.ttl_s = ttl_s
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"lease-{job_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                if not self.store.renew_lease(self.job_id, self.owner, self.ttl_s):
+                    log.error("job %s: lease lost; another worker owns the job now", self.job_id)
+                    self.lost.set()
+                    return
+            except Exception:  # a Redis blip: keep trying until the lease runs out
+                log.warning("job %s: lease renewal failed", self.job_id, exc_info=True)
+
+
+class JobCallbacks:
+    """Engine callbacks that keep the job record and its event stream up to date."""
+
+    def __init__(self, store: JobStore, ckpts: CheckpointStore, job_id: str, lease: LeaseKeeper):
+        self.store = store
+        self.ckpts = ckpts
+        self.job_id = job_id
+        self.lease = lease
+        self.finished_elsewhere = False
+
+    def on_progress(self, progress: Progress) -> None:
+        def change(rec: JobRecord) -> None:
+            if rec.status.finished:
+                self.finished_elsewhere = True
+            rec.progress = progress
+
+        self.store.update(self.job_id, change)
+        self.store.add_event(self.job_id, "progress", progress.model_dump())
+
+    def on_epoch(self, metrics: EpochMetrics, manifest: Manifest) -> None:
+        aliases = self.ckpts.aliases(self.job_id)
+        kept = sorted(m.id for m in self.ckpts.list(job_id=self.job_id))
+
+        def change(rec: JobRecord) -> None:
+            rec.metrics = [m for m in rec.metrics if m.epoch < metrics.epoch] + [metrics]
+            rec.checkpoints = kept
+            rec.latest_checkpoint = aliases.get("latest", manifest.id)
+            rec.best_checkpoint = aliases.get("best")
+
+        self.store.update(self.job_id, change)
+        self.store.add_event(
+            self.job_id, "epoch", {**metrics.model_dump(), "checkpoint": manifest.id}
+        )
+
+    def stop_requested(self) -> StopRequest | None:
+        if self.lease.lost.is_set() or shutdown_requested.is_set():
+            return StopRequest.interrupt
+        if self.finished_elsewhere or self.store.cancel_requested(self.job_id):
+            return StopRequest.cancel
+        return None
+
+
+def finish(
+    store: JobStore, job_id: str, status: JobStatus, error: str | None = None, **event: Any
+) -> bool:
+    """Move a job to a final status (unless it already has one) and emit its status event."""
+    changed = False
+
+    def change(rec: JobRecord) -> None:
+        nonlocal changed
+        if rec.status.finished:
+            return
+        changed = True
+        rec.status = status
+        rec.finished_at = _now()
+        rec.error = error
+        if status is JobStatus.succeeded:
+            rec.progress.eta_s = 0.0
+
+    store.update(job_id, change)
+    if changed:
+        data: dict[str, Any] = {"status": status.value, **event}
+        if error is not None:
+            data["error"] = error
+        store.add_event(job_id, "status", data)
+    return changed
+
+
+def requeue(
+    store: JobStore, job_id: str, enqueue: Callable[[str], Any], reason: str, **event: Any
+) -> bool:
+    """Put a `running` job back to `queued` and send it again (worker lost or shut down)."""
+    changed = False
+
+    def change(rec: JobRecord) -> None:
+        nonlocal changed
+        if rec.status is not JobStatus.running:
+            return
+        changed = True
+        rec.status = JobStatus.queued
+
+    store.update(job_id, change)
+    if changed:
+        store.add_event(job_id, "status", {"status": "queued", "reason": reason, **event})
+        enqueue(job_id)
+        log.info("job %s queued again: %s", job_id, reason)
+    return changed
+
+
+def _resume_point(ckpts: CheckpointStore, job_id: str) -> tuple[str | None, list[EpochMetrics]]:
+    """The job's latest checkpoint and the metrics history it carries."""
+    latest = ckpts.aliases(job_id).get("latest")
+    if latest is None:
+        return None, []
+    try:
+        manifest = ckpts.manifest(latest)
+    except CheckpointError:
+        return latest, []  # the engine refuses it with a clear error
+    history = [EpochMetrics.model_validate(h) for h in manifest.history]
+    return latest, [m for m in history if m.epoch <= manifest.epoch]
+
+
+def run_job(
+    job_id: str,
+    *,
+    worker: str,
+    settings: Settings,
+    enqueue: Callable[[str], Any],
+) -> str:
+    """Train one delivered job to its end (or drop the delivery); returns what happened."""
+    store = JobStore.from_url(settings.redis_url)
+    try:
+        record = store.get(job_id)
+    except JobNotFoundError:
+        log.warning("job %s: no such job record; dropping the message", job_id)
+        return "missing"
+    if record.status.finished:
+        log.info("job %s is already %s; dropping the message", job_id, record.status.value)
+        return "finished"
+    if store.cancel_requested(job_id):
+        finish(store, job_id, JobStatus.cancelled, reason="cancelled before it started")
+        return "cancelled"
+    owner = f"{worker}#{uuid.uuid4().hex[:8]}"
+    if not store.acquire_lease(job_id, owner, settings.lease_seconds):
+        # a live worker trains it; if that worker dies, recover_orphans queues it again
+        log.info("job %s is leased by another live worker; dropping this delivery", job_id)
+        return "duplicate"
+    global current_job
+    lease = LeaseKeeper(store, job_id, owner, settings.lease_seconds)
+    lease.start()
+    current_job = job_id
+    try:
+        return _run_leased(store, job_id, worker, settings, lease, enqueue)
+    finally:
+        current_job = None
+        lease.stop()
+        store.release_lease(job_id, owner)
+        release_memory("cuda" if settings.worker_device != "cpu" else "cpu")
+
+
+def _run_leased(
+    store: JobStore,
+    job_id: str,
+    worker: str,
+    settings: Settings,
+    lease: LeaseKeeper,
+    enqueue: Callable[[str], Any],
+) -> str:
+    ckpts = CheckpointStore(settings.checkpoints_dir)
+    resume_from, history = _resume_point(ckpts, job_id)
+    decision = "run"
+    spec_device = store.get(job_id).spec.device
+    device_request = requested_device(spec_device, settings.worker_device)
+
+    def start(rec: JobRecord) -> None:
+        nonlocal decision
+        if rec.status.finished:
+            decision = "finished"
+            return
+        if rec.attempts >= settings.max_attempts:
+            decision = "gave_up"
+            rec.status = JobStatus.failed
+            rec.finished_at = _now()
+            rec.error = (
+                f"gave up after {rec.attempts} attempts (CNNSERVE_MAX_ATTEMPTS="
+                f"{settings.max_attempts}): the worker training this job stopped mid-run each "
+                f"time (last: {rec.worker}, at epoch {rec.progress.epoch}). Check that worker's "
+                "log (out of memory?) and resubmit, e.g. with a smaller batch_size"
+            )
+            return
+        rec.attempts += 1
+        rec.status = JobStatus.running
+        rec.started_at = rec.started_at or _now()
+        rec.finished_at = None
+        rec.worker = worker
+        rec.device = device_request
+        rec.error = None
+        rec.progress = Progress(epoch=len(history), epochs=rec.spec.epochs)
+        if resume_from is not None:
+            rec.metrics = history  # the checkpoint is the truth: no gaps, no duplicates
+        elif rec.metrics:
+            rec.metrics = []
+
+    record = store.update(job_id, start)
+    if decision == "finished":
+        return "finished"
+    if decision == "gave_up":
+        store.add_event(job_id, "status", {"status": "failed", "error": record.error})
+        log.error("job %s: %s", job_id, record.error)
+        return "failed"
+    store.add_event(
+        job_id,
+        "status",
+        {
+            "status": "running",
+            "attempt": record.attempts,
+            "worker": worker,
+            "device": device_request,
+            "resumed_from": resume_from,
+        },
+    )
+    log.info(
+        "job %s: attempt %d on %s (resume from %s)", job_id, record.attempts, worker, resume_from
+    )
+    callbacks = JobCallbacks(store, ckpts, job_id, lease)
+    try:
+        device = resolve_device(device_request)
+        if str(device) != device_request:
+            store.update(job_id, lambda rec: setattr(rec, "device", str(device)))
+        data = load_fashion_mnist(settings)
+        result = train(
+            record.spec,
+            job_id=job_id,
+            data=data,
+            store=ckpts,
+            options=TrainOptions(
+                device=str(device),
+                keep_checkpoints=settings.keep_checkpoints,
+                max_seconds=settings.job_max_seconds,
+                compile=settings.train_compile,
+                torch_threads=settings.torch_threads,
+            ),
+            callbacks=callbacks,
+            resume_from=resume_from,
+        )
+    except TrainingError as exc:
+        log.error("job %s failed: %s", job_id, exc)
+        finish(store, job_id, JobStatus.failed, str(exc))
+        return "failed"
+    except Exception as exc:  # a bug or an environment problem: fail the job, keep the worker
+        log.exception("job %s crashed", job_id)
+        finish(store, job_id, JobStatus.failed, f"training crashed: {type(exc).__name__}: {exc}")
+        return "failed"
+
+    if result.outcome is Outcome.completed:
+        finish(store, job_id, JobStatus.succeeded, seconds=result.seconds)
+        return "succeeded"
+    at = result.stopped_at or Progress()
+    if result.outcome is Outcome.cancelled:
+        finish(
+            store,
+            job_id,
+            JobStatus.cancelled,
+            reason="cancelled while running",
+            epoch=at.epoch,
+            batch=at.batch,
+        )
+        return "cancelled"
+    if result.outcome is Outcome.timed_out:
+        kept = (
+            f"checkpoints up to {result.latest_checkpoint} are kept"
+            if result.latest_checkpoint
+            else "no epoch had finished, so there is no checkpoint"
+        )
+        finish(
+            store,
+            job_id,
+            JobStatus.failed,
+            f"stopped at epoch {at.epoch}, batch {at.batch}: the attempt ran longer than the "
+            f"wall-time ceiling of {settings.job_max_seconds} s (CNNSERVE_JOB_MAX_SECONDS); "
+            f"{kept}. Resubmit with fewer epochs or raise the ceiling",
+            epoch=at.epoch,
+            batch=at.batch,
+        )
+        return "timed_out"
+    # interrupted: the lease went elsewhere, or this worker is shutting down
+    if shutdown_requested.is_set() and not lease.lost.is_set():
+        requeue(store, job_id, enqueue, f"worker {worker} shut down", epoch=at.epoch)
+    return "interrupted"
+
+
+def recover_orphans(
+    store: JobStore, settings: Settings, enqueue: Callable[[str], Any]
+) -> list[str]:
+    """Queue again every `running` job whose worker died (its lease expired); returns their ids."""
+    recovered = []
+    cursor: str | None = None
+    while True:
+        page, cursor = store.list_jobs(status=JobStatus.running, limit=200, cursor=cursor)
+        for rec in page:
+            if store.r.exists(f"{PREFIX}job:{rec.id}:lease"):
+                continue
+            # one worker requeues a given orphan; the others see the claim and skip it
+            claim = f"{PREFIX}job:{rec.id}:requeue"
+            if not store.r.set(claim, "1", nx=True, ex=max(2, settings.lease_seconds)):
+                continue
+            if store.r.exists(f"{PREFIX}job:{rec.id}:lease"):
+                continue
+            reason = f"worker {rec.worker} stopped mid-job; resuming from its last checkpoint"
+            if requeue(store, rec.id, enqueue, reason, epoch=rec.progress.epoch):
+                recovered.append(rec.id)
+        if cursor is None:
+            break
+    return recovered

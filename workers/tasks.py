@@ -1,0 +1,60 @@
+"""The Celery side of training: one thin task over `workers.runner.run_job`, and worker hooks.
+
+Only workers load this module (the app's `include`); the engine itself is imported lazily,
+inside the task, so even loading this module does not pull in the training loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+
+from workers.celery_app import app, enqueue_job
+from workers.contracts import TRAIN_TASK
+from workers.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+@app.task(
+    bind=True,
+    name=TRAIN_TASK,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def train_job(self: Task, job_id: str) -> str:
+    """Train the job `job_id` (an id, never the spec: the record in Redis is the truth)."""
+    from workers.runner import run_job
+
+    return run_job(
+        job_id,
+        worker=str(self.request.hostname or "worker"),
+        settings=get_settings(),
+        enqueue=lambda jid: enqueue_job(app, jid),
+    )
+
+
+@worker_ready.connect
+def _start_monitor(sender: Any = None, **_: Any) -> None:
+    from workers.worker import start_monitor
+
+    start_monitor(str(getattr(sender, "hostname", None) or "worker"))
+
+
+@worker_shutting_down.connect
+def _stop_training(**_: Any) -> None:
+    from workers.runner import shutdown_requested
+
+    log.info("worker shutting down: a running job stops and goes back to the queue")
+    shutdown_requested.set()
+
+
+@worker_shutdown.connect
+def _stop_monitor(**_: Any) -> None:
+    from workers.worker import stop_monitor
+
+    stop_monitor()
