@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,7 +10,6 @@ from typing import Any
 
 import anyio
 import redis
-from celery import Celery
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
@@ -25,6 +23,7 @@ from service.metrics import RequestMetricsMiddleware
 from service.routes import checkpoints, health, job_events, jobs, ops
 from service.routes import models as models_routes
 from service.routes.health import WorkerPingCache
+from workers.celery_app import make_celery
 from workers.checkpoints import CheckpointStore
 from workers.jobs import JobStore
 from workers.settings import Settings, get_settings
@@ -63,30 +62,6 @@ TAGS: list[dict[str, Any]] = [
 ]
 
 
-def make_celery(settings: Settings) -> Celery:
-    """The Celery app the API enqueues with: the workers' own when it can take settings."""
-    try:
-        workers_celery: Any = importlib.import_module("workers.celery_app")
-    except ImportError:
-        workers_celery = None
-    factory = getattr(workers_celery, "make_celery", None) or getattr(
-        workers_celery, "create_celery_app", None
-    )
-    if callable(factory):
-        app: Celery = factory(settings)
-        return app
-    # a producer only: it sends by task name and never imports the engine
-    app = Celery("cnnserve-api", broker=settings.redis_url, set_as_current=False)
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        result_serializer="json",
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
-        broker_connection_retry_on_startup=False,
-    )
-    return app
-
-
 def _lifespan(settings: Settings) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -100,6 +75,7 @@ def _lifespan(settings: Settings) -> Any:
         app.state.settings = settings
         app.state.job_store = JobStore(client)
         app.state.checkpoint_store = CheckpointStore(settings.checkpoints_dir)
+        # enqueues by task name only: workers.celery_app never imports the engine here
         app.state.celery = make_celery(settings)
         app.state.worker_ping_cache = WorkerPingCache()
         app.state.sse_threads = anyio.CapacityLimiter(job_events.SSE_THREADS)
@@ -156,6 +132,9 @@ def _custom_openapi(app: FastAPI) -> Any:
                 routes=app.routes,
                 tags=app.openapi_tags,
             )
+            for component in schema.get("components", {}).get("schemas", {}).values():
+                if "enum" in component and "examples" not in component:
+                    component["examples"] = component["enum"][:1]
             app.openapi_schema = problemize_openapi(schema)
         return app.openapi_schema
 

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from models import ArchError, ShapeError, UnknownModelError
 from service.problems import (
@@ -177,8 +178,11 @@ async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     detail = exc.detail if isinstance(exc.detail, str) else None
     if exc.status_code == 404 and detail in (None, "Not Found"):
         detail = f"no route matches {request.method} {request.url.path}; see /docs for the API"
-    elif exc.status_code == 405 and detail in (None, "Method Not Allowed"):
-        allow = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405 and detail in (None, "Method Not Allowed"):
+        allow = _allowed_methods(request) or headers.get("Allow") or headers.get("allow", "")
+        headers.pop("allow", None)
+        headers["Allow"] = allow
         detail = f"{request.method} is not allowed on {request.url.path}" + (
             f"; allowed: {allow}" if allow else ""
         )
@@ -187,8 +191,18 @@ async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
         detail,
         instance=_path(request),
         slug=_STATUS_SLUGS.get(exc.status_code),
-        headers=exc.headers,
+        headers=headers,
     )
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route takes on this path (Starlette names only the first route's)."""
+    allowed = []
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+        scope = {**request.scope, "method": method}
+        if any(r.matches(scope)[0] == Match.FULL for r in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
 
 
 async def _request_validation(request: Request, exc: Exception) -> JSONResponse:

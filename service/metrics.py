@@ -63,10 +63,15 @@ UNMATCHED_ROUTE = "<unmatched>"
 
 def route_template(scope: Scope) -> str:
     """The template of the route that served `scope`, or a fixed label when none matched."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    if isinstance(path, str):
-        return path
+    # FastAPI ≥ 0.120 keeps included routers nested; its effective context has the full path
+    fastapi_scope = scope.get("fastapi")
+    context = (
+        fastapi_scope.get("effective_route_context") if isinstance(fastapi_scope, dict) else None
+    )
+    for candidate in (context, scope.get("route")):
+        path = getattr(candidate, "path", None)
+        if isinstance(path, str):
+            return path
     return UNMATCHED_ROUTE
 
 
@@ -82,17 +87,20 @@ class RequestMetricsMiddleware:
             return
         start = time.perf_counter()
         status = 500
+        route: str | None = None
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, route
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                # routing details leave the scope when the endpoint returns: read them now
+                route = route_template(scope)
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = route_template(scope)
+            route = route or route_template(scope)
             method = scope.get("method", "")
             HTTP_REQUESTS.labels(method, route, str(status)).inc()
             HTTP_LATENCY.labels(method, route).observe(time.perf_counter() - start)

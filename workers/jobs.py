@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from workers.contracts import JobSpec, JobStatus
 
@@ -34,6 +34,21 @@ def now_iso() -> str:
 class Progress(BaseModel):
     """Live progress of a running job."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "epoch": 2,
+                    "epochs": 10,
+                    "batch": 120,
+                    "batches": 469,
+                    "images_per_s": 5200.0,
+                    "eta_s": 95.5,
+                }
+            ]
+        }
+    )
+
     epoch: int = 0
     epochs: int = 0
     batch: int = 0
@@ -44,6 +59,14 @@ class Progress(BaseModel):
 
 class EpochMetrics(BaseModel):
     """One epoch's numbers, as d2l's plot shows them."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"epoch": 1, "train_loss": 2.31, "val_loss": 2.3, "val_acc": 0.1, "seconds": 3.9}
+            ]
+        }
+    )
 
     epoch: int
     train_loss: float

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.deps import CeleryDep, JobStoreDep, SettingsDep
 from service.errors import ServiceUnavailableError, problem_responses
 from service.metrics import refresh_job_gauges, render_latest
+from workers.celery_app import live_workers
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,12 @@ CHECK_DEADLINE_S = 3.0
 
 class Check(BaseModel):
     """One readiness check."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"ok": True, "detail": "PONG from redis://127.0.0.1:6379/0"}]
+        }
+    )
 
     ok: bool
     detail: str
@@ -97,17 +104,14 @@ def _check_storage(path: Path) -> Check:
     return Check(ok=True, detail=f"{path} is writable")
 
 
-def _ping_workers(celery: Celery) -> list[str]:
-    replies = celery.control.ping(timeout=WORKER_PING_TIMEOUT_S) or []
-    return sorted(name for reply in replies for name in reply)
-
-
 async def _check_workers(request: Request, celery: Celery) -> Check:
     cache: WorkerPingCache = request.app.state.worker_ping_cache
     if time.monotonic() - cache.at > WORKER_CACHE_S:
         try:
             with anyio.fail_after(CHECK_DEADLINE_S):
-                names = await to_thread.run_sync(_ping_workers, celery, abandon_on_cancel=True)
+                names = await to_thread.run_sync(
+                    live_workers, celery, WORKER_PING_TIMEOUT_S, abandon_on_cancel=True
+                )
             cache.names, cache.error = names, None
         except TimeoutError:
             cache.names, cache.error = [], "the worker ping did not return in time"

@@ -16,7 +16,7 @@ from service.curves import MEDIA_TYPES, CurveFormat, render_curves
 from service.deps import JobStoreDep, ValidJob, ValidJobId
 from service.errors import BadRequestError, problem_responses
 from workers.contracts import JobStatus
-from workers.jobs import JobRecord, JobStore
+from workers.jobs import JobNotFoundError, JobRecord, JobStore
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -97,7 +97,10 @@ async def _event_stream(
         if not batch:
             if await request.is_disconnected():
                 return
-            record = await to_thread.run_sync(store.get, job_id)
+            try:
+                record = await to_thread.run_sync(store.get, job_id)
+            except JobNotFoundError:
+                return  # deleted while we followed it
             if record.status.finished:
                 return  # finished, and its final event was before `after`
 

@@ -28,36 +28,34 @@ Arch = tuple[tuple[int, int], ...]
 class Recipe(BaseModel):
     """The seed's training recipe for a model: what a job gets when it sets nothing."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"input_size": 28, "lr": 0.1, "epochs": 10, "batch_size": 128}]
+        }
+    )
+
     input_size: int = Field(description="Images are resized to this square side.")
     lr: float = Field(description="Learning rate of plain SGD.")
     epochs: int = Field(description="Passes over the training set.")
     batch_size: int = Field(description="Examples per SGD step.")
 
 
+_LENET_INFO: dict[str, Any] = {
+    "name": "lenet",
+    "description": "LeNet-5 (D2L 7.6): two sigmoid conv layers with average pooling, "
+    "then a 120-84-10 dense head.",
+    "section": "7.6",
+    "default_recipe": {"input_size": 28, "lr": 0.1, "epochs": 10, "batch_size": 128},
+    "parameters": 61706,
+    "default_arch": None,
+    "archs": {},
+}
+
+
 class ModelInfo(BaseModel):
     """A registered network."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "name": "lenet",
-                    "description": "LeNet-5 (D2L 7.6): two sigmoid conv layers with average "
-                    "pooling, then a 120-84-10 dense head.",
-                    "section": "7.6",
-                    "default_recipe": {
-                        "input_size": 28,
-                        "lr": 0.1,
-                        "epochs": 10,
-                        "batch_size": 128,
-                    },
-                    "parameters": 61706,
-                    "default_arch": None,
-                    "archs": {},
-                }
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [_LENET_INFO]})
 
     name: str = Field(description="The name jobs and summaries use.")
     description: str = Field(description="What the network is, after the book.")
@@ -73,11 +71,27 @@ class ModelInfo(BaseModel):
 class ModelList(BaseModel):
     """Every registered network."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{"models": [_LENET_INFO]}]})
+
     models: list[ModelInfo]
 
 
 class LayerSummary(BaseModel):
     """One layer of a shape summary."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "net.0",
+                    "type": "Conv2d",
+                    "output_shape": [1, 6, 28, 28],
+                    "params": 156,
+                    "macs": 117600,
+                }
+            ]
+        }
+    )
 
     name: str = Field(description="The layer's path in the module tree.", examples=["net.0"])
     type: str = Field(description="The layer's class.", examples=["Conv2d"])
