@@ -1,0 +1,42 @@
+"""`python -m bench <infer|http|train> [options]`: run one benchmark, write JSON under docs/.
+
+Each benchmark is a module of this package with a `main(argv) -> int`, imported lazily so
+`bench http` never loads the training code. To add one, map its name in `BENCHMARKS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+#: benchmark name -> module providing `main(argv: Sequence[str] | None) -> int`
+BENCHMARKS: dict[str, str] = {
+    "infer": "bench.infer",  # batch-1 latency and batched throughput, eager vs served path
+    "http": "bench.http",  # concurrent single-image predictions against `cnnserve api`
+    "train": "bench.train",  # d2l way vs cnnserve's engine (its owner adds bench/train.py)
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help") or args[0] not in BENCHMARKS:
+        sys.stderr.write(
+            f"usage: python -m bench {{{','.join(BENCHMARKS)}}} [options]\n"
+            "  each benchmark takes --help\n"
+        )
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    name, rest = args[0], args[1:]
+    try:
+        module = importlib.import_module(BENCHMARKS[name])
+    except ModuleNotFoundError as exc:
+        if exc.name != BENCHMARKS[name]:
+            raise
+        sys.stderr.write(f"benchmark {name!r} is not available yet ({BENCHMARKS[name]})\n")
+        return 2
+    code: int = module.main(rest)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

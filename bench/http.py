@@ -1,0 +1,308 @@
+"""HTTP classification benchmark: concurrent single-image predictions against a real server.
+
+Without `--url` it makes a temporary data dir with a freshly initialised LeNet checkpoint,
+starts `cnnserve api` on a free loopback port (once with request batching on, once off), and
+stops it by PID afterwards. With `--url` and `--ref` it loads an already running server.
+
+The load generator speaks HTTP/1.1 keep-alive over raw asyncio streams (one connection per
+client): on a 2-core machine a full HTTP client library would eat the CPU the server needs.
+Every request uploads one 28×28 Fashion-MNIST test image as a multipart PNG file. Bounded by
+`--requests` and `--duration`, whichever comes first.
+
+    python -m bench http [--clients 16] [--requests 5000] [--duration 20]
+    python -m bench http --url http://127.0.0.1:8000 --ref lenet:best
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import io
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+from PIL import Image
+
+from bench.infer import machine_info
+
+logger = logging.getLogger(__name__)
+
+BOUNDARY = "cnnservebenchboundary"
+FASHION_TEST_IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+
+
+def sample_png() -> bytes:
+    """A real Fashion-MNIST test image as PNG (a gradient if the data set is missing)."""
+    try:
+        raw = gzip.decompress(FASHION_TEST_IMAGES.read_bytes())
+        img = np.frombuffer(raw, np.uint8, count=784, offset=16).reshape(28, 28)
+    except OSError:
+        img = np.tile(np.arange(0, 252, 9, dtype=np.uint8), (28, 1))
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def predict_request(host: str, port: int, ref: str, image: bytes) -> bytes:
+    """The raw bytes of one multipart predict request."""
+    body = (
+        (
+            f"--{BOUNDARY}\r\n"
+            'Content-Disposition: form-data; name="files"; filename="image.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    head = (
+        f"POST /v1/checkpoints/{ref}/predict HTTP/1.1\r\n"
+        f"Host: {host}:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+async def _client(
+    host: str,
+    port: int,
+    request: bytes,
+    budget: list[int],
+    deadline: float,
+    latencies: list[float],
+    errors: list[str],
+) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        while budget[0] > 0 and time.perf_counter() < deadline:
+            budget[0] -= 1
+            started = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+            body = await reader.readexactly(int(length.group(1)) if length else 0)
+            latencies.append(time.perf_counter() - started)
+            if status != 200:
+                errors.append(f"{status}: {body[:200]!r}")
+            if re.search(rb"(?i)connection:\s*close", head):
+                writer.close()
+                reader, writer = await asyncio.open_connection(host, port)
+    except (OSError, asyncio.IncompleteReadError) as exc:
+        errors.append(f"connection: {exc}")
+    finally:
+        writer.close()
+
+
+async def _load(
+    host: str, port: int, request: bytes, clients: int, requests: int, duration: float
+) -> dict[str, Any]:
+    budget = [requests]
+    latencies: list[float] = []
+    errors: list[str] = []
+    started = time.perf_counter()
+    deadline = started + duration
+    await asyncio.gather(
+        *(_client(host, port, request, budget, deadline, latencies, errors) for _ in range(clients))
+    )
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3
+
+    return {
+        "requests": len(latencies),
+        "seconds": round(elapsed, 3),
+        "requests_per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(pct(0.50), 2) if latencies else None,
+        "p99_ms": round(pct(0.99), 2) if latencies else None,
+        "mean_ms": round(statistics.fmean(latencies) * 1e3, 2) if latencies else None,
+        "errors": len(errors),
+        "error_samples": errors[:5],
+    }
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        data: bytes = r.read()
+        return data
+
+
+def server_batch_stats(url: str) -> dict[str, float]:
+    """Mean images per forward pass, from the server's /metrics."""
+    text = _get(f"{url}/metrics").decode()
+
+    def value(name: str) -> float:
+        m = re.search(rf'^{name}\{{model="lenet"\}} ([0-9.e+]+)$', text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    images = value("cnnserve_inference_batch_size_sum")
+    batches = value("cnnserve_inference_batch_size_count")
+    return {"forward_passes": batches, "images": images}
+
+
+def run_load(
+    url: str, ref: str, *, clients: int, requests: int, duration: float, warmup: int = 50
+) -> dict[str, Any]:
+    """Warm the server up, then measure `clients` concurrent single-image predictions."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    request = predict_request(host, port, ref, sample_png())
+    asyncio.run(_load(host, port, request, 4, warmup, 30.0))
+    before = server_batch_stats(url)
+    result = asyncio.run(_load(host, port, request, clients, requests, duration))
+    after = server_batch_stats(url)
+    passes = after["forward_passes"] - before["forward_passes"]
+    result["mean_batch_size"] = (
+        round((after["images"] - before["images"]) / passes, 2) if passes else None
+    )
+    return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_lenet_checkpoint(data_dir: Path) -> str:
+    """Save a freshly initialised LeNet checkpoint under `data_dir`; returns its id."""
+    import torch
+
+    from models import build_model
+    from workers.checkpoints import CheckpointStore, Preprocessing
+
+    torch.manual_seed(0)
+    manifest = CheckpointStore(data_dir / "checkpoints").save(
+        job_id="00000000000be7c4",
+        epoch=1,
+        model=build_model("lenet"),
+        manifest_fields={
+            "model": "lenet",
+            "input_size": 28,
+            "preprocessing": Preprocessing(resize=28),
+        },
+    )
+    return manifest.id
+
+
+@contextmanager
+def api_server(data_dir: Path, *, batching: bool, log_path: Path) -> Iterator[str]:
+    """`cnnserve api` on a free loopback port; stopped by PID on exit."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "CNNSERVE_DATA_DIR": str(data_dir),
+        "CNNSERVE_BATCHING": "true" if batching else "false",
+    }
+    exe = Path(sys.executable).with_name("cnnserve")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "service.cli"]
+    cmd += ["--log-level", "WARNING", "api", "--host", "127.0.0.1", "--port", str(port)]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"cnnserve api exited ({proc.returncode}); see {log_path}")
+            try:
+                _get(f"{url}/healthz")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("cnnserve api did not answer within 60 s") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+
+
+def markdown(runs: Sequence[dict[str, Any]]) -> str:
+    """The runs as a markdown table."""
+    lines = [
+        "| batching | clients | requests | req/s | p50 (ms) | p99 (ms) | errors | "
+        "images per forward pass |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {r['batching']} | {r['clients']} | {r['requests']} | {r['requests_per_s']:.0f} | "
+            f"{r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r['mean_batch_size']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench http", description=__doc__)
+    parser.add_argument("--url", help="an already running server (else one is started)")
+    parser.add_argument("--ref", help="the checkpoint to load (with --url)")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=5000, help="at most this many")
+    parser.add_argument("--duration", type=float, default=20.0, help="at most this long (s)")
+    parser.add_argument(
+        "--batching", choices=["both", "on", "off"], default="both", help="started server only"
+    )
+    parser.add_argument("--out", type=Path, default=Path("docs/bench-http.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.url and not args.ref:
+        parser.error("--url needs --ref (a checkpoint id or alias)")
+    load = {"clients": args.clients, "requests": args.requests, "duration": args.duration}
+    runs: list[dict[str, Any]] = []
+    if args.url:
+        result = run_load(args.url.rstrip("/"), args.ref, **load)
+        runs.append({"batching": "server's setting", "clients": args.clients, **result})
+    else:
+        modes = {"both": [True, False], "on": [True], "off": [False]}[args.batching]
+        with tempfile.TemporaryDirectory(prefix="cnnserve-bench-http-") as tmp:
+            data_dir = Path(tmp) / "data"
+            ref = make_lenet_checkpoint(data_dir)
+            for batching in modes:
+                log_path = Path(tmp) / f"api-{'on' if batching else 'off'}.log"
+                with api_server(data_dir, batching=batching, log_path=log_path) as url:
+                    logger.info("server %s (batching %s), loading it", url, batching)
+                    result = run_load(url, ref, **load)
+                runs.append(
+                    {"batching": "on" if batching else "off", "clients": args.clients, **result}
+                )
+                logger.info("batching %s: %s", batching, result)
+    report = {
+        "benchmark": "http",
+        "machine": machine_info(),
+        "model": "lenet",
+        "payload": "one 28×28 Fashion-MNIST PNG per request, multipart",
+        "limits": {"requests": args.requests, "duration_s": args.duration},
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    sys.stdout.write(markdown(runs) + "\n")
+    sys.stdout.write(f"results written to {args.out}\n")
+    return 0 if all(r["errors"] == 0 for r in runs) else 1

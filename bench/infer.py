@@ -1,0 +1,227 @@
+"""Inference benchmark: batch-1 latency and batched throughput, eager PyTorch vs cnnserve's path.
+
+For each model a freshly initialised checkpoint is saved to a temporary store and loaded twice
+through `service.inference.load_for_inference`: once with the eager backend (plain PyTorch, the
+baseline) and once as the server loads it (`auto`: ONNX Runtime where the export works). Both
+take what the server feeds them, N×1×28×28 floats, and include training's bilinear resize to the
+model's input size and the softmax. Timings are wall-clock medians over a bounded time.
+
+    python -m bench infer [--models lenet,resnet18,vgg] [--seconds 3] [--batch 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from functools import partial
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models import build_model, get_model_entry
+from service.inference import LoadedModel, cpu_budget, load_for_inference
+from workers.checkpoints import CheckpointStore, Preprocessing
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODELS = ("lenet", "resnet18", "vgg")
+GOALS_MS = {"resnet18": 10.0, "vgg": 15.0}
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine and library versions a result was measured with."""
+
+    def ver(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "missing"
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": cores,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": ver("onnxruntime"),
+        "fastapi": ver("fastapi"),
+        "uvicorn": ver("uvicorn"),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+@dataclass
+class Timing:
+    """Latency statistics of one function over a bounded time."""
+
+    runs: int
+    median_ms: float
+    p90_ms: float
+    images_per_s: float
+
+
+def time_fn(fn: Callable[[], object], images: int, seconds: float, min_runs: int = 5) -> Timing:
+    """Time `fn` (one batch of `images`) for about `seconds` after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    samples: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(samples) < min_runs or time.perf_counter() < deadline:
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    samples.sort()
+    median = statistics.median(samples)
+    return Timing(
+        runs=len(samples),
+        median_ms=median * 1e3,
+        p90_ms=samples[int(0.9 * (len(samples) - 1))] * 1e3,
+        images_per_s=images / median,
+    )
+
+
+def _load(store: CheckpointStore, ckpt_id: str, backend: str, cache: Path) -> LoadedModel:
+    _, threads = cpu_budget()
+    return load_for_inference(
+        store,
+        ckpt_id,
+        backend=backend,  # type: ignore[arg-type]
+        cache_dir=cache,
+        threads=threads,
+        max_batch_size=1024,
+    )
+
+
+def bench_model(
+    name: str, store: CheckpointStore, cache: Path, *, seconds: float, batch: int
+) -> dict[str, Any]:
+    """Eager vs served-path timings for one freshly initialised model at its default size."""
+    entry = get_model_entry(name)
+    torch.manual_seed(0)
+    manifest = store.save(
+        job_id=f"{len(store.list()):016x}",
+        epoch=1,
+        model=build_model(name),
+        manifest_fields={
+            "model": name,
+            "arch": entry.default_arch,
+            "input_size": entry.input_size,
+            "preprocessing": Preprocessing(resize=entry.input_size),
+        },
+    )
+    eager = _load(store, manifest.id, "eager", cache)
+    started = time.perf_counter()
+    served = _load(store, manifest.id, "auto", cache)
+    load_s = time.perf_counter() - started
+    rng = np.random.default_rng(0)
+    one = rng.random((1, 1, 28, 28), dtype=np.float32)
+    many = rng.random((batch, 1, 28, 28), dtype=np.float32)
+    diff = float(np.abs(eager.run(many) - served.run(many)).max())
+    result: dict[str, Any] = {
+        "model": name,
+        "input_size": entry.input_size,
+        "served_backend": served.backend,
+        "first_load_s": round(load_s, 3),
+        "max_abs_prob_diff": diff,
+    }
+    for label, loaded in (("eager", eager), ("served", served)):
+        run = loaded.run
+        result[f"{label}_batch1"] = asdict(time_fn(partial(run, one), 1, seconds))
+        result[f"{label}_batch{batch}"] = asdict(time_fn(partial(run, many), batch, seconds))
+    logger.info(
+        "%s: eager %.2f ms, %s %.2f ms at batch 1",
+        name,
+        result["eager_batch1"]["median_ms"],
+        served.backend,
+        result["served_batch1"]["median_ms"],
+    )
+    return result
+
+
+def markdown(results: Sequence[dict[str, Any]], batch: int) -> str:
+    """The results as a markdown table."""
+    lines = [
+        f"| model | input | served backend | eager batch 1 (ms) | served batch 1 (ms) | "
+        f"speed-up | eager batch {batch} (img/s) | served batch {batch} (img/s) | goal |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        e1, s1 = r["eager_batch1"]["median_ms"], r["served_batch1"]["median_ms"]
+        eb, sb = r[f"eager_batch{batch}"], r[f"served_batch{batch}"]
+        goal = GOALS_MS.get(r["model"])
+        goal_text = f"≤ {goal:g} ms: {'met' if s1 <= goal else 'missed'}" if goal else "–"
+        if r["model"] == "resnet18":
+            goal_text += (
+                f"; ≥ 200 img/s batched: {'met' if sb['images_per_s'] >= 200 else 'missed'}"
+            )
+        lines.append(
+            f"| {r['model']} | {r['input_size']}×{r['input_size']} | {r['served_backend']} | "
+            f"{e1:.2f} | {s1:.2f} | {e1 / s1:.1f}× | {eb['images_per_s']:.0f} | "
+            f"{sb['images_per_s']:.0f} | {goal_text} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench infer", description=__doc__)
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    parser.add_argument("--batch", type=int, default=32, help="batch size for throughput")
+    parser.add_argument("--out", type=Path, default=Path("docs/bench-infer.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    workers, threads = cpu_budget()
+    torch.set_num_threads(threads)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="cnnserve-bench-") as tmp:
+        store = CheckpointStore(Path(tmp) / "checkpoints")
+        for name in args.models.split(","):
+            results.append(
+                bench_model(
+                    name.strip(),
+                    store,
+                    Path(tmp) / "onnx-cache",
+                    seconds=args.seconds,
+                    batch=args.batch,
+                )
+            )
+    report = {
+        "benchmark": "inference",
+        "machine": machine_info(),
+        "threads": threads,
+        "compute_workers": workers,
+        "batch": args.batch,
+        "seconds_per_measurement": args.seconds,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    sys.stdout.write(markdown(results, args.batch) + "\n")
+    sys.stdout.write(f"results written to {args.out}\n")
+    return 0
