@@ -104,6 +104,19 @@ def _describe(data: bytes) -> str:
     return "unrecognised binary data"
 
 
+def declared_pixels(data: bytes) -> int | None:
+    """Width × height from an allowed image's header (nothing decoded), None if unreadable."""
+    fmt = sniff_format(data)
+    if fmt is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(data), formats=[fmt]) as im:
+            width, height = im.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return width * height
+
+
 def decode_image(data: bytes, *, max_pixels: int, index: int | None = None) -> np.ndarray:
     """Decode an uploaded image to a grayscale uint8 array (H×W), refusing bombs unread.
 

@@ -7,6 +7,7 @@
   graph is cached under `data_dir/onnx-cache`, keyed by the weights' sha256.
 - The network is wrapped with training's on-device resize (`F.interpolate`, bilinear, no
   antialias) and a softmax, so every backend takes N×1×28×28 floats and returns probabilities.
+- Predict calls re-resolve a ref at most once per `REF_TTL_S` (1 s), not per request.
 - `InferenceService`: runs the forward passes on a small thread pool (never on the event
   loop) and, when `settings.batching` is on, stacks concurrent requests for one checkpoint
   into one forward pass: the first request waits up to `batch_window_ms` for company, at most
@@ -53,6 +54,10 @@ Backend = Literal["onnxruntime", "eager"]
 EXPORT_VERSION = "v1"
 #: Largest absolute difference in probabilities tolerated between ONNX Runtime and PyTorch.
 BACKEND_TOLERANCE = 1e-4
+#: Predict re-resolves a ref (and re-reads its manifest) at most this often, so an alias like
+#: `<job>:latest` follows a running job within this many seconds.
+REF_TTL_S = 1.0
+REF_CACHE_SIZE = 1024
 
 
 def cpu_budget() -> tuple[int, int]:
@@ -318,6 +323,7 @@ class InferenceService:
         self._loaders = ThreadPoolExecutor(2, thread_name_prefix="cnnserve-load")
         self.cache = ModelCache(self._load, settings.model_cache_size)
         self._queues: dict[str, _Queue] = {}
+        self._refs: dict[str, tuple[float, Manifest]] = {}
 
     def _load(self, ckpt_id: str) -> LoadedModel:
         return load_for_inference(
@@ -328,6 +334,19 @@ class InferenceService:
             threads=self.threads,
             max_batch_size=self.settings.max_batch_size,
         )
+
+    def cached_manifest(self, ref: str) -> Manifest | None:
+        """The manifest `ref` resolved to less than `REF_TTL_S` ago, if any."""
+        entry = self._refs.get(ref)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def remember_manifest(self, ref: str, manifest: Manifest) -> None:
+        """Keep a ref's resolution for `REF_TTL_S` (bounded; cleared wholesale when full)."""
+        if len(self._refs) >= REF_CACHE_SIZE:
+            self._refs.clear()
+        self._refs[ref] = (time.monotonic() + REF_TTL_S, manifest)
 
     async def model(self, manifest: Manifest) -> LoadedModel:
         """The loaded model for a checkpoint, from the cache or loaded on a worker thread."""
@@ -416,8 +435,11 @@ class InferenceService:
                 del self._queues[queue.loaded.checkpoint_id]
 
     def forget(self, ckpt_id: str) -> None:
-        """Drop a deleted checkpoint from the cache."""
+        """Drop a deleted checkpoint from the model cache and every ref resolved to it."""
         self.cache.evict(ckpt_id)
+        for ref, (_, manifest) in list(self._refs.items()):
+            if manifest.id == ckpt_id:
+                self._refs.pop(ref, None)
 
     def close(self) -> None:
         """Stop the thread pools (pending forward passes finish first)."""
