@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 .PHONY: help setup venv packages apt redis up test pytest lint format typecheck
 
 help:
-	@echo "make up         set up, then start Redis (if none), a worker and the API on http://127.0.0.1:8000"
+	@echo "make up         set up, then start Redis with AOF (if none answers), a worker and the API on http://127.0.0.1:8000"
 	@echo "make test       set up, then pytest, ruff check, ruff format --check and mypy (what .ci/run runs)"
 	@echo "make setup      virtualenv, Python packages, Debian packages, Redis (idempotent)"
 	@echo "make format     ruff format and ruff check --fix in place"
@@ -74,7 +74,8 @@ redis: apt
 		redis-cli -h $(REDIS_HOST) -p $(REDIS_PORT) ping >/dev/null || { echo "setup: redis did not start; see /var/log/redis/ci.log" >&2; exit 1; }; \
 	fi
 
-up: setup
+# No `redis` prerequisite: `cnnserve up` starts its own Redis with AOF when none answers.
+up: venv packages apt
 	$(BIN)/cnnserve up $(UP_ARGS)
 
 # Run every check even when an earlier one fails, then fail if any did.
