@@ -103,7 +103,7 @@ def test_killed_worker_job_resumes_from_last_checkpoint_on_a_fresh_worker(
     celery_app: Celery,
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
-    epochs = 12
+    epochs = 8
     first = start_worker()
     job = store.create(lenet_spec(epochs=epochs, train_limit=1000))
     enqueue_job(celery_app, job.id)
@@ -139,6 +139,31 @@ def test_killed_worker_job_resumes_from_last_checkpoint_on_a_fresh_worker(
 
     manifest = CheckpointStore(settings.checkpoints_dir).manifest(f"{job.id}-e{epochs:03d}")
     assert [int(h["epoch"]) for h in manifest.history] == list(range(1, epochs + 1))
+
+
+def test_a_worker_shutting_down_hands_its_job_back_to_the_queue(
+    settings: Settings,
+    store: JobStore,
+    celery_app: Celery,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    epochs = 6
+    first = start_worker()
+    job = store.create(lenet_spec(epochs=epochs, train_limit=1000))
+    enqueue_job(celery_app, job.id)
+    wait_for(store, job.id, lambda r: r.latest_checkpoint is not None, 90, "a checkpoint", first)
+
+    first.stop()  # SIGTERM, as `docker stop` sends: a warm shutdown
+    assert first.proc.returncode == 0, first.log()[-3000:]
+    handed_back = store.get(job.id)
+    assert handed_back.status is JobStatus.queued
+    assert "shut down" in statuses(store, job.id)[-1]["reason"]
+
+    second = start_worker()
+    record = wait_finished(store, job.id, 120, second)
+    assert record.status is JobStatus.succeeded, record.error
+    assert record.attempts == 2
+    assert [m.epoch for m in record.metrics] == list(range(1, epochs + 1))
 
 
 def test_cancel_stops_a_running_job_within_seconds_and_keeps_its_checkpoints(

@@ -1,0 +1,108 @@
+"""The job spec's bounds, and `cnnserve train` as a person runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from workers.contracts import JobSpec
+from workers.settings import Settings
+from workers.train_cli import run_train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"epochs": 101}, "epochs"),
+        ({"batch_size": 2048}, "batch_size"),
+        ({"lr": 0}, "lr"),
+        ({"input_size": 20}, "input_size"),
+        ({"input_size": 512}, "input_size"),
+        ({"train_limit": 0}, "train_limit"),
+        ({"device": "gpu"}, "device"),
+        ({"precision": "fp16"}, "precision"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_a_spec_out_of_bounds_names_the_field(fields: dict[str, object], field: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        JobSpec.model_validate({"model": "lenet", **fields})
+    assert [e["loc"] for e in err.value.errors()] == [(field,)]
+
+
+def test_an_input_too_small_for_the_model_is_refused() -> None:
+    with pytest.raises(ValidationError, match="input_size 28 does not fit vgg"):
+        JobSpec(model="vgg", input_size=28)
+
+
+def test_defaults_are_the_seeds_recipe() -> None:
+    recipes = {m: JobSpec(model=m) for m in ("lenet", "vgg", "resnet18")}
+    assert {m: (s.lr, s.input_size) for m, s in recipes.items()} == {
+        "lenet": (0.1, 28),
+        "vgg": (0.01, 224),
+        "resnet18": (0.01, 96),
+    }
+    spec = recipes["lenet"]
+    assert (spec.epochs, spec.batch_size, spec.optimizer, spec.seed) == (10, 128, "sgd", 0)
+
+
+def test_train_prints_a_metrics_table_and_keeps_checkpoints(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = run_train(
+        {"model": "lenet", "epochs": 2, "train_limit": 500, "device": "cpu", "batch_size": 100}
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["epoch", "train_loss", "val_loss", "val_acc", "seconds"]
+    assert [line.split()[0] for line in lines[1:3]] == ["1", "2"]
+    assert "10/10" in err  # the progress bar reached the last batch
+    assert "checkpoint" in out
+    jobs = list(settings.checkpoints_dir.iterdir())
+    assert len(jobs) == 1 and (jobs[0] / "e002" / "weights.safetensors").is_file()
+
+
+def test_train_with_a_bad_spec_exits_2_naming_the_field(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_train({"model": "lenet", "batch_size": 0}) == 2
+    assert "batch_size" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_the_train_command_runs(settings: Settings) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "--log-level",
+            "WARNING",
+            "train",
+            "--model",
+            "lenet",
+            "--epochs",
+            "1",
+            "--train-limit",
+            "2000",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].split()[0] == "epoch"
+    assert "16/16" in proc.stderr
