@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,12 +96,20 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
         proc.wait(timeout=5)
 
 
+@dataclass(frozen=True)
+class Server:
+    """A running API process."""
+
+    url: str
+    pid: int
+
+
 @pytest.fixture
-def uvicorn_server(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., str]]:
-    """Start the API under a real uvicorn process with the test settings; returns its URL."""
+def uvicorn_server(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Start the API under a real uvicorn process with the test settings (and env overrides)."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(**env_overrides: str) -> str:
+    def start(**env_overrides: str) -> Server:
         port = free_port()
         env = {
             **os.environ,
@@ -131,7 +140,7 @@ def uvicorn_server(settings: Settings, tmp_path: Path) -> Iterator[Callable[...,
         procs.append(proc)
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/healthz", proc)
-        return url
+        return Server(url, proc.pid)
 
     yield start
     for p in procs:
