@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.deps import CeleryDep, JobStoreDep, SettingsDep
 from service.errors import ServiceUnavailableError, problem_responses
 from service.metrics import refresh_job_gauges, render_latest
-from workers.celery_app import live_workers
+from workers.celery_app import live_workers, worker_heartbeats
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +104,20 @@ def _check_storage(path: Path) -> Check:
     return Check(ok=True, detail=f"{path} is writable")
 
 
-async def _check_workers(request: Request, celery: Celery) -> Check:
+def _find_workers(celery: Celery, redis_url: str) -> list[str]:
+    """Workers seen lately: their heartbeat keys (instant), else a Celery ping."""
+    # a solo-pool worker busy training cannot answer a ping, but keeps its heartbeat
+    beating = sorted({str(b.get("name")) for b in worker_heartbeats(redis_url) if b.get("name")})
+    return beating or live_workers(celery, WORKER_PING_TIMEOUT_S)
+
+
+async def _check_workers(request: Request, celery: Celery, redis_url: str) -> Check:
     cache: WorkerPingCache = request.app.state.worker_ping_cache
     if time.monotonic() - cache.at > WORKER_CACHE_S:
         try:
             with anyio.fail_after(CHECK_DEADLINE_S):
                 names = await to_thread.run_sync(
-                    live_workers, celery, WORKER_PING_TIMEOUT_S, abandon_on_cancel=True
+                    _find_workers, celery, redis_url, abandon_on_cancel=True
                 )
             cache.names, cache.error = names, None
         except TimeoutError:
@@ -139,7 +146,8 @@ async def healthz() -> Liveness:
     "/readyz",
     summary="Readiness",
     description="Redis answers a ping, the data directory is writable and at least one "
-    "training worker answers (cached a few seconds). 503 naming what is wrong otherwise.",
+    "training worker is alive (its heartbeat in Redis, or a Celery ping; cached a few "
+    "seconds). 503 naming what is wrong otherwise.",
     response_model=Readiness,
     responses=problem_responses(
         503, s503="not ready: workers: no worker answered a ping; start one with cnnserve worker"
@@ -161,7 +169,7 @@ async def readyz(
         )
     checks["storage"] = await to_thread.run_sync(_check_storage, settings.checkpoints_dir)
     if checks["redis"].ok:
-        checks["workers"] = await _check_workers(request, celery)
+        checks["workers"] = await _check_workers(request, celery, settings.redis_url)
     else:
         checks["workers"] = Check(ok=False, detail="not checked: the broker is not reachable")
     failing = [f"{name}: {c.detail}" for name, c in checks.items() if not c.ok]

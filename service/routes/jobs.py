@@ -153,7 +153,11 @@ def _enqueue(celery: CeleryDep, job_id: str) -> None:
     response_model=Job,
     dependencies=[RequireKey],
     responses={
-        200: {"description": "A replay of an earlier request with the same Idempotency-Key."},
+        200: {
+            "description": "A replay of an earlier request with the same Idempotency-Key: "
+            "the job it made, and no new one.",
+            "model": Job,
+        },
         **problem_responses(
             401,
             409,

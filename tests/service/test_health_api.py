@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
+from workers.celery_app import write_heartbeat
 from workers.jobs import JobStore
 
 
@@ -77,3 +78,13 @@ def test_metrics_count_requests_by_route_and_jobs_by_status(
         "cnnserve_model_cache_misses_total",
     ):
         assert f"# TYPE {name.removesuffix('_total')}" in text, name
+
+
+def test_readyz_is_ready_with_a_live_worker_heartbeat(client: TestClient, store: JobStore) -> None:
+    write_heartbeat(store.r, {"name": "trainer-1@gpu-host", "device": "cpu", "job": None})
+    r = client.get("/readyz")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "ready"
+    assert all(c["ok"] for c in body["checks"].values())
+    assert "trainer-1@gpu-host" in body["checks"]["workers"]["detail"]

@@ -8,9 +8,11 @@ import threading
 import time
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from service.routes import job_events
 from workers.contracts import JobSpec, JobStatus
 from workers.jobs import EpochMetrics, JobRecord, JobStore
 
@@ -165,3 +167,25 @@ def test_curves_before_the_first_epoch_are_empty_axes(client: TestClient, store:
     Image.open(io.BytesIO(r.content)).load()
     assert "no finished epoch yet" in client.get(f"/v1/jobs/{job_id}/curves.svg").text
     assert client.get("/v1/jobs/0000000000000000/curves.svg").status_code == 404
+
+
+def test_events_send_keep_alive_pings_while_idle(
+    client: TestClient, store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(job_events, "SSE_PING_S", 0.3)
+    job_id = store.create(JobSpec(model="lenet", epochs=1)).id
+
+    def finish_later() -> None:
+        time.sleep(1.2)
+        store.add_event(job_id, "status", {"status": "cancelled"})
+
+    t = threading.Thread(target=finish_later)
+    t.start()
+    comments = 0
+    try:
+        with client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+            for line in r.iter_lines():
+                comments += line.startswith(":")
+    finally:
+        t.join()
+    assert comments >= 2
