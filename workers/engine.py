@@ -15,7 +15,6 @@ The caller sees the run through `TrainingCallbacks` (progress, finished epochs, 
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import math
 import time
@@ -33,8 +32,25 @@ from models import build_model, get_model_entry
 from workers.checkpoints import CheckpointError, CheckpointStore, Manifest, Preprocessing
 from workers.contracts import JobSpec
 from workers.data import FashionMNIST
-from workers.errors import DeviceError, OutOfMemoryError, ResumeError
+from workers.devices import release_memory, requested_device, resolve_device, resolve_precision
+from workers.errors import OutOfMemoryError, ResumeError
 from workers.jobs import EpochMetrics, Progress
+
+__all__ = [
+    "NullCallbacks",
+    "Outcome",
+    "StopRequest",
+    "TrainOptions",
+    "TrainResult",
+    "TrainingCallbacks",
+    "make_optimizer",
+    "release_memory",
+    "requested_device",
+    "resolve_device",
+    "resolve_precision",
+    "train",
+    "train_subset",
+]
 
 log = logging.getLogger(__name__)
 
@@ -107,51 +123,6 @@ class TrainResult:
     latest_checkpoint: str | None = None
     stopped_at: Progress | None = None
     seconds: float = 0.0
-
-
-def requested_device(spec_device: str, worker_device: str) -> str:
-    """The device a worker should train a job on: the spec's, or the worker's for `auto`."""
-    if spec_device == "auto":
-        return worker_device
-    if spec_device == "cuda" and worker_device.startswith("cuda:"):
-        return worker_device
-    return spec_device
-
-
-def resolve_device(request: str) -> torch.device:
-    """A torch device for `auto`, `cpu`, `cuda` or `cuda:N`; a clear error if there is none."""
-    if request == "auto":
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    if request == "cpu":
-        return torch.device("cpu")
-    if request == "cuda" or request.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise DeviceError(
-                f"the job asks for device {request!r} but this worker has no usable CUDA GPU; "
-                "submit it with device 'auto' or 'cpu', or start a worker on a GPU machine "
-                "(`cnnserve worker --device cuda`)"
-            )
-        index = int(request.partition(":")[2] or 0)
-        count = torch.cuda.device_count()
-        if index >= count:
-            raise DeviceError(
-                f"the job asks for {request!r} but this worker has {count} GPU(s) "
-                f"(cuda:0 to cuda:{count - 1})"
-            )
-        return torch.device("cuda", index)
-    raise DeviceError(f"unknown device {request!r}; use auto, cpu, cuda or cuda:N")
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision setting on a device (None: plain fp32)."""
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        has_bf16 = torch.cuda.is_bf16_supported()
-        if precision == "bf16" and not has_bf16:
-            raise DeviceError(f"{device} has no bf16 support; submit the job with precision fp32")
-        return torch.bfloat16 if has_bf16 else None
-    return torch.bfloat16 if precision == "bf16" else None
 
 
 def make_optimizer(name: str, params: Iterator[nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -499,10 +470,3 @@ def train(
         release_memory(device)
     # raised outside the handler so no traceback keeps the run's tensors alive
     raise OutOfMemoryError(oom)
-
-
-def release_memory(device: torch.device | str) -> None:
-    """Collect garbage and hand cached GPU memory back to the driver."""
-    gc.collect()
-    if torch.device(device).type == "cuda" and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()

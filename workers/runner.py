@@ -21,15 +21,8 @@ from typing import Any
 from workers.checkpoints import CheckpointError, CheckpointStore, Manifest
 from workers.contracts import JobStatus
 from workers.data import load_fashion_mnist
-from workers.engine import (
-    Outcome,
-    StopRequest,
-    TrainOptions,
-    release_memory,
-    requested_device,
-    resolve_device,
-    train,
-)
+from workers.devices import release_memory, requested_device, resolve_device
+from workers.engine import Outcome, StopRequest, TrainOptions, train
 from workers.errors import TrainingError
 from workers.jobs import PREFIX, EpochMetrics, JobNotFoundError, JobRecord, JobStore, Progress
 from workers.jobs import now_iso as _now

@@ -13,15 +13,8 @@ from tests.conftest import FASHION_MNIST_DIR
 from tests.workers.helpers import lenet_spec
 from workers.checkpoints import CheckpointStore, Manifest
 from workers.data import FashionMNIST, load_fashion_mnist
-from workers.engine import (
-    Outcome,
-    StopRequest,
-    TrainOptions,
-    requested_device,
-    resolve_device,
-    resolve_precision,
-    train,
-)
+from workers.devices import requested_device, resolve_device, resolve_precision
+from workers.engine import Outcome, StopRequest, TrainOptions, train
 from workers.errors import DeviceError
 from workers.jobs import EpochMetrics, Progress, new_job_id
 from workers.settings import Settings

@@ -103,7 +103,7 @@ def test_killed_worker_job_resumes_from_last_checkpoint_on_a_fresh_worker(
     celery_app: Celery,
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
-    epochs = 8
+    epochs = 5
     first = start_worker()
     job = store.create(lenet_spec(epochs=epochs, train_limit=1000))
     enqueue_job(celery_app, job.id)
@@ -147,7 +147,7 @@ def test_a_worker_shutting_down_hands_its_job_back_to_the_queue(
     celery_app: Celery,
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
-    epochs = 6
+    epochs = 4
     first = start_worker()
     job = store.create(lenet_spec(epochs=epochs, train_limit=1000))
     enqueue_job(celery_app, job.id)
