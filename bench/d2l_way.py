@@ -12,6 +12,7 @@ import gzip
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,9 +66,17 @@ def train_d2l_way(
     seed: int = 0,
     device: str = "cpu",
     train_limit: int | None = None,
+    train_indices: Sequence[int] | None = None,
+    val_limit: int | None = None,
     num_workers: int = 4,
 ) -> D2LResult:
-    """Train `model_name` the d2l way and time each epoch (training and validation)."""
+    """Train `model_name` the d2l way and time each epoch (training and validation).
+
+    d2l itself always trains on all 60,000 images and validates on all 10,000. For short runs
+    `train_indices` (the very examples cnnserve's engine picks for the same `train_limit` and
+    seed) or else `train_limit` (the first N) narrows the training set, and `val_limit`
+    validates on the first N test images, as the benchmark does for both ways.
+    """
     from models import get_model_entry
 
     entry = get_model_entry(model_name)
@@ -81,8 +90,12 @@ def train_d2l_way(
             root=str(root), train=True, transform=trans, download=False
         )
         val = datasets.FashionMNIST(root=str(root), train=False, transform=trans, download=False)
-        if train_limit:
+        if train_indices is not None:
+            train = Subset(train, list(train_indices))
+        elif train_limit:
             train = Subset(train, range(train_limit))
+        if val_limit:
+            val = Subset(val, range(min(val_limit, len(val))))
         train_loader = DataLoader(train, batch_size, shuffle=True, num_workers=num_workers)
         val_loader = DataLoader(val, batch_size, shuffle=False, num_workers=num_workers)
         dev = torch.device(device)

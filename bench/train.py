@@ -1,0 +1,456 @@
+"""Training benchmark: each model trained the d2l way and with cnnserve's engine, side by side.
+
+For every model and seed, in one process: `bench.d2l_way.train_d2l_way` (torchvision dataset,
+PIL `Resize` + `ToTensor`, a 4-worker DataLoader, per-batch loss read back, plain SGD), then
+`workers.engine.train` on the same device with the same seed (so the same Xavier init from
+`models.build_model`), batch size, lr, epochs and training examples. An epoch's time covers
+training and validation, as d2l's `fit_epoch` does; cnnserve's checkpoint write after each
+epoch is outside it (it is in `wall_s`). Per model it reports the median epoch time, training
+images per second, the final validation accuracy (mean over seeds) and the speed ratio; it
+writes JSON, a PNG bar plot next to it, and a markdown table into `docs/benchmarks.md`.
+
+    python -m bench train --device cpu --models lenet --epochs 2 --out docs/bench-train-cpu.json
+
+`--epochs`, `--train-limit` and `--val-limit` take one number or per-model values
+(`lenet=60000,vgg=1024,resnet18=1024`; `all` or `0` for no limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.d2l_way import train_d2l_way
+from models import get_model_entry, list_models
+from workers.checkpoints import CheckpointStore
+from workers.contracts import JobSpec
+from workers.data import FashionMNIST, load_fashion_mnist
+from workers.engine import TrainOptions, resolve_device, train, train_subset
+from workers.jobs import new_job_id
+from workers.settings import Settings
+
+log = logging.getLogger(__name__)
+
+WAYS = ("d2l", "cnnserve")
+DEFAULT_MODELS = ("lenet", "vgg", "resnet18")
+DOC = Path("docs/benchmarks.md")
+DOC_SECTION = "## Training"
+#: Spec goals, seconds per full epoch (60,000 training images).
+GOALS_S: dict[str, dict[str, float]] = {
+    "cpu": {"lenet": 5.0},
+    "cuda": {"lenet": 0.15, "vgg": 1.5, "resnet18": 1.0},
+}
+FULL_TRAIN = 60000
+
+
+def per_model(text: str, models: Sequence[str], what: str) -> dict[str, int | None]:
+    """`"N"` or `"model=N,..."` as a value per model (None: no limit / the default)."""
+
+    def value(raw: str) -> int | None:
+        raw = raw.strip()
+        if raw in ("all", "0", ""):
+            return None
+        number = int(raw)
+        if number < 0:
+            raise ValueError(f"{what} must be positive, got {number}")
+        return number
+
+    if "=" not in text:
+        return dict.fromkeys(models, value(text))
+    out: dict[str, int | None] = dict.fromkeys(models)
+    for part in text.split(","):
+        name, _, raw = part.partition("=")
+        if name.strip() not in models:
+            raise ValueError(f"{what}: {name.strip()!r} is not among --models {list(models)}")
+        out[name.strip()] = value(raw)
+    return out
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with `-dirty` when files differ), or None outside git."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "bench", "workers"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """The machine, versions, commit and date a result was measured with."""
+    import torchvision
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": cores,
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "torch_threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+        "load_average_start": list(os.getloadavg()),
+    }
+
+
+def run_d2l(
+    spec: JobSpec, device: torch.device, data_dir: Path, val_limit: int | None, workers: int
+) -> dict[str, Any]:
+    """One d2l-way run on the same examples the engine trains on for this spec."""
+    assert spec.input_size is not None and spec.lr is not None
+    indices = train_subset(FULL_TRAIN, spec)
+    started = time.perf_counter()
+    result = train_d2l_way(
+        spec.model,
+        fashion_mnist_dir=data_dir,
+        epochs=spec.epochs,
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+        input_size=spec.input_size,
+        seed=spec.seed,
+        device=str(device),
+        train_indices=indices.tolist() if indices is not None else None,
+        val_limit=val_limit,
+        num_workers=workers,
+    )
+    return {
+        "epoch_s": [round(s, 4) for s in result.epoch_seconds],
+        "train_loss": result.train_loss,
+        "val_acc": result.val_acc,
+        "images_per_epoch": result.images_per_epoch,
+        "precision": "fp32",
+        "wall_s": round(time.perf_counter() - started, 3),
+    }
+
+
+def run_cnnserve(
+    spec: JobSpec, device: torch.device, data: FashionMNIST, compile_model: bool
+) -> dict[str, Any]:
+    """One run of cnnserve's engine, checkpointing into a throw-away store."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cnnserve-bench-ckpt-") as tmp:
+        result = train(
+            spec,
+            job_id=new_job_id(),
+            data=data,
+            store=CheckpointStore(Path(tmp)),
+            options=TrainOptions(device=str(device), keep_checkpoints=1, compile=compile_model),
+        )
+    n = spec.train_limit or int(data.train_images.shape[0])
+    return {
+        "epoch_s": [m.seconds for m in result.history],
+        "train_loss": [m.train_loss for m in result.history],
+        "val_acc": [m.val_acc for m in result.history],
+        "images_per_epoch": min(n, int(data.train_images.shape[0])),
+        "precision": result.precision,
+        "outcome": str(result.outcome),
+        "wall_s": round(time.perf_counter() - started, 3),
+    }
+
+
+def summarize_way(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Median epoch time over every epoch of every seed, images/s, mean final accuracy."""
+    epochs = [s for r in runs for s in r["epoch_s"]]
+    median = statistics.median(epochs)
+    finals = [r["val_acc"][-1] for r in runs]
+    images = runs[0]["images_per_epoch"]
+    return {
+        "median_epoch_s": round(median, 4),
+        "min_epoch_s": round(min(epochs), 4),
+        "images_per_s": round(images / median, 1),
+        "val_acc": round(statistics.fmean(finals), 4),
+        "val_acc_per_seed": finals,
+        "precision": runs[0]["precision"],
+    }
+
+
+def bench_model(
+    name: str,
+    *,
+    device: torch.device,
+    seeds: Sequence[int],
+    epochs: int,
+    batch_size: int,
+    train_limit: int | None,
+    val_limit: int | None,
+    data: FashionMNIST,
+    data_dir: Path,
+    loader_workers: int,
+    compile_model: bool,
+) -> dict[str, Any]:
+    """Both ways for one model over all seeds (alternating which goes first), summarized."""
+    runs: dict[str, list[dict[str, Any]]] = {way: [] for way in WAYS}
+    if val_limit:
+        n_val = min(val_limit, int(data.test_images.shape[0]))
+        data = replace(
+            data, test_images=data.test_images[:n_val], test_labels=data.test_labels[:n_val]
+        )
+    for i, seed in enumerate(seeds):
+        spec = JobSpec(
+            model=name,
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            device=device.type,
+            train_limit=train_limit,
+        )
+        order = WAYS if i % 2 == 0 else WAYS[::-1]
+        for way in order:
+            log.info("%s seed %d: training the %s way (%d epochs)", name, seed, way, epochs)
+            if way == "d2l":
+                run = run_d2l(spec, device, data_dir, val_limit, loader_workers)
+            else:
+                run = run_cnnserve(spec, device, data, compile_model)
+            run["seed"] = seed
+            run["load_average"] = list(os.getloadavg())
+            log.info(
+                "%s seed %d %s way: epochs %s s, val_acc %.4f",
+                name,
+                seed,
+                way,
+                run["epoch_s"],
+                run["val_acc"][-1],
+            )
+            runs[way].append(run)
+    summary = {way: summarize_way(runs[way]) for way in WAYS}
+    d2l, ours = summary["d2l"], summary["cnnserve"]
+    entry = get_model_entry(name)
+    n_train = runs["cnnserve"][0]["images_per_epoch"]
+    goal = GOALS_S.get(device.type, {}).get(name)
+    scaled = ours["median_epoch_s"] * FULL_TRAIN / n_train
+    return {
+        "model": name,
+        "input_size": entry.input_size,
+        "lr": entry.lr,
+        "batch_size": batch_size,
+        "epochs": epochs,
+        "seeds": list(seeds),
+        "train_images": n_train,
+        "val_images": val_limit or int(data.test_images.shape[0]),
+        "d2l": d2l,
+        "cnnserve": ours,
+        "speedup": round(d2l["median_epoch_s"] / ours["median_epoch_s"], 2),
+        "val_acc_delta": round(ours["val_acc"] - d2l["val_acc"], 4),
+        "goal_epoch_s": goal,
+        "goal_met": (scaled <= goal) if goal is not None and n_train == FULL_TRAIN else None,
+        "runs": runs,
+    }
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    """The report as a markdown table with a line about the machine."""
+    m = report["machine"]
+    where = m["gpu"] or f"{m['cpu']}, {m['cores']} cores"
+    lines = [
+        f"`{report['command']}`",
+        "",
+        f"{where}; torch {m['torch']}, torchvision {m['torchvision']}, "
+        f"{m['torch_threads']} torch threads; commit `{(m['git_commit'] or '?')[:12]}`; "
+        f"{m['date']}.",
+        "",
+        "| model | train / val images | epochs × seeds | d2l way s/epoch | cnnserve s/epoch "
+        "| speed-up | d2l img/s | cnnserve img/s | val_acc d2l | val_acc cnnserve | goal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        d, c = r["d2l"], r["cnnserve"]
+        goal = "–"
+        if r["goal_epoch_s"] is not None:
+            verdict = {True: "met", False: "missed", None: "not a full epoch"}[r["goal_met"]]
+            goal = f"≤ {r['goal_epoch_s']:g} s: {verdict}"
+        lines.append(
+            f"| {r['model']} ({r['input_size']}px) | {r['train_images']} / {r['val_images']} "
+            f"| {r['epochs']} × {len(r['seeds'])} | {d['median_epoch_s']:.2f} "
+            f"| {c['median_epoch_s']:.2f} | **{r['speedup']:.1f}×** | {d['images_per_s']:.0f} "
+            f"| {c['images_per_s']:.0f} | {d['val_acc']:.4f} | {c['val_acc']:.4f} "
+            f"({c['precision']}) | {goal} |"
+        )
+    return "\n".join(lines)
+
+
+def update_doc(doc: Path, key: str, body: str) -> None:
+    """Put `body` between this run's markers in `doc`, leaving everything else as it is.
+
+    Without markers yet, the block goes at the end of the `## Training` section (created at the
+    end of the file when missing).
+    """
+    start, end = f"<!-- bench-train:{key}:start -->", f"<!-- bench-train:{key}:end -->"
+    block = f"{start}\n{body}\n{end}"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    if start in text and end in text:
+        head, _, rest = text.partition(start)
+        _, _, tail = rest.partition(end)
+        text = head + block + tail
+    elif DOC_SECTION in text:
+        head, _, rest = text.partition(DOC_SECTION)
+        nxt = rest.find("\n## ")
+        section, tail = (rest, "") if nxt < 0 else (rest[: nxt + 1], rest[nxt + 1 :])
+        text = head + DOC_SECTION + section.rstrip("\n") + "\n\n" + block + "\n\n" + tail
+    else:
+        text = text.rstrip("\n") + f"\n\n{DOC_SECTION}\n\n{block}\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text.rstrip("\n") + "\n")
+
+
+def plot(report: Mapping[str, Any], path: Path) -> None:
+    """A grouped bar plot of median epoch time per model, d2l way vs cnnserve (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    names = [f"{r['model']}\n{r['train_images']} img" for r in results]
+    d2l = [r["d2l"]["median_epoch_s"] for r in results]
+    ours = [r["cnnserve"]["median_epoch_s"] for r in results]
+    xs = range(len(results))
+    fig, ax = plt.subplots(figsize=(2.2 + 1.8 * len(results), 4.2))
+    width = 0.38
+    ax.bar([x - width / 2 for x in xs], d2l, width, label="d2l way", color="#b0b0b0")
+    ax.bar([x + width / 2 for x in xs], ours, width, label="cnnserve", color="#2a6fdb")
+    for x, r in zip(xs, results, strict=True):
+        top = max(r["d2l"]["median_epoch_s"], r["cnnserve"]["median_epoch_s"])
+        ax.text(x, top * 1.15, f"{r['speedup']:.1f}×", ha="center", fontsize=10)
+    ax.set_yscale("log")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel("median seconds per epoch (train + val)")
+    m = report["machine"]
+    where = m["gpu"] or f"{m['cores']}-core CPU"
+    ax.set_title(f"Epoch time, {where}, batch {report['batch_size']}", fontsize=10)
+    ax.set_ylim(top=max(d2l + ours) * 2.5)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--epochs", default="2", help="N or model=N,...")
+    parser.add_argument("--train-limit", default="all", help="training images: N or model=N,...")
+    parser.add_argument("--val-limit", default="all", help="test images validated: N or model=N")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: as is)")
+    parser.add_argument("--loader-workers", type=int, default=4, help="the d2l way's DataLoader")
+    parser.add_argument("--compile", action="store_true", help="torch.compile in the engine")
+    parser.add_argument("--fashion-mnist-dir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=Path("docs/bench-train-cpu.json"))
+    parser.add_argument("--doc", type=Path, default=DOC, help="markdown file to update")
+    parser.add_argument("--no-doc", action="store_true", help="do not touch the markdown file")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in list_models()]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; known: {list_models()}")
+    try:
+        epochs = per_model(args.epochs, models, "--epochs")
+        train_limits = per_model(args.train_limit, models, "--train-limit")
+        val_limits = per_model(args.val_limit, models, "--val-limit")
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+
+    with tempfile.TemporaryDirectory(prefix="cnnserve-bench-data-") as tmp:
+        settings = Settings(data_dir=Path(tmp), **_data_dir_override(args.fashion_mnist_dir))
+        data = load_fashion_mnist(settings)
+        machine = machine_info(device)
+        results = [
+            bench_model(
+                name,
+                device=device,
+                seeds=seeds,
+                epochs=epochs[name] or 2,
+                batch_size=args.batch_size,
+                train_limit=train_limits[name],
+                val_limit=val_limits[name],
+                data=data,
+                data_dir=data.directory,
+                loader_workers=args.loader_workers,
+                compile_model=args.compile,
+            )
+            for name in models
+        ]
+    machine["load_average_end"] = list(os.getloadavg())
+    command = "python -m bench train " + " ".join(sys.argv[2:] if argv is None else argv)
+    report: dict[str, Any] = {
+        "benchmark": "training",
+        "command": command.strip(),
+        "device": str(device),
+        "machine": machine,
+        "batch_size": args.batch_size,
+        "loader_workers": args.loader_workers,
+        "compile": args.compile,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    if not args.no_plot:
+        png = args.out.with_suffix(".png").resolve()
+        plot(report, png)
+        link = os.path.relpath(png, args.doc.resolve().parent if args.doc else png.parent)
+        table += f"\n\n![epoch time per model]({link})"
+    if not args.no_doc:
+        update_doc(args.doc, args.out.stem, table)
+    sys.stdout.write(table + "\n")
+    sys.stdout.write(f"results written to {args.out}\n")
+    return 0
+
+
+def _data_dir_override(directory: Path | None) -> dict[str, Any]:
+    return {} if directory is None else {"fashion_mnist_dir": directory}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
