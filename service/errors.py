@@ -179,6 +179,16 @@ async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 404 and detail in (None, "Not Found"):
         detail = f"no route matches {request.method} {request.url.path}; see /docs for the API"
     headers = dict(exc.headers or {})
+    if exc.status_code == 400 and detail == "There was an error parsing the body":
+        # FastAPI's answer to a body that is not UTF-8: a malformed body, as bad JSON is (422)
+        return problem_response(
+            422,
+            "the body could not be read: it is not UTF-8 text; send UTF-8 JSON",
+            instance=_path(request),
+            slug="validation-error",
+            title="Request validation failed",
+            extensions={"errors": [{"loc": ["body"], "msg": "not UTF-8", "type": "json_invalid"}]},
+        )
     if exc.status_code == 405 and detail in (None, "Method Not Allowed"):
         allow = _allowed_methods(request) or headers.get("Allow") or headers.get("allow", "")
         headers.pop("allow", None)
