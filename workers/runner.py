@@ -18,6 +18,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import redis
+
 from workers.checkpoints import CheckpointError, CheckpointStore, Manifest
 from workers.contracts import JobStatus
 from workers.data import load_fashion_mnist
@@ -82,8 +84,11 @@ class JobCallbacks:
                 self.finished_elsewhere = True
             rec.progress = progress
 
-        self.store.update(self.job_id, change)
-        self.store.add_event(self.job_id, "progress", progress.model_dump())
+        try:  # progress is best effort: a Redis blip must not stop training
+            self.store.update(self.job_id, change)
+            self.store.add_event(self.job_id, "progress", progress.model_dump())
+        except redis.RedisError as exc:
+            log.warning("job %s: progress not recorded (%s)", self.job_id, exc)
 
     def on_epoch(self, metrics: EpochMetrics, manifest: Manifest) -> None:
         aliases = self.ckpts.aliases(self.job_id)
@@ -103,7 +108,11 @@ class JobCallbacks:
     def stop_requested(self) -> StopRequest | None:
         if self.lease.lost.is_set() or shutdown_requested.is_set():
             return StopRequest.interrupt
-        if self.finished_elsewhere or self.store.cancel_requested(self.job_id):
+        try:
+            cancel = self.store.cancel_requested(self.job_id)
+        except redis.RedisError:
+            cancel = False  # asked again at the next check
+        if self.finished_elsewhere or cancel:
             return StopRequest.cancel
         return None
 

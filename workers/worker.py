@@ -100,6 +100,19 @@ def run_worker(device: str = "auto", name: str | None = None) -> int:
     if not DEVICE_RE.match(device):
         log.error("unknown device %r; use auto, cpu, cuda or cuda:N", device)
         return 2
+    if device.startswith("cuda"):
+        import torch  # the pool does not fork, so asking about CUDA here is safe
+
+        index = int(device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            log.error(
+                "cannot start a worker on %s: torch sees %d CUDA GPU(s) here; "
+                "use --device cpu (or auto) on this machine",
+                device,
+                torch.cuda.device_count() if torch.cuda.is_available() else 0,
+            )
+            return 2
+        log.info("training on %s (%s)", device, torch.cuda.get_device_name(device))
     # tasks read the worker's device from the settings; set it before anything reads them
     os.environ["CNNSERVE_WORKER_DEVICE"] = device
     get_settings.cache_clear()
