@@ -450,8 +450,12 @@ class InferenceService:
 _SERVICE_LOCK = threading.Lock()
 
 
-def get_inference(request: Request) -> InferenceService:
-    """The app's inference service (`app.state.inference`), made on first use."""
+async def get_inference(request: Request) -> InferenceService:
+    """The app's inference service (`app.state.inference`), made on first use.
+
+    `async` on purpose: FastAPI runs plain `def` dependencies on the thread pool, a hop that
+    costs more than this lookup on every predict call.
+    """
     state = request.app.state
     service: InferenceService | None = getattr(state, "inference", None)
     if service is None:

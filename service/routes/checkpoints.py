@@ -207,13 +207,15 @@ async def resolved_manifest(ref: RefPath, store: CheckpointStoreDep) -> Manifest
 ResolvedManifest = Annotated[Manifest, Depends(resolved_manifest)]
 
 
-async def predict_manifest(
-    ref: RefPath, store: CheckpointStoreDep, inference: InferenceDep
-) -> Manifest:
-    """Like `resolved_manifest`, but a ref resolved within the last second is reused."""
+async def predict_manifest(ref: RefPath, inference: InferenceDep) -> Manifest:
+    """Like `resolved_manifest`, but a ref resolved within the last second is reused.
+
+    The hot path takes settings and store from the inference service, so no dependency of a
+    predict call needs the thread pool.
+    """
     manifest = inference.cached_manifest(ref)
     if manifest is None:
-        manifest = await run_in_threadpool(_resolve_manifest, store, ref)
+        manifest = await run_in_threadpool(_resolve_manifest, inference.store, ref)
         inference.remember_manifest(ref, manifest)
     return manifest
 
@@ -490,7 +492,6 @@ _PREDICT_BODY: dict[str, Any] = {
 async def predict(
     request: Request,
     manifest: Annotated[Manifest, Depends(predict_manifest)],
-    settings: SettingsDep,
     inference: InferenceDep,
     top_k: Annotated[
         int, Query(ge=1, le=10, description="How many classes to return per image.")
@@ -500,6 +501,7 @@ async def predict(
         Query(description="Invert intensities: auto (when the border is light), true, false."),
     ] = "auto",
 ) -> PredictResponse:
+    settings = inference.settings
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         blobs = await _images_from_multipart(request, settings)
