@@ -25,7 +25,7 @@ from workers.contracts import JobStatus
 from workers.data import load_fashion_mnist
 from workers.devices import release_memory, requested_device, resolve_device
 from workers.engine import Outcome, StopRequest, TrainOptions, train
-from workers.errors import TrainingError
+from workers.errors import DeviceError, TrainingError
 from workers.jobs import PREFIX, EpochMetrics, JobNotFoundError, JobRecord, JobStore, Progress
 from workers.jobs import now_iso as _now
 from workers.settings import Settings
@@ -187,6 +187,15 @@ def run_job(
     """Train one delivered job to its end (or drop the delivery); returns what happened."""
     store = JobStore.from_url(settings.redis_url)
     try:
+        return _deliver(store, job_id, worker, settings, enqueue)
+    finally:
+        store.r.close()
+
+
+def _deliver(
+    store: JobStore, job_id: str, worker: str, settings: Settings, enqueue: Callable[[str], Any]
+) -> str:
+    try:
         record = store.get(job_id)
     except JobNotFoundError:
         log.warning("job %s: no such job record; dropping the message", job_id)
@@ -212,7 +221,7 @@ def run_job(
         current_job = None
         lease.stop()
         store.release_lease(job_id, owner)
-        release_memory("cuda" if settings.worker_device != "cpu" else "cpu")
+        release_memory("cuda")  # a no-op unless this process initialised CUDA
 
 
 def _run_leased(
@@ -226,8 +235,12 @@ def _run_leased(
     ckpts = CheckpointStore(settings.checkpoints_dir)
     resume_from, history = _resume_point(ckpts, job_id)
     decision = "run"
-    spec_device = store.get(job_id).spec.device
-    device_request = requested_device(spec_device, settings.worker_device)
+    device_request = requested_device(store.get(job_id).spec.device, settings.worker_device)
+    device_error: DeviceError | None = None
+    try:
+        device = str(resolve_device(device_request))
+    except DeviceError as exc:  # recorded as the attempt's failure below
+        device, device_error = device_request, exc
 
     def start(rec: JobRecord) -> None:
         nonlocal decision
@@ -250,7 +263,7 @@ def _run_leased(
         rec.started_at = rec.started_at or _now()
         rec.finished_at = None
         rec.worker = worker
-        rec.device = device_request
+        rec.device = device
         rec.error = None
         rec.progress = Progress(epoch=len(history), epochs=rec.spec.epochs)
         if resume_from is not None:
@@ -272,7 +285,7 @@ def _run_leased(
             "status": "running",
             "attempt": record.attempts,
             "worker": worker,
-            "device": device_request,
+            "device": device,
             "resumed_from": resume_from,
         },
     )
@@ -281,9 +294,8 @@ def _run_leased(
     )
     callbacks = JobCallbacks(store, ckpts, job_id, lease)
     try:
-        device = resolve_device(device_request)
-        if str(device) != device_request:
-            store.update(job_id, lambda rec: setattr(rec, "device", str(device)))
+        if device_error is not None:
+            raise device_error
         data = load_fashion_mnist(settings)
         result = train(
             record.spec,
@@ -291,7 +303,7 @@ def _run_leased(
             data=data,
             store=ckpts,
             options=TrainOptions(
-                device=str(device),
+                device=device,
                 keep_checkpoints=settings.keep_checkpoints,
                 max_seconds=settings.job_max_seconds,
                 compile=settings.train_compile,
