@@ -282,8 +282,9 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"`{report['command']}`",
         "",
         f"{where}; torch {m['torch']}, torchvision {m['torchvision']}, "
-        f"{m['torch_threads']} torch threads; commit `{(m['git_commit'] or '?')[:12]}`; "
-        f"{m['date']}.",
+        f"{m['torch_threads']} torch thread(s); commit `{(m['git_commit'] or '?')[:12]}`; "
+        f"{m['date']}; load average {_load(m.get('load_average_start'))} at the start, "
+        f"{_load(m.get('load_average_end'))} at the end.",
         "",
         "| model | train / val images | epochs × seeds | d2l way s/epoch | cnnserve s/epoch "
         "| speed-up | d2l img/s | cnnserve img/s | val_acc d2l | val_acc cnnserve | goal |",
@@ -303,6 +304,10 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"({c['precision']}) | {goal} |"
         )
     return "\n".join(lines)
+
+
+def _load(values: Sequence[float] | None) -> str:
+    return f"{values[0]:.1f}" if values else "?"
 
 
 def update_doc(doc: Path, key: str, body: str) -> None:
@@ -383,8 +388,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, default=DOC, help="markdown file to update")
     parser.add_argument("--no-doc", action="store_true", help="do not touch the markdown file")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="train nothing: redraw the plot and table of an earlier report (e.g. a GPU run's)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.render is not None:
+        publish(json.loads(args.render.read_text()), args.render, args)
+        return 0
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in list_models()]
@@ -435,17 +449,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
+    publish(report, args.out, args)
+    return 0
+
+
+def publish(report: Mapping[str, Any], out: Path, args: argparse.Namespace) -> None:
+    """Draw the PNG next to `out`, put the table into the doc and print it."""
     table = markdown(report)
     if not args.no_plot:
-        png = args.out.with_suffix(".png").resolve()
+        png = out.with_suffix(".png").resolve()
         plot(report, png)
-        link = os.path.relpath(png, args.doc.resolve().parent if args.doc else png.parent)
+        link = os.path.relpath(png, args.doc.resolve().parent)
         table += f"\n\n![epoch time per model]({link})"
     if not args.no_doc:
-        update_doc(args.doc, args.out.stem, table)
+        update_doc(args.doc, out.stem, table)
     sys.stdout.write(table + "\n")
-    sys.stdout.write(f"results written to {args.out}\n")
-    return 0
+    sys.stdout.write(f"results in {out}\n")
 
 
 def _data_dir_override(directory: Path | None) -> dict[str, Any]:

@@ -1,0 +1,99 @@
+"""The training benchmark: both ways run, a report with a ratio, the doc and the plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.train import per_model, update_doc
+from tests.conftest import FASHION_MNIST_DIR
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_tiny_run_reports_both_ways_and_a_ratio(tmp_path: Path) -> None:
+    out = tmp_path / "docs" / "bench-train-tiny.json"
+    doc = tmp_path / "docs" / "benchmarks.md"
+    doc.parent.mkdir()
+    doc.write_text("# Benchmarks\n\n## Inference\n\nkept as it is\n")
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench",
+        "train",
+        "--device",
+        "cpu",
+        "--models",
+        "lenet",
+        "--epochs",
+        "1",
+        "--train-limit",
+        "512",
+        "--val-limit",
+        "1000",
+        "--threads",
+        "1",
+        "--loader-workers",
+        "2",
+        "--fashion-mnist-dir",
+        str(FASHION_MNIST_DIR),
+        "--out",
+        str(out),
+        "--doc",
+        str(doc),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "training"
+    assert report["machine"]["cores"] >= 1 and report["machine"]["torch"]
+    (result,) = report["results"]
+    assert result["model"] == "lenet" and result["train_images"] == 512
+    assert result["val_images"] == 1000
+    for way in ("d2l", "cnnserve"):
+        summary = result[way]
+        assert summary["median_epoch_s"] > 0 and summary["images_per_s"] > 0
+        assert 0.0 <= summary["val_acc"] <= 1.0
+        assert len(result["runs"][way]) == 1 and len(result["runs"][way][0]["epoch_s"]) == 1
+    ratio = result["d2l"]["median_epoch_s"] / result["cnnserve"]["median_epoch_s"]
+    assert result["speedup"] == pytest.approx(ratio, rel=0.01)
+
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = doc.read_text()
+    assert "## Inference\n\nkept as it is" in text  # the others' sections stay
+    assert "<!-- bench-train:bench-train-tiny:start -->" in text
+    assert "| lenet (28px) | 512 / 1000 |" in text
+    assert "(bench-train-tiny.png)" in text
+
+
+def test_per_model_values() -> None:
+    models = ["lenet", "vgg", "resnet18"]
+    assert per_model("2", models, "--epochs") == {"lenet": 2, "vgg": 2, "resnet18": 2}
+    assert per_model("all", models, "--train-limit") == dict.fromkeys(models)
+    assert per_model("vgg=1024,resnet18=512", models, "--train-limit") == {
+        "lenet": None,
+        "vgg": 1024,
+        "resnet18": 512,
+    }
+    with pytest.raises(ValueError, match="not among --models"):
+        per_model("alexnet=3", models, "--epochs")
+
+
+def test_doc_update_replaces_only_its_block(tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Training\n\nprose\n\n## HTTP\n\ntheirs\n")
+    update_doc(doc, "bench-train-cpu", "table one")
+    update_doc(doc, "bench-train-cuda", "gpu table")
+    update_doc(doc, "bench-train-cpu", "table two")
+    text = doc.read_text()
+    assert text.count("table") == 2 and "table two" in text and "table one" not in text
+    assert text.index("prose") < text.index("table two") < text.index("gpu table")
+    assert text.index("gpu table") < text.index("## HTTP") and text.endswith("theirs\n")
