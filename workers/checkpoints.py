@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import platform
 import re
 import shutil
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, Field, ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -241,7 +243,7 @@ class CheckpointStore:
         path = self._job_dir(job_id) / "aliases.json"
         try:
             return dict(json.loads(path.read_text()))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no checkpoints (or no data dir) yet
             return {}
         except (json.JSONDecodeError, TypeError, ValueError):
             return {}
@@ -346,12 +348,25 @@ class CheckpointStore:
             in_channels=manifest.in_channels,
         )
         try:
-            model.load_state_dict(load_file(str(path), device="cpu"))
+            model.load_state_dict(self._read_weights(ckpt_id, path))
         except (RuntimeError, OSError) as exc:
             raise CheckpointCorruptError(
                 f"checkpoint {ckpt_id}: weights do not load: {exc}"
             ) from exc
         return model.to(device).eval(), manifest
+
+    def load_weights(self, ckpt_id: str) -> dict[str, torch.Tensor]:
+        """The verified weights of a checkpoint as a state_dict on the CPU."""
+        return self._read_weights(ckpt_id, self.weights_path(ckpt_id))
+
+    @staticmethod
+    def _read_weights(ckpt_id: str, path: Path) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(path), device="cpu")
+        except SafetensorError as exc:  # e.g. a pickle (never unpickled) in the weights' place
+            raise CheckpointCorruptError(
+                f"checkpoint {ckpt_id}: its weights file is not a safetensors file ({exc})"
+            ) from exc
 
     def load_state(self, ckpt_id: str) -> dict[str, Any]:
         """The resume state (optimizer, RNG, ...), verified and loaded without unpickling code."""
@@ -361,7 +376,14 @@ class CheckpointStore:
             raise CheckpointCorruptError(f"checkpoint {ckpt_id} has no resume state")
         if sha256_file(path) != manifest.state_sha256:
             raise CheckpointCorruptError(f"checkpoint {ckpt_id}: resume state fails its sha256")
-        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+            # weights_only refuses any object but tensors and plain containers: never run code
+            raise CheckpointCorruptError(
+                f"checkpoint {ckpt_id}: its resume state holds something other than tensors "
+                "and plain values, and was refused unread"
+            ) from exc
         return state
 
     def delete(self, ckpt_id: str) -> None:

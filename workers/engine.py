@@ -25,7 +25,6 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from models import build_model, get_model_entry
@@ -215,7 +214,7 @@ class _Run:
         """Continue after `ckpt_id`: its weights, optimizer, RNG and shuffle state, history."""
         try:
             manifest = self.store.manifest(ckpt_id)
-            weights = load_file(str(self.store.weights_path(ckpt_id)), device="cpu")
+            weights = self.store.load_weights(ckpt_id)
             state = self.store.load_state(ckpt_id)
             if manifest.model != self.spec.model or manifest.input_size != self.input_size:
                 raise ResumeError(
