@@ -132,8 +132,10 @@ def decode_image(data: bytes, *, max_pixels: int, index: int | None = None) -> n
             f"send PNG, JPEG, WebP or BMP ({ALLOWED_MEDIA_TYPES})",
             index=index,
         )
-    # Pillow's own guard (DecompressionBombError at twice this) backs up the check below.
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    # Pillow's own guard (DecompressionBombError at twice its limit) backs up the check below;
+    # the limit is process-wide, so it is only ever raised here, never lowered
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         im = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as exc:

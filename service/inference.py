@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from fastapi import Depends, Request
+from PIL import Image
 from torch import nn
 
 from service.images import NATIVE_SIZE
@@ -316,6 +317,9 @@ class InferenceService:
     def __init__(self, settings: Settings, store: CheckpointStore) -> None:
         self.settings = settings
         self.store = store
+        # the server process's Pillow guard matches its own limit (images.decode_image checks
+        # each header against the limit before decoding anyway)
+        Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
         workers, threads = cpu_budget()
         self.threads = threads
         torch.set_num_threads(threads)
