@@ -225,9 +225,10 @@ async def predict_manifest(ref: RefPath, inference: InferenceDep) -> Manifest:
 INLINE_DECODE_PIXELS = 64 * 64
 
 
-def _too_many(count: int, limit: int) -> TooManyImagesError:
+def _too_many(count: int | None, limit: int) -> TooManyImagesError:
+    sent = f"{count} images" if count is not None else f"more than {limit} images"
     return TooManyImagesError(
-        f"{count} images in one request; this server takes at most {limit}: "
+        f"{sent} in one request; this server takes at most {limit}: "
         "split them over several requests",
         limit=limit,
     )
@@ -239,7 +240,7 @@ async def _images_from_multipart(request: Request, settings: Settings) -> list[b
         form = await request.form(max_files=limit, max_fields=limit + 16)
     except StarletteHTTPException as exc:
         if "Too many files" in str(exc.detail):
-            raise _too_many(limit + 1, limit) from None
+            raise _too_many(None, limit) from None
         raise BadRequestError(
             f"the multipart body could not be read ({exc.detail}); send the images as "
             "multipart/form-data file parts named 'files'"
@@ -298,9 +299,9 @@ def _arrays_from_json(body: bytes, settings: Settings) -> list[np.ndarray]:
             for i, s in enumerate(payload.images)
         ]
     pixels: Any = payload.pixels
-    if not pixels:
+    if not pixels or not pixels[0] or any(not a for a in pixels[0] if isinstance(a, list)):
         raise BadRequestError('"pixels" is empty; send a 2-D array or a list of them')
-    arrays = [pixels] if not isinstance(pixels[0][0], list) else pixels
+    arrays = pixels if isinstance(pixels[0][0], list) else [pixels]
     if len(arrays) > limit:
         raise _too_many(len(arrays), limit)
     return [
