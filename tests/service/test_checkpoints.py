@@ -135,6 +135,8 @@ def test_refs_never_become_paths(
     assert b"root:" not in r.content and b"safetensors" not in r.content
     r = client.delete(f"/v1/checkpoints/{ref}")
     assert r.status_code in (404, 405), r.text
+    r = client.post(f"/v1/checkpoints/{ref}/predict", json={"pixels": [[0, 1], [1, 0]]})
+    assert r.status_code in (404, 405), r.text
     assert len(client.get("/v1/checkpoints").json()["checkpoints"]) == 4
 
 
