@@ -19,25 +19,25 @@ from workers.settings import Settings
 JOB_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     """The settings the app was built with."""
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_job_store(request: Request) -> JobStore:
+async def get_job_store(request: Request) -> JobStore:
     """The app's job store (one Redis connection pool per app)."""
     store: JobStore = request.app.state.job_store
     return store
 
 
-def get_checkpoint_store(request: Request) -> CheckpointStore:
+async def get_checkpoint_store(request: Request) -> CheckpointStore:
     """The app's checkpoint store under `settings.checkpoints_dir`."""
     store: CheckpointStore = request.app.state.checkpoint_store
     return store
 
 
-def get_celery(request: Request) -> Celery:
+async def get_celery(request: Request) -> Celery:
     """The Celery app used to enqueue training tasks by name."""
     celery: Celery = request.app.state.celery
     return celery
@@ -57,7 +57,7 @@ JobIdPath = Annotated[
 ]
 
 
-def valid_job_id(job_id: JobIdPath) -> str:
+async def valid_job_id(job_id: JobIdPath) -> str:
     """The path's job id when it has the shape of one; a 404 problem otherwise."""
     if not JOB_ID_RE.fullmatch(job_id):
         raise JobNotFoundError(job_id)

@@ -330,6 +330,8 @@ def register_exception_handlers(app: FastAPI) -> None:
     """Map every domain exception and framework error of `app` to a problem response."""
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(RequestValidationError, _request_validation)
+    # a pydantic model validated inside a route (a JobSpec built by hand, say) is still a 422
+    app.add_exception_handler(ValidationError, _request_validation)
     app.add_exception_handler(ProblemError, _problem_error)
     app.add_exception_handler(ShapeError, _shape_error)
     app.add_exception_handler(UnknownModelError, _unknown_model)

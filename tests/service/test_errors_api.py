@@ -46,6 +46,17 @@ def test_validation_error_is_a_422_problem_with_errors(client: TestClient) -> No
     assert "n:" in str(body["detail"]) or "query.n" in str(body["detail"])
 
 
+def test_model_validated_inside_a_route_is_a_422_not_a_500(client: TestClient) -> None:
+    from workers.contracts import JobSpec
+
+    def build() -> None:
+        JobSpec(model="lenet", epochs=0)
+
+    client.app.add_api_route("/build-spec", build)  # type: ignore[attr-defined]
+    body = assert_problem(client.get("/build-spec"), 422)
+    assert "epochs" in str(body["detail"])
+
+
 def test_unhandled_error_is_a_500_problem_without_internals(client: TestClient) -> None:
     def boom() -> None:
         raise RuntimeError("secret internal state")
