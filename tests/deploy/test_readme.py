@@ -43,10 +43,13 @@ def test_the_walkthrough_covers_the_contract_endpoints() -> None:
     assert "curl -s http://127.0.0.1:8000/v1/models\n" in commands
     assert "/v1/models/lenet/summary?input_shape=1,1,28,28" in commands
     assert "-X POST http://127.0.0.1:8000/v1/jobs" in commands
-    assert """-d '{"model":"lenet","epochs":1,"train_limit":2000}'""" in commands
+    assert (
+        """-d '{"model":"lenet","epochs":2,"train_limit":10000,"optimizer":"adamw","lr":0.01}'"""
+        in commands
+    )
     assert "curl -sN http://127.0.0.1:8000/v1/jobs/$JOB/events" in commands
     assert "/v1/jobs/$JOB/curves.png" in commands
-    assert "-F files=@shoe.png" in commands
+    assert "-F files=@trouser.png" in commands
     assert "/v1/checkpoints/$JOB:best/predict" in commands
 
 

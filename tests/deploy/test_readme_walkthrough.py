@@ -51,7 +51,7 @@ def _check_beyond_the_text(command: str, stdout: str, workdir: Path) -> None:
     if "JOB=$(" in command:
         assert re.fullmatch(r"[A-Za-z0-9_-]+\n", stdout), f"not a job id: {stdout!r}"
     if "/events" in command:
-        assert stdout.count("event: epoch") == 1
+        assert stdout.count("event: epoch") == 2
         assert stdout.rstrip().splitlines()[-1].startswith('data: {"status": "succeeded"')
     if "curves.png" in command:
         assert (workdir / "curves.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
