@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -100,10 +101,27 @@ class JobCallbacks:
             rec.latest_checkpoint = aliases.get("latest", manifest.id)
             rec.best_checkpoint = aliases.get("best")
 
-        self.store.update(self.job_id, change)
-        self.store.add_event(
-            self.job_id, "epoch", {**metrics.model_dump(), "checkpoint": manifest.id}
+        # an epoch's record must not be lost to a Redis blip, nor end the attempt
+        self._until_recorded(lambda: self.store.update(self.job_id, change))
+        self._until_recorded(
+            lambda: self.store.add_event(
+                self.job_id, "epoch", {**metrics.model_dump(), "checkpoint": manifest.id}
+            )
         )
+
+    def _until_recorded(self, op: Callable[[], object]) -> None:
+        """Run `op`, riding out a Redis outage for as long as this worker holds the lease."""
+        delay = 0.2
+        while True:
+            try:
+                op()
+                return
+            except redis.RedisError as exc:
+                if self.lease.lost.is_set() or shutdown_requested.is_set():
+                    raise
+                log.warning("job %s: Redis unavailable (%s); retrying", self.job_id, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def stop_requested(self) -> StopRequest | None:
         if self.lease.lost.is_set() or shutdown_requested.is_set():

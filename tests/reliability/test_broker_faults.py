@@ -130,14 +130,10 @@ def test_a_worker_rides_out_a_redis_restart_without_losing_its_job(
     assert record.status is JobStatus.succeeded, f"{record.error}\n{worker.log()[-3000:]}"
     assert [m.epoch for m in record.metrics] == list(range(1, epochs + 1))
     assert worker.proc.poll() is None, "the worker died with the broker"
-    # Either the attempt rode out the outage, or (an epoch's record update fell inside it)
-    # the attempt stopped, its lease ran out and the same worker resumed from the checkpoint.
+    # the attempt rode out the outage: one start, no epoch trained twice
     history = statuses(store, job.id)
-    running = [s for s in history if s["status"] == "running"]
-    assert record.attempts == len(running) <= 2, history
-    if record.attempts == 2:
-        assert running[1]["resumed_from"], "resumed from zero, not from its checkpoint"
-        assert running[1]["worker"] == worker.name
+    assert record.attempts == 1, history
+    assert [s["status"] for s in history].count("running") == 1, history
     # the worker still takes new work after the outage
     nxt = store.create(lenet_spec(epochs=1, train_limit=256))
     enqueue_job(celery_app, nxt.id)
