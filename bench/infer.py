@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.machine import core_count, cpu_name
 from models import build_model, get_model_entry
 from service.inference import LoadedModel, cpu_budget, load_for_inference
 from workers.checkpoints import CheckpointStore, Preprocessing
@@ -50,18 +51,7 @@ def machine_info() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             return "missing"
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
+    cpu, cores = cpu_name(), core_count()
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": cpu,

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from bench.d2l_way import train_d2l_way
+from bench.machine import core_count, cpu_name
 from models import get_model_entry, list_models
 from workers.checkpoints import CheckpointStore
 from workers.contracts import JobSpec
@@ -102,18 +103,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     """The machine, versions, commit and date a result was measured with."""
     import torchvision
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
+    cpu, cores = cpu_name(), core_count()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
