@@ -20,7 +20,7 @@ from service.auth import log_auth_mode
 from service.errors import problemize_openapi, register_exception_handlers
 from service.limits import BodySizeLimitMiddleware
 from service.metrics import RequestMetricsMiddleware
-from service.routes import checkpoints, health, job_events, jobs, ops
+from service.routes import checkpoints, health, job_events, jobs, ops, predict
 from service.routes import models as models_routes
 from service.routes.health import WorkerPingCache
 from workers.celery_app import make_celery
@@ -165,7 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     register_exception_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware)
-    for module in (models_routes, ops, jobs, job_events, checkpoints):
+    for module in (models_routes, ops, jobs, job_events, checkpoints, predict):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(health.router)
     _add_docs(app)

@@ -1,4 +1,4 @@
-"""Checkpoints: list, read, download and delete them, and classify images with one.
+"""Checkpoints: list, read, download and delete them (classification is `routes.predict`).
 
 A `ref` is a checkpoint id (`<job>-eNNN`, made by the server) or an alias (`<job>:latest`,
 `<job>:best`, `<model>:best`). `CheckpointStore.resolve` checks it against strict patterns, so
@@ -7,35 +7,19 @@ no client string ever becomes a path; anything else is a 404 problem.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
-import numpy as np
-from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.auth import RequireKey
 from service.deps import CheckpointStoreDep, SettingsDep
-from service.errors import BadRequestError, ProblemError, problem_responses
-from service.images import (
-    ALLOWED_MEDIA_TYPES,
-    ImageInputError,
-    InvertMode,
-    declared_pixels,
-    decode_image,
-    pixels_to_array,
-    preprocess,
-)
+from service.errors import problem_responses
 from service.inference import InferenceDep, onnx_cache_path
 from workers.checkpoints import CheckpointStore, Manifest
-from workers.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -52,22 +36,6 @@ RefPath = Annotated[
         max_length=64,
     ),
 ]
-
-
-class TooManyImagesError(ProblemError):
-    """More images in one predict call than the server takes."""
-
-    status = 413
-    slug = "too-many-images"
-    title = "Too many images"
-
-
-class UnsupportedBodyError(ProblemError):
-    """A predict body that is neither multipart nor JSON."""
-
-    status = 415
-    slug = "unsupported-media-type"
-    title = "Unsupported Media Type"
 
 
 # --- schemas -------------------------------------------------------------------------------
@@ -125,220 +93,20 @@ class CheckpointList(BaseModel):
     checkpoints: list[CheckpointSummary]
 
 
-class ClassScore(BaseModel):
-    """A class and the probability the network gives it."""
-
-    label: str = Field(description="The class name.", examples=["ankle boot"])
-    class_id: int = Field(description="The class index (Fashion-MNIST label).", examples=[9])
-    probability: float = Field(description="Softmax probability, 0..1.", examples=[0.97])
-
-
-class Prediction(ClassScore):
-    """The most likely class of one image, and the `top_k` most likely."""
-
-    top_k: list[ClassScore] = Field(description="The top_k classes, most likely first.")
-
-
-class PredictResponse(BaseModel):
-    """Predictions, one per image, in the order the images were sent."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "checkpoint": EXAMPLE_ID,
-                    "model": "lenet",
-                    "predictions": [
-                        {
-                            "label": "ankle boot",
-                            "class_id": 9,
-                            "probability": 0.97,
-                            "top_k": [
-                                {"label": "ankle boot", "class_id": 9, "probability": 0.97},
-                                {"label": "sneaker", "class_id": 7, "probability": 0.02},
-                            ],
-                        }
-                    ],
-                }
-            ]
-        }
-    )
-
-    checkpoint: str = Field(description="The checkpoint id the ref resolved to.")
-    model: str = Field(description="The model of that checkpoint.")
-    predictions: list[Prediction]
-
-
-class PredictJSON(BaseModel):
-    """A JSON predict body: base64 images or raw 0–255 grayscale pixel arrays (one of them)."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"images": ["iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAA..."]},
-                {"pixels": [[0, 0, 12, 255], [0, 40, 200, 255], [0, 0, 0, 0], [0, 0, 0, 0]]},
-            ]
-        },
-    )
-
-    images: list[str] | None = Field(
-        None,
-        description="Base64 PNG/JPEG/WebP/BMP files (a `data:image/...;base64,` prefix is fine).",
-    )
-    pixels: list[list[list[float]]] | list[list[float]] | None = Field(
-        None,
-        description="One 2-D grayscale array (rows of 0–255 values, 0 = black) or a list of them.",
-    )
-
-
 # --- helpers -------------------------------------------------------------------------------
 
 
-def _resolve_manifest(store: CheckpointStore, ref: str) -> Manifest:
+def resolve_manifest(store: CheckpointStore, ref: str) -> Manifest:
+    """The manifest of the checkpoint an id or alias names (blocking: file reads)."""
     return store.manifest(store.resolve(ref))
 
 
 async def resolved_manifest(ref: RefPath, store: CheckpointStoreDep) -> Manifest:
     """The manifest of the checkpoint `ref` names; a 404 problem when none does."""
-    return await run_in_threadpool(_resolve_manifest, store, ref)
+    return await run_in_threadpool(resolve_manifest, store, ref)
 
 
 ResolvedManifest = Annotated[Manifest, Depends(resolved_manifest)]
-
-
-async def predict_manifest(ref: RefPath, inference: InferenceDep) -> Manifest:
-    """Like `resolved_manifest`, but a ref resolved within the last second is reused.
-
-    The hot path takes settings and store from the inference service, so no dependency of a
-    predict call needs the thread pool.
-    """
-    manifest = inference.cached_manifest(ref)
-    if manifest is None:
-        manifest = await run_in_threadpool(_resolve_manifest, inference.store, ref)
-        inference.remember_manifest(ref, manifest)
-    return manifest
-
-
-#: Uploads whose headers declare at most this many pixels in all are decoded on the event
-#: loop: a 28×28 PNG decodes in microseconds, less than a hop to the thread pool costs.
-INLINE_DECODE_PIXELS = 64 * 64
-
-
-def _too_many(count: int | None, limit: int) -> TooManyImagesError:
-    sent = f"{count} images" if count is not None else f"more than {limit} images"
-    return TooManyImagesError(
-        f"{sent} in one request; this server takes at most {limit}: "
-        "split them over several requests",
-        limit=limit,
-    )
-
-
-async def _images_from_multipart(request: Request, settings: Settings) -> list[bytes]:
-    limit = settings.max_images_per_request
-    try:
-        form = await request.form(max_files=limit, max_fields=limit + 16)
-    except StarletteHTTPException as exc:
-        if "Too many files" in str(exc.detail):
-            raise _too_many(None, limit) from None
-        raise BadRequestError(
-            f"the multipart body could not be read ({exc.detail}); send the images as "
-            "multipart/form-data file parts named 'files'"
-        ) from None
-    try:
-        parts = form.getlist("files")
-        if not parts:
-            names = sorted(set(form.keys()))
-            raise BadRequestError(
-                "no images: send each image as a multipart file part named 'files'"
-                + (f" (got fields {names})" if names else "")
-            )
-        blobs: list[bytes] = []
-        for i, part in enumerate(parts):
-            if not isinstance(part, UploadFile):
-                raise ImageInputError(
-                    "the 'files' part is a text field, not a file upload; "
-                    "attach it as a file (curl -F 'files=@image.png')",
-                    index=i,
-                )
-            blobs.append(await part.read())
-        return blobs
-    finally:
-        await form.close()
-
-
-def _b64(text: str, index: int) -> bytes:
-    if text.startswith("data:"):
-        _, _, text = text.partition(",")
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageInputError(
-            "not valid base64; send the file's bytes base64-encoded (RFC 4648)", index=index
-        ) from None
-
-
-def _arrays_from_json(body: bytes, settings: Settings) -> list[np.ndarray]:
-    try:
-        payload = PredictJSON.model_validate_json(body)
-    except ValidationError as exc:
-        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
-        raise RequestValidationError(errors, body=None) from None
-    limit = settings.max_images_per_request
-    if (payload.images is None) == (payload.pixels is None):
-        raise BadRequestError(
-            'send exactly one of "images" (base64 files) or "pixels" (0–255 arrays)'
-        )
-    if payload.images is not None:
-        if not payload.images:
-            raise BadRequestError('"images" is empty; send at least one base64 image')
-        if len(payload.images) > limit:
-            raise _too_many(len(payload.images), limit)
-        return [
-            decode_image(_b64(s, i), max_pixels=settings.max_image_pixels, index=i)
-            for i, s in enumerate(payload.images)
-        ]
-    pixels: Any = payload.pixels
-    if not pixels or not pixels[0] or any(not a for a in pixels[0] if isinstance(a, list)):
-        raise BadRequestError('"pixels" is empty; send a 2-D array or a list of them')
-    arrays = pixels if isinstance(pixels[0][0], list) else [pixels]
-    if len(arrays) > limit:
-        raise _too_many(len(arrays), limit)
-    return [
-        pixels_to_array(a, max_pixels=settings.max_image_pixels, index=i)
-        for i, a in enumerate(arrays)
-    ]
-
-
-def _batch(arrays: list[np.ndarray], manifest: Manifest, invert: InvertMode) -> np.ndarray:
-    return np.stack([preprocess(a, manifest.preprocessing, invert) for a in arrays])
-
-
-def _prepare_files(
-    blobs: list[bytes], settings: Settings, manifest: Manifest, invert: InvertMode
-) -> np.ndarray:
-    arrays = [
-        decode_image(b, max_pixels=settings.max_image_pixels, index=i) for i, b in enumerate(blobs)
-    ]
-    return _batch(arrays, manifest, invert)
-
-
-def _prepare_json(
-    body: bytes, settings: Settings, manifest: Manifest, invert: InvertMode
-) -> np.ndarray:
-    return _batch(_arrays_from_json(body, settings), manifest, invert)
-
-
-def _predictions(probs: np.ndarray, classes: list[str], top_k: int) -> list[Prediction]:
-    k = min(top_k, probs.shape[1])
-    out: list[Prediction] = []
-    for row in probs:
-        order = np.argsort(-row, kind="stable")[:k]
-        scores = [
-            ClassScore(label=classes[c], class_id=int(c), probability=float(row[c])) for c in order
-        ]
-        out.append(Prediction(**scores[0].model_dump(), top_k=scores))
-    return out
 
 
 # --- routes --------------------------------------------------------------------------------
@@ -421,111 +189,3 @@ def delete_checkpoint(
     onnx_cache_path(settings.data_dir / "onnx-cache", manifest).unlink(missing_ok=True)
     logger.info("deleted checkpoint %s", manifest.id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
-
-
-_PREDICT_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "description": "Images as multipart file parts named `files` (repeat the field for "
-        "several), or JSON with base64 `images` or raw `pixels`.",
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["files"],
-                    "properties": {
-                        "files": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "description": f"Image files ({ALLOWED_MEDIA_TYPES}).",
-                        }
-                    },
-                }
-            },
-            "application/json": {
-                "schema": PredictJSON.model_json_schema(),
-                "examples": {
-                    "pixels": {
-                        "summary": "A 4×4 grayscale array",
-                        "value": {
-                            "pixels": [
-                                [0, 0, 12, 255],
-                                [0, 40, 200, 255],
-                                [0, 0, 0, 0],
-                                [0, 0, 0, 0],
-                            ]
-                        },
-                    },
-                    "images": {
-                        "summary": "Base64-encoded PNG files",
-                        "value": {"images": ["iVBORw0KGgoAAAANSUhEUgAAABwAAAAc..."]},
-                    },
-                },
-            },
-        },
-    }
-}
-
-
-@router.post(
-    "/{ref}/predict",
-    summary="Classify images with a checkpoint",
-    description="Top-k Fashion-MNIST classes with probabilities, one prediction per image in "
-    "the order sent. Preprocessing comes from the checkpoint's manifest and equals "
-    "training's: grayscale, optional inversion (`invert=auto` inverts images whose border is "
-    "light, since Fashion-MNIST is light-on-dark), pad to a square with black, scale to "
-    "28×28 (Lanczos, like the data set's own images), then the network's bilinear resize. "
-    f"Formats: {ALLOWED_MEDIA_TYPES}, recognised by content. Concurrent requests for one "
-    "checkpoint are batched into one forward pass.",
-    openapi_extra=_PREDICT_BODY,
-    responses=problem_responses(
-        404,
-        409,
-        413,
-        415,
-        422,
-        s413="the PNG is 20000×20000 = 400000000 pixels, more than the 16777216 this server "
-        "decodes; downscale it first",
-        s415="image 0: the content is a GIF image, not an image this server reads; "
-        "send PNG, JPEG, WebP or BMP",
-    ),
-)
-async def predict(
-    request: Request,
-    manifest: Annotated[Manifest, Depends(predict_manifest)],
-    inference: InferenceDep,
-    top_k: Annotated[
-        int, Query(ge=1, le=10, description="How many classes to return per image.")
-    ] = 1,
-    invert: Annotated[
-        Literal["auto", "true", "false"],
-        Query(description="Invert intensities: auto (when the border is light), true, false."),
-    ] = "auto",
-) -> PredictResponse:
-    settings = inference.settings
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "multipart/form-data":
-        blobs = await _images_from_multipart(request, settings)
-        if len(blobs) > settings.max_images_per_request:
-            raise _too_many(len(blobs), settings.max_images_per_request)
-        declared = [declared_pixels(b) for b in blobs]
-        if all(d is not None for d in declared) and sum(d or 0 for d in declared) <= (
-            INLINE_DECODE_PIXELS
-        ):
-            batch = _prepare_files(blobs, settings, manifest, invert)
-        else:  # decoding and resizing bigger images is CPU work: off the event loop
-            batch = await run_in_threadpool(_prepare_files, blobs, settings, manifest, invert)
-    elif content_type == "application/json" or content_type.endswith("+json"):
-        body = await request.body()
-        batch = await run_in_threadpool(_prepare_json, body, settings, manifest, invert)
-    else:
-        raise UnsupportedBodyError(
-            f"the body is {content_type or 'untyped'}; send multipart/form-data with image "
-            'files in the \'files\' field, or application/json with "images" or "pixels"'
-        )
-    loaded, probs = await inference.predict(manifest, batch)
-    return PredictResponse(
-        checkpoint=manifest.id,
-        model=manifest.model,
-        predictions=_predictions(probs, loaded.manifest.classes, top_k),
-    )
