@@ -4,20 +4,9 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-PROBLEM = "application/problem+json"
+from tests.seed_printouts import LENET_28 as LENET_SEED_TEXT
 
-LENET_SEED_TEXT = """Conv2d output shape:\t torch.Size([1, 6, 28, 28])
-Sigmoid output shape:\t torch.Size([1, 6, 28, 28])
-AvgPool2d output shape:\t torch.Size([1, 6, 14, 14])
-Conv2d output shape:\t torch.Size([1, 16, 10, 10])
-Sigmoid output shape:\t torch.Size([1, 16, 10, 10])
-AvgPool2d output shape:\t torch.Size([1, 16, 5, 5])
-Flatten output shape:\t torch.Size([1, 400])
-Linear output shape:\t torch.Size([1, 120])
-Sigmoid output shape:\t torch.Size([1, 120])
-Linear output shape:\t torch.Size([1, 84])
-Sigmoid output shape:\t torch.Size([1, 84])
-Linear output shape:\t torch.Size([1, 10])"""
+PROBLEM = "application/problem+json"
 
 
 def test_list_models_gives_recipes_and_parameter_counts(client: TestClient) -> None:
