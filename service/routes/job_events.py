@@ -42,6 +42,28 @@ data: {"status": "queued"}
 """
 
 
+#: One event of the stream, as an SSE client parses it.
+SSE_EVENT_SCHEMA: dict[str, object] = {
+    "type": "object",
+    "required": ["id", "event", "data"],
+    "properties": {
+        "id": {
+            "type": "string",
+            "pattern": "^[0-9]+-[0-9]+$",
+            "description": "The event's id; send it back as Last-Event-ID to resume after it.",
+        },
+        "event": {"type": "string", "enum": ["status", "progress", "epoch"]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": "A JSON object: {status, error?}, a Progress, or EpochMetrics with "
+            "the epoch's checkpoint id.",
+        },
+        "retry": {"type": "integer", "minimum": 0},
+    },
+}
+
+
 @router.get(
     "/{job_id}/events",
     summary="Follow a job's events",
@@ -52,7 +74,8 @@ data: {"status": "queued"}
             "description": "An event stream.",
             "content": {
                 "text/event-stream": {
-                    "schema": {"type": "string"},
+                    # as OpenAPI 3.2 models SSE: the schema of one event, not of the stream
+                    "schema": SSE_EVENT_SCHEMA,
                     "example": 'id: 1735733200000-0\nevent: status\ndata: {"status": "queued"}\n\n',
                 }
             },

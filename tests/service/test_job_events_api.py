@@ -69,6 +69,20 @@ def test_events_replay_everything_and_end(client: TestClient, store: JobStore) -
     assert events[-1][2] == {"status": "succeeded"}
 
 
+def test_every_event_matches_the_documented_event_schema(
+    client: TestClient, store: JobStore
+) -> None:
+    import jsonschema_rs
+
+    job_id, _ids = finished_job(store)
+    doc = client.get("/openapi.json").json()
+    content = doc["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
+    validator = jsonschema_rs.validator_for(content["text/event-stream"]["schema"])
+    for eid, kind, data in read_sse(client, f"/v1/jobs/{job_id}/events"):
+        event = {"id": eid, "event": kind, "data": json.dumps(data)}
+        assert validator.is_valid(event), event
+
+
 def test_events_resume_after_last_event_id(client: TestClient, store: JobStore) -> None:
     job_id, ids = finished_job(store)
     events = read_sse(client, f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": ids[2]})
