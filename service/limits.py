@@ -7,12 +7,11 @@ than the limit of any body.
 
 from __future__ import annotations
 
-import json
 import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PROBLEM_MEDIA_TYPE, PayloadTooLargeError, problem_body
+from service.errors import PayloadTooLargeError, problem_response
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ class BodySizeLimitMiddleware:
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
             logger.info("refused a %d-byte body (limit %d)", declared, self.max_bytes)
-            await self._send_413(scope, send)
+            await self._send_413(scope, receive, send)
             return
 
         received = 0
@@ -58,30 +57,19 @@ class BodySizeLimitMiddleware:
             # raised from a receive the app did not turn into a response itself
             if response_started:
                 raise
-            await self._send_413(scope, send)
+            await self._send_413(scope, receive, send)
 
-    async def _send_413(self, scope: Scope, send: Send) -> None:
-        body = problem_body(
+    async def _send_413(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The 413 problem the exception handlers would give, sent from outside the app."""
+        exc = PayloadTooLargeError(self.max_bytes)
+        response = problem_response(
             413,
-            f"the request body is larger than this server's limit of {self.max_bytes} bytes; "
-            "send a smaller body",
+            exc.detail,
             instance=scope.get("path"),
             slug="payload-too-large",
+            headers=exc.headers,
         )
-        payload = json.dumps(body).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
-                    (b"content-length", str(len(payload)).encode()),
-                    # the unread rest of the body makes the connection unusable
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
+        await response(scope, receive, send)
 
 
 def _content_length(scope: Scope) -> int | None:
