@@ -7,17 +7,14 @@ Workers come from `tests/workers/conftest.py` (`start_worker`), the port and HTT
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -167,20 +164,3 @@ def raw_request(port: int, method: str, target: str, headers: dict[str, str] | N
     status_line, _, rest = raw.partition(b"\r\n")
     _, _, payload = rest.partition(b"\r\n\r\n")
     return int(status_line.split()[1]), payload
-
-
-def sse_events(response: httpx.Response) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """(id, event, data) of each event of an open `text/event-stream` response."""
-    fields: dict[str, str] = {}
-    for line in response.iter_lines():
-        if line == "":
-            if "data" in fields:
-                yield (
-                    fields.get("id", ""),
-                    fields.get("event", "message"),
-                    json.loads(fields["data"]),
-                )
-            fields = {}
-        elif not line.startswith(":"):
-            name, _, value = line.partition(":")
-            fields[name] = value.removeprefix(" ")

@@ -10,7 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.reliability.procs import ApiProcess, sse_events
+from tests.http_checks import parse_sse
+from tests.reliability.procs import ApiProcess
 from tests.workers.helpers import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -44,7 +45,7 @@ def test_a_client_following_events_survives_an_api_restart(
                               timeout=httpx.Timeout(30, connect=2)) as stream:  # fmt: skip
                 assert stream.status_code == 200
                 connections += 1
-                for event in sse_events(stream):
+                for event in parse_sse(stream.iter_lines()):
                     seen.append(event)
                     if event[1] == "epoch" and killed_at is None:
                         killed_at = event[2]["epoch"]

@@ -10,11 +10,11 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load
 
 from service.app import create_app
+from tests.http_checks import PROBLEM, assert_problem
 from tests.service.checkpoint_helpers import JOB_A, JOB_B, lenet, save
 from workers.checkpoints import CheckpointStore, Manifest
 from workers.settings import Settings
 
-PROBLEM = "application/problem+json"
 KEY = "test-key-123"
 
 
@@ -45,19 +45,6 @@ def client(settings: Settings) -> Iterator[TestClient]:
 def keyed_client(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings.model_copy(update={"api_keys": KEY}))) as c:
         yield c
-
-
-def assert_problem(r: object, status: int, *words: str) -> dict[str, object]:
-    from httpx import Response
-
-    assert isinstance(r, Response)
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith(PROBLEM)
-    body = r.json()
-    assert body["status"] == status and body["detail"]
-    for word in words:
-        assert word in body["detail"], body
-    return dict(body)
 
 
 def test_list_all_and_filtered(client: TestClient, saved: dict[str, Manifest]) -> None:

@@ -8,7 +8,6 @@ correctly with the job's own final validation accuracy.
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import socket
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.http_checks import parse_sse
 from tests.service.checkpoint_helpers import fashion_test_set, png
 from workers.settings import Settings
 
@@ -120,7 +120,6 @@ def _wait_ready(url: str, api: subprocess.Popen[bytes], timeout: float = 90.0) -
 def _follow(url: str, job_id: str, timeout: float) -> list[tuple[str, dict[str, Any]]]:
     """The job's SSE events from the start to the stream's end."""
     events: list[tuple[str, dict[str, Any]]] = []
-    kind = "message"
     with httpx.stream(
         "GET",
         f"{url}/v1/jobs/{job_id}/events",
@@ -129,12 +128,7 @@ def _follow(url: str, job_id: str, timeout: float) -> list[tuple[str, dict[str, 
     ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
-        for line in r.iter_lines():
-            if line.startswith("event:"):
-                kind = line.split(":", 1)[1].strip()
-            elif line.startswith("data:"):
-                events.append((kind, json.loads(line.split(":", 1)[1])))
-                kind = "message"
+        events.extend((kind, data) for _id, kind, data in parse_sse(r.iter_lines()))
     return events
 
 

@@ -9,20 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.auth import key_matches
+from tests.http_checks import assert_problem
 from tests.service.conftest import API_KEY
-
-PROBLEM = "application/problem+json"
-
-
-def assert_problem(r: object, status: int) -> dict[str, object]:
-    assert r.status_code == status, r.text  # type: ignore[attr-defined]
-    assert r.headers["content-type"] == PROBLEM  # type: ignore[attr-defined]
-    body: dict[str, object] = r.json()  # type: ignore[attr-defined]
-    assert body["status"] == status
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str) and len(body["detail"]) > 10
-    assert str(body["type"]).startswith(("urn:cnnserve:problem:", "about:blank"))
-    return body
 
 
 def test_unknown_route_is_a_404_problem(client: TestClient) -> None:

@@ -6,17 +6,15 @@ import io
 import json
 import threading
 import time
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.routes import job_events
+from tests.http_checks import Event, parse_sse
 from workers.contracts import JobSpec, JobStatus
 from workers.jobs import EpochMetrics, JobRecord, JobStore
-
-Event = tuple[str, str, dict[str, Any]]
 
 
 def read_sse(client: TestClient, url: str, headers: dict[str, str] | None = None) -> list[Event]:
@@ -25,15 +23,7 @@ def read_sse(client: TestClient, url: str, headers: dict[str, str] | None = None
     with client.stream("GET", url, headers=headers or {}) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
-        fields: dict[str, str] = {}
-        for line in r.iter_lines():
-            if line == "":
-                if "data" in fields:
-                    events.append((fields["id"], fields["event"], json.loads(fields["data"])))
-                fields = {}
-            elif not line.startswith(":"):
-                name, _, value = line.partition(":")
-                fields[name] = value.removeprefix(" ")
+        events.extend(parse_sse(r.iter_lines()))
     return events
 
 

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import FASHION_MNIST_DIR
+from tests.http_checks import Event, parse_sse
 from tests.service.conftest import Server, stop_process
 from workers.settings import Settings
 
@@ -63,19 +62,11 @@ def worker(settings: Settings, tmp_path: Path) -> Iterator[subprocess.Popen[byte
         log.close()
 
 
-def sse_events(url: str, timeout: float) -> list[tuple[str, str, dict[str, Any]]]:
-    events = []
+def sse_events(url: str, timeout: float) -> list[Event]:
+    events: list[Event] = []
     with httpx.stream("GET", url, timeout=httpx.Timeout(timeout, connect=5)) as r:
         assert r.status_code == 200
-        fields: dict[str, str] = {}
-        for line in r.iter_lines():
-            if line == "":
-                if "data" in fields:
-                    events.append((fields["id"], fields["event"], json.loads(fields["data"])))
-                fields = {}
-            elif not line.startswith(":"):
-                name, _, value = line.partition(":")
-                fields[name] = value.removeprefix(" ")
+        events.extend(parse_sse(r.iter_lines()))
     return events
 
 

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from httpx import Response
 from prometheus_client import REGISTRY
 
 from models import CLASSES
 from service.app import create_app
+from tests.http_checks import assert_problem
 from tests.service.checkpoint_helpers import (
     encode,
     fashion_test_set,
@@ -28,8 +28,6 @@ from tests.service.checkpoint_helpers import (
 )
 from workers.checkpoints import CheckpointStore, Manifest
 from workers.settings import Settings
-
-PROBLEM = "application/problem+json"
 
 
 @pytest.fixture
@@ -65,16 +63,6 @@ def full_probs(body: dict[str, Any]) -> np.ndarray:
         for s in p["top_k"]:
             out[i, s["class_id"]] = s["probability"]
     return out
-
-
-def assert_problem(r: Response, status: int, *words: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text[:500]
-    assert r.headers["content-type"].startswith(PROBLEM)
-    body: dict[str, Any] = r.json()
-    assert body["status"] == status
-    for word in words:
-        assert word.lower() in body["detail"].lower(), body
-    return body
 
 
 # --- answers ---------------------------------------------------------------------------------
