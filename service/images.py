@@ -36,8 +36,6 @@ logger = logging.getLogger(__name__)
 
 #: Fashion-MNIST's side: every input becomes a 28×28 image before the model's own resize.
 NATIVE_SIZE = 28
-#: The formats a client may upload, by Pillow's format name.
-ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP")
 ALLOWED_MEDIA_TYPES = "image/png, image/jpeg, image/webp, image/bmp"
 
 InvertMode = Literal["auto", "true", "false"]
@@ -54,11 +52,10 @@ class ImageInputError(ProblemError):
     title = "Invalid image"
 
     def __init__(self, detail: str, *, index: int | None = None) -> None:
-        prefix = f"image {index}: " if index is not None else ""
         if index is None:
-            super().__init__(prefix + detail)
+            super().__init__(detail)
         else:
-            super().__init__(prefix + detail, image_index=index)
+            super().__init__(f"image {index}: {detail}", image_index=index)
 
 
 class UnsupportedImageError(ImageInputError):
