@@ -323,7 +323,9 @@ class CheckpointStore:
 
     def weights_path(self, ckpt_id: str) -> Path:
         """The verified safetensors file of a checkpoint."""
-        manifest = self.manifest(ckpt_id)
+        return self._verified_weights(ckpt_id, self.manifest(ckpt_id))
+
+    def _verified_weights(self, ckpt_id: str, manifest: Manifest) -> Path:
         path = self._dir(ckpt_id) / "weights.safetensors"
         if not path.is_file():
             raise CheckpointCorruptError(f"checkpoint {ckpt_id}: its weights file is missing")
@@ -339,7 +341,7 @@ class CheckpointStore:
     ) -> tuple[nn.Module, Manifest]:
         """Build the network from the manifest and load its verified weights, in eval mode."""
         manifest = self.manifest(ckpt_id)
-        path = self.weights_path(ckpt_id)
+        path = self._verified_weights(ckpt_id, manifest)
         model = build_model(
             manifest.model,
             arch=manifest.arch_value,
