@@ -31,7 +31,7 @@ from models import build_model, get_model_entry
 from workers.checkpoints import CheckpointError, CheckpointStore, Manifest, Preprocessing
 from workers.contracts import JobSpec
 from workers.data import FashionMNIST
-from workers.devices import release_memory, requested_device, resolve_device, resolve_precision
+from workers.devices import release_memory, resolve_device, resolve_precision
 from workers.errors import OutOfMemoryError, ResumeError
 from workers.jobs import EpochMetrics, Progress
 
@@ -43,10 +43,7 @@ __all__ = [
     "TrainResult",
     "TrainingCallbacks",
     "make_optimizer",
-    "release_memory",
-    "requested_device",
     "resolve_device",
-    "resolve_precision",
     "train",
     "train_subset",
 ]
