@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image
 
-from bench.infer import machine_info
+from bench.infer import machine_info, save_fresh_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -185,23 +185,10 @@ def _free_port() -> int:
 
 def make_lenet_checkpoint(data_dir: Path) -> str:
     """Save a freshly initialised LeNet checkpoint under `data_dir`; returns its id."""
-    import torch
+    from workers.checkpoints import CheckpointStore
 
-    from models import build_model
-    from workers.checkpoints import CheckpointStore, Preprocessing
-
-    torch.manual_seed(0)
-    manifest = CheckpointStore(data_dir / "checkpoints").save(
-        job_id="00000000000be7c4",
-        epoch=1,
-        model=build_model("lenet"),
-        manifest_fields={
-            "model": "lenet",
-            "input_size": 28,
-            "preprocessing": Preprocessing(resize=28),
-        },
-    )
-    return manifest.id
+    store = CheckpointStore(data_dir / "checkpoints")
+    return save_fresh_checkpoint(store, "lenet", "00000000000be7c4").id
 
 
 @contextmanager

@@ -34,7 +34,7 @@ import torch
 from bench.machine import core_count, cpu_name
 from models import build_model, get_model_entry
 from service.inference import LoadedModel, cpu_budget, load_for_inference
-from workers.checkpoints import CheckpointStore, Preprocessing
+from workers.checkpoints import CheckpointStore, Manifest, Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,23 @@ def time_interleaved(
     return out
 
 
+def save_fresh_checkpoint(store: CheckpointStore, name: str, job_id: str) -> Manifest:
+    """Save a freshly initialised (seed 0) model at its default arch and size as epoch 1."""
+    entry = get_model_entry(name)
+    torch.manual_seed(0)
+    return store.save(
+        job_id=job_id,
+        epoch=1,
+        model=build_model(name),
+        manifest_fields={
+            "model": name,
+            "arch": entry.default_arch,
+            "input_size": entry.input_size,
+            "preprocessing": Preprocessing(resize=entry.input_size),
+        },
+    )
+
+
 def _load(
     store: CheckpointStore, ckpt_id: str, backend: str, cache: Path, threads: int
 ) -> LoadedModel:
@@ -142,18 +159,7 @@ def bench_model(
 ) -> dict[str, Any]:
     """Eager vs served-path timings for one freshly initialised model at its default size."""
     entry = get_model_entry(name)
-    torch.manual_seed(0)
-    manifest = store.save(
-        job_id=f"{len(store.list()):016x}",
-        epoch=1,
-        model=build_model(name),
-        manifest_fields={
-            "model": name,
-            "arch": entry.default_arch,
-            "input_size": entry.input_size,
-            "preprocessing": Preprocessing(resize=entry.input_size),
-        },
-    )
+    manifest = save_fresh_checkpoint(store, name, f"{len(store.list()):016x}")
     eager = _load(store, manifest.id, "eager", cache, threads)
     started = time.perf_counter()
     served = _load(store, manifest.id, "auto", cache, threads)
