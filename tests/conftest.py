@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
 
 from workers.settings import Settings, get_settings
 
@@ -44,3 +45,12 @@ def settings(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) ->
     get_settings.cache_clear()
     yield get_settings()
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op torch thread: in-process training stays fast when other tests hold cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,14 +98,6 @@ def test_no_endpoint_serves_a_file_outside_the_data_directory(
     after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert [p for p in before if p not in after] == []  # no DELETE reached anything
     assert "unhandled error" not in api.log()
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _rehash(manifest_path: Path, field: str, path: Path) -> None:

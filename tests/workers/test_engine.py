@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,19 +18,14 @@ from workers.errors import DeviceError
 from workers.jobs import EpochMetrics, Progress, new_job_id
 from workers.settings import Settings
 
+#: keep in-process training on one core (see tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> FashionMNIST:
     where = tmp_path_factory.mktemp("data")
     return load_fashion_mnist(Settings(fashion_mnist_dir=FASHION_MNIST_DIR, data_dir=where))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Recorder:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,8 @@ from workers.jobs import JobStore, Progress
 from workers.runner import recover_orphans, run_job
 from workers.settings import Settings
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: keep in-process training on one core (see tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Sent:
