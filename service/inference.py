@@ -325,6 +325,7 @@ class InferenceService:
         torch.set_num_threads(threads)
         self._compute = ThreadPoolExecutor(workers, thread_name_prefix="cnnserve-infer")
         self._loaders = ThreadPoolExecutor(2, thread_name_prefix="cnnserve-load")
+        self.onnx_cache_dir = settings.data_dir / "onnx-cache"
         self.cache = ModelCache(self._load, settings.model_cache_size)
         self._queues: dict[str, _Queue] = {}
         self._refs: dict[str, tuple[float, Manifest]] = {}
@@ -334,7 +335,7 @@ class InferenceService:
             self.store,
             ckpt_id,
             backend=self.settings.inference_backend,
-            cache_dir=self.settings.data_dir / "onnx-cache",
+            cache_dir=self.onnx_cache_dir,
             threads=self.threads,
             max_batch_size=self.settings.max_batch_size,
         )
@@ -438,12 +439,13 @@ class InferenceService:
             elif self._queues.get(queue.loaded.checkpoint_id) is queue:
                 del self._queues[queue.loaded.checkpoint_id]
 
-    def forget(self, ckpt_id: str) -> None:
-        """Drop a deleted checkpoint from the model cache and every ref resolved to it."""
-        self.cache.evict(ckpt_id)
+    def forget(self, deleted: Manifest) -> None:
+        """Drop a deleted checkpoint: its cached model, every ref resolved to it, its graph."""
+        self.cache.evict(deleted.id)
         for ref, (_, manifest) in list(self._refs.items()):
-            if manifest.id == ckpt_id:
+            if manifest.id == deleted.id:
                 self._refs.pop(ref, None)
+        onnx_cache_path(self.onnx_cache_dir, deleted).unlink(missing_ok=True)
 
     def close(self) -> None:
         """Stop the thread pools (pending forward passes finish first)."""

@@ -16,9 +16,9 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.auth import RequireKey
-from service.deps import CheckpointStoreDep, SettingsDep
+from service.deps import CheckpointStoreDep
 from service.errors import problem_responses
-from service.inference import InferenceDep, onnx_cache_path
+from service.inference import InferenceDep
 from workers.checkpoints import CheckpointStore, Manifest
 
 logger = logging.getLogger(__name__)
@@ -181,11 +181,9 @@ def get_weights(manifest: ResolvedManifest, store: CheckpointStoreDep) -> FileRe
 def delete_checkpoint(
     manifest: ResolvedManifest,
     store: CheckpointStoreDep,
-    settings: SettingsDep,
     inference: InferenceDep,
 ) -> Response:
     store.delete(manifest.id)
-    inference.forget(manifest.id)
-    onnx_cache_path(settings.data_dir / "onnx-cache", manifest).unlink(missing_ok=True)
+    inference.forget(manifest)
     logger.info("deleted checkpoint %s", manifest.id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
