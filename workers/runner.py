@@ -22,7 +22,7 @@ from typing import Any
 import redis
 
 from workers.checkpoints import CheckpointError, CheckpointStore, Manifest
-from workers.contracts import JobStatus
+from workers.contracts import JobSpec, JobStatus
 from workers.data import load_fashion_mnist
 from workers.devices import release_memory, requested_device, resolve_device
 from workers.engine import Outcome, StopRequest, TrainOptions, train
@@ -234,7 +234,7 @@ def _deliver(
     lease.start()
     current_job = job_id
     try:
-        return _run_leased(store, job_id, worker, settings, lease, enqueue)
+        return _run_leased(store, record.spec, job_id, worker, settings, lease, enqueue)
     finally:
         current_job = None
         lease.stop()
@@ -244,6 +244,7 @@ def _deliver(
 
 def _run_leased(
     store: JobStore,
+    spec: JobSpec,
     job_id: str,
     worker: str,
     settings: Settings,
@@ -253,7 +254,7 @@ def _run_leased(
     ckpts = CheckpointStore(settings.checkpoints_dir)
     resume_from, history = _resume_point(ckpts, job_id)
     decision = "run"
-    device_request = requested_device(store.get(job_id).spec.device, settings.worker_device)
+    device_request = requested_device(spec.device, settings.worker_device)
     device_error: DeviceError | None = None
     try:
         device = str(resolve_device(device_request))
