@@ -34,6 +34,7 @@ from workers.data import FashionMNIST
 from workers.devices import release_memory, resolve_device, resolve_precision
 from workers.errors import OutOfMemoryError, ResumeError
 from workers.jobs import EpochMetrics, Progress
+from workers.settings import Settings
 
 __all__ = [
     "NullCallbacks",
@@ -106,6 +107,17 @@ class TrainOptions:
     progress_interval_s: float = 0.5
     compile: bool = False
     torch_threads: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, device: str) -> TrainOptions:
+        """The options a worker or `cnnserve train` runs a job on `device` with."""
+        return cls(
+            device=device,
+            keep_checkpoints=settings.keep_checkpoints,
+            max_seconds=settings.job_max_seconds,
+            compile=settings.train_compile,
+            torch_threads=settings.torch_threads,
+        )
 
 
 @dataclass

@@ -321,13 +321,7 @@ def _run_leased(
             job_id=job_id,
             data=data,
             store=ckpts,
-            options=TrainOptions(
-                device=device,
-                keep_checkpoints=settings.keep_checkpoints,
-                max_seconds=settings.job_max_seconds,
-                compile=settings.train_compile,
-                torch_threads=settings.torch_threads,
-            ),
+            options=TrainOptions.from_settings(settings, device),
             callbacks=callbacks,
             resume_from=resume_from,
         )

@@ -97,13 +97,7 @@ def run_train(fields: dict[str, Any]) -> int:
             f"{spec.batch_size}, lr {spec.lr}, input {spec.input_size}px, "
             f"{spec.train_limit or data.train_images.shape[0]} training images\n"
         )
-        options = TrainOptions(
-            device=spec.device,
-            keep_checkpoints=settings.keep_checkpoints,
-            max_seconds=settings.job_max_seconds,
-            compile=settings.train_compile,
-            torch_threads=settings.torch_threads,
-        )
+        options = TrainOptions.from_settings(settings, spec.device)
         try:
             result = train(
                 spec, job_id=job_id, data=data, store=store, options=options, callbacks=bar
