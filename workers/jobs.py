@@ -266,6 +266,10 @@ class JobStore:
     def release_lease(self, job_id: str, owner: str) -> None:
         self.r.eval(self._RELEASE, 1, f"{self._key(job_id)}:lease", owner)
 
+    def lease_held(self, job_id: str) -> bool:
+        """Whether a live worker holds the job's lease."""
+        return bool(self.r.exists(f"{self._key(job_id)}:lease"))
+
     # idempotency
     def idempotent_job(
         self, key: str, body_hash: str, job_id: str, ttl_s: int = 86400

@@ -380,13 +380,13 @@ def recover_orphans(
     while True:
         page, cursor = store.list_jobs(status=JobStatus.running, limit=200, cursor=cursor)
         for rec in page:
-            if store.r.exists(f"{PREFIX}job:{rec.id}:lease"):
+            if store.lease_held(rec.id):
                 continue
             # one worker requeues a given orphan; the others see the claim and skip it
             claim = f"{PREFIX}job:{rec.id}:requeue"
             if not store.r.set(claim, "1", nx=True, ex=max(2, settings.lease_seconds)):
                 continue
-            if store.r.exists(f"{PREFIX}job:{rec.id}:lease"):
+            if store.lease_held(rec.id):
                 continue
             reason = f"worker {rec.worker} stopped mid-job; resuming from its last checkpoint"
             if requeue(store, rec.id, enqueue, reason, epoch=rec.progress.epoch):
