@@ -280,7 +280,12 @@ class ModelCache:
                 if loaded is not None and loaded.weights_sha256 == weights_sha256:
                     self._models.move_to_end(ckpt_id)
                     return loaded
-            loaded = self._loader(ckpt_id)
+            try:
+                loaded = self._loader(ckpt_id)
+            except BaseException:
+                with self._lock:  # a failed load must not leave its lock behind
+                    self._loading.pop(ckpt_id, None)
+                raise
             with self._lock:
                 self._models[ckpt_id] = loaded
                 self._models.move_to_end(ckpt_id)
