@@ -186,12 +186,15 @@ def test_delete_by_alias_and_open_server(client: TestClient, saved: dict[str, Ma
 
 
 def test_deleted_checkpoint_is_not_served_from_the_model_cache(
-    client: TestClient, saved: dict[str, Manifest]
+    client: TestClient, saved: dict[str, Manifest], settings: Settings
 ) -> None:
     ref = f"/v1/checkpoints/{saved['a1'].id}"
     assert client.post(f"{ref}/predict", json={"pixels": [[0, 9], [9, 0]]}).status_code == 200
+    exported = list((settings.data_dir / "onnx-cache").glob("*.onnx"))
+    assert exported, "the predict call exported no ONNX graph"
     assert client.delete(ref).status_code == 204
     assert_problem(client.post(f"{ref}/predict", json={"pixels": [[0, 9], [9, 0]]}), 404)
+    assert not any(p.exists() for p in exported), "the deleted checkpoint's graph is left over"
 
 
 def test_openapi_documents_the_checkpoint_operations(client: TestClient) -> None:
