@@ -6,7 +6,8 @@ fresh shuffle each epoch, validation on all 10,000 test images after every epoch
 Speed: the uint8 data set sits on the training device as one tensor; each batch is gathered,
 scaled by 1/255 and resized there (bilinear, no antialias: the manifest's preprocessing);
 losses and accuracy accumulate on the device and are read once per epoch. On a GPU: bf16
-autocast, cudnn autotuning and optionally `torch.compile`. On the CPU: no
+autocast, cudnn autotuning, and the training step captured once as a CUDA graph and replayed
+per batch (`workers.graphs`; SGD family) or, optionally, `torch.compile`. On the CPU: no
 DataLoader, no worker processes, no per-batch host sync.
 
 The caller sees the run through `TrainingCallbacks` (progress, finished epochs, stop requests).
@@ -33,6 +34,7 @@ from workers.contracts import JobSpec
 from workers.data import FashionMNIST
 from workers.devices import release_memory, resolve_device, resolve_precision
 from workers.errors import OutOfMemoryError, ResumeError
+from workers.graphs import StepGraph, graphs_apply
 from workers.jobs import EpochMetrics, Progress
 from workers.settings import Settings
 
@@ -106,6 +108,8 @@ class TrainOptions:
     max_seconds: float | None = None
     progress_interval_s: float = 0.5
     compile: bool = False
+    #: Capture the training step as a CUDA graph where it applies (`workers.graphs`).
+    cuda_graphs: bool = True
     torch_threads: int = 0
 
     @classmethod
@@ -116,6 +120,7 @@ class TrainOptions:
             keep_checkpoints=settings.keep_checkpoints,
             max_seconds=settings.job_max_seconds,
             compile=settings.train_compile,
+            cuda_graphs=settings.train_cuda_graphs,
             torch_threads=settings.torch_threads,
         )
 
@@ -133,6 +138,8 @@ class TrainResult:
     latest_checkpoint: str | None = None
     stopped_at: Progress | None = None
     seconds: float = 0.0
+    #: Whether full batches were replayed from a captured CUDA graph.
+    cuda_graph: bool = False
 
 
 def make_optimizer(name: str, params: Iterator[nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -199,6 +206,13 @@ class _Run:
         self.forward: nn.Module = self.model
         if options.compile and self.cuda:
             self.forward = torch.compile(self.model)  # type: ignore[assignment]
+        # the summed training loss of the epoch; a fixed tensor, as a captured step adds into it
+        self.loss_sum = torch.zeros((), device=device)
+        self.graph: StepGraph | None = None
+        if graphs_apply(
+            device, spec.optimizer, wanted=options.cuda_graphs, compiled=options.compile
+        ):
+            self.graph = StepGraph(self._train_step, self.optimizer, spec.batch_size, device)
 
         subset = train_subset(data.train_images.shape[0], spec)
         train_x, train_y = data.train_images, data.train_labels
@@ -275,7 +289,8 @@ class _Run:
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        # no cast cache: a graph capture forbids it, and each weight is cast once per step
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False)
 
     def _checkpoint(
         self, epoch: int, batch: int, epoch_t0: float | None, *, force: bool = False
@@ -316,26 +331,34 @@ class _Run:
             return Outcome.timed_out
         return None
 
+    def _train_step(self, idx: torch.Tensor) -> None:
+        """Train on examples `idx`, grads already zeroed; capturable (no sync, no allocation
+        that outlives it but the grads)."""
+        x = self._prep(self.train_x[idx])
+        y = self.train_y[idx]
+        with self._autocast():
+            loss = F.cross_entropy(self.forward(x), y)
+        loss.backward()
+        self.optimizer.step()
+        self.loss_sum.add_(loss.detach().float() * idx.shape[0])
+
     def train_epoch(self, epoch: int, epoch_t0: float) -> torch.Tensor | Outcome:
         """One pass over the (shuffled) training set; the summed loss, or why it stopped."""
         self.model.train()
         bs = self.spec.batch_size
         perm = torch.randperm(self.n_train, generator=self.shuffle).to(self.device)
-        loss_sum = torch.zeros((), device=self.device)
+        self.loss_sum.zero_()
         for b in range(self.batches):
             idx = perm[b * bs : (b + 1) * bs]
-            x = self._prep(self.train_x[idx])
-            y = self.train_y[idx]
-            with self._autocast():
-                loss = F.cross_entropy(self.forward(x), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            loss_sum += loss.detach().float() * idx.shape[0]
+            if self.graph is not None:
+                self.graph.step(idx)
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                self._train_step(idx)
             stop = self._checkpoint(epoch, b + 1, epoch_t0, force=b + 1 == self.batches)
             if stop is not None:
                 return stop
-        return loss_sum
+        return self.loss_sum.clone()
 
     def validate(self, epoch: int) -> tuple[float, float] | Outcome:
         """Loss and accuracy on all test images, read back with one host sync."""
@@ -443,6 +466,7 @@ class _Run:
             latest_checkpoint=self.latest,
             stopped_at=self.stopped_at if outcome is not Outcome.completed else None,
             seconds=round(time.monotonic() - self.started, 3),
+            cuda_graph=self.graph is not None and self.graph.captured,
         )
 
 

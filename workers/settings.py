@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     train_compile: bool = Field(
         False, description="torch.compile the model when training on a CUDA GPU."
     )
+    train_cuda_graphs: bool = Field(
+        True,
+        description="Replay SGD training steps on a CUDA GPU from one captured CUDA graph.",
+    )
     # API limits
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body.")
     max_image_pixels: int = Field(4096 * 4096, ge=64, description="Largest decoded image.")

@@ -12,13 +12,22 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+from tests.conftest import FASHION_MNIST_DIR
 from tests.workers.helpers import WorkerProcess
 from workers.celery_app import make_celery, worker_heartbeats
+from workers.data import FashionMNIST, load_fashion_mnist
 from workers.jobs import JobStore
 from workers.settings import Settings
 
 #: Short leases so a killed worker's job is recovered within seconds.
 TEST_LEASE_SECONDS = 3
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> FashionMNIST:
+    """The real Fashion-MNIST, loaded once per test module."""
+    where = tmp_path_factory.mktemp("data")
+    return load_fashion_mnist(Settings(fashion_mnist_dir=FASHION_MNIST_DIR, data_dir=where))
 
 
 @pytest.fixture

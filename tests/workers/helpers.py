@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from workers.checkpoints import CheckpointStore
 from workers.contracts import JobSpec
-from workers.jobs import JobRecord, JobStore
+from workers.jobs import EpochMetrics, JobRecord, JobStore
 
 
 @dataclass
@@ -45,6 +48,16 @@ class WorkerProcess:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def weights(store: CheckpointStore, ckpt: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights, read straight from its safetensors file."""
+    return load_file(str(store.weights_path(ckpt)))
+
+
+def numbers(history: list[EpochMetrics]) -> list[tuple[int, float, float, float]]:
+    """A run's history as the numbers two runs must agree on."""
+    return [(m.epoch, m.train_loss, m.val_loss, m.val_acc) for m in history]
 
 
 def lenet_spec(**fields: Any) -> JobSpec:

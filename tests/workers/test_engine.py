@@ -6,26 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.conftest import FASHION_MNIST_DIR
-from tests.workers.helpers import lenet_spec
+from tests.workers.helpers import lenet_spec, numbers, weights
 from workers.checkpoints import CheckpointStore, Manifest
-from workers.data import FashionMNIST, load_fashion_mnist
+from workers.data import FashionMNIST
 from workers.devices import requested_device, resolve_device, resolve_precision
 from workers.engine import Outcome, StopRequest, TrainOptions, train
 from workers.errors import DeviceError
 from workers.jobs import EpochMetrics, Progress, new_job_id
-from workers.settings import Settings
 
 #: keep in-process training on one core (see tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> FashionMNIST:
-    where = tmp_path_factory.mktemp("data")
-    return load_fashion_mnist(Settings(fashion_mnist_dir=FASHION_MNIST_DIR, data_dir=where))
 
 
 class Recorder:
@@ -47,14 +38,6 @@ class Recorder:
         if self.stop_after_epoch is not None and len(self.epochs) >= self.stop_after_epoch:
             return self.stop
         return None
-
-
-def weights(store: CheckpointStore, ckpt: str) -> dict[str, torch.Tensor]:
-    return load_file(str(store.weights_path(ckpt)))
-
-
-def numbers(history: list[EpochMetrics]) -> list[tuple[int, float, float, float]]:
-    return [(m.epoch, m.train_loss, m.val_loss, m.val_acc) for m in history]
 
 
 def test_seeded_cpu_runs_are_reproducible(data: FashionMNIST, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The CUDA fast path (bf16 autocast, channels_last, data on the device); skipped without a GPU."""
+"""The CUDA fast path (bf16, channels_last, device-resident data, CUDA graphs); needs a GPU."""
 
 from __future__ import annotations
 
@@ -8,25 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import FASHION_MNIST_DIR
 from tests.workers.helpers import lenet_spec
 from workers.checkpoints import CheckpointStore
 from workers.contracts import JobSpec
-from workers.data import FashionMNIST, load_fashion_mnist
+from workers.data import FashionMNIST
 from workers.engine import Outcome, TrainOptions, train
 from workers.jobs import new_job_id
-from workers.settings import Settings
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> FashionMNIST:
-    where = tmp_path_factory.mktemp("data")
-    return load_fashion_mnist(Settings(fashion_mnist_dir=FASHION_MNIST_DIR, data_dir=where))
 
 
 def test_lenet_trains_in_bf16_on_the_gpu_and_gives_its_memory_back(
@@ -40,6 +32,7 @@ def test_lenet_trains_in_bf16_on_the_gpu_and_gives_its_memory_back(
     result = train(spec, job_id=new_job_id(), data=data, store=store, options=TrainOptions("cuda"))
 
     assert result.outcome is Outcome.completed and result.device == "cuda:0"
+    assert not result.cuda_graph  # AdamW's step is not captured
     assert result.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
     assert result.history[-1].val_acc > 0.6
     assert torch.cuda.memory_allocated() <= before  # data, model and optimizer released
@@ -58,7 +51,44 @@ def test_conv_nets_train_resized_on_the_device(
     spec = JobSpec(model=model, epochs=1, train_limit=1024, device="cuda")
     result = train(spec, job_id=new_job_id(), data=data, store=CheckpointStore(tmp_path))
     assert result.outcome is Outcome.completed
+    assert result.cuda_graph  # dropout (VGG) and batch norm (ResNet) replay from the graph
     assert math.isfinite(result.history[0].train_loss)
+
+
+def test_sgd_steps_replay_from_a_cuda_graph_and_learn_as_eager_steps_do(
+    data: FashionMNIST, tmp_path: Path
+) -> None:
+    store = CheckpointStore(tmp_path)
+    # 64 full batches and a partial one per epoch; fp32 so both ways compute the same thing
+    spec = lenet_spec(epochs=3, train_limit=64 * 128 + 50, device="cuda", precision="fp32", lr=0.5)
+    before = torch.cuda.memory_allocated()
+    graphed = train(spec, job_id=new_job_id(), data=data, store=store, options=TrainOptions("cuda"))
+    assert torch.cuda.memory_allocated() <= before  # the graph's pool went with the run
+    eager = train(
+        spec,
+        job_id=new_job_id(),
+        data=data,
+        store=store,
+        options=TrainOptions("cuda", cuda_graphs=False),
+    )
+    assert graphed.cuda_graph and not eager.cuda_graph
+    assert graphed.history[-1].val_acc > 0.6
+    for g, e in zip(graphed.history, eager.history, strict=True):
+        assert g.train_loss == pytest.approx(e.train_loss, rel=0.05)
+        assert g.val_acc == pytest.approx(e.val_acc, abs=0.03)
+
+
+def test_a_graphed_momentum_run_resumes_from_its_checkpoint(
+    data: FashionMNIST, tmp_path: Path
+) -> None:
+    store = CheckpointStore(tmp_path)
+    spec = lenet_spec(epochs=2, train_limit=32 * 128, device="cuda", optimizer="sgd_momentum")
+    job = new_job_id()
+    first = train(spec.model_copy(update={"epochs": 1}), job_id=job, data=data, store=store)
+    assert first.cuda_graph
+    resumed = train(spec, job_id=job, data=data, store=store, resume_from=f"{job}-e001")
+    assert resumed.outcome is Outcome.completed and resumed.cuda_graph
+    assert resumed.history[-1].train_loss < resumed.history[0].train_loss
 
 
 @pytest.mark.slow
