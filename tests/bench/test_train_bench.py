@@ -7,10 +7,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bench.train import per_model, update_doc
+from bench.train import merge_reports, per_model, update_doc
 from tests.conftest import FASHION_MNIST_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +33,8 @@ def test_tiny_run_reports_both_ways_and_a_ratio(tmp_path: Path) -> None:
         "--models",
         "lenet",
         "--epochs",
+        "2",
+        "--d2l-epochs",  # the d2l way is timed on fewer epochs than cnnserve trains
         "1",
         "--train-limit",
         "512",
@@ -58,11 +61,15 @@ def test_tiny_run_reports_both_ways_and_a_ratio(tmp_path: Path) -> None:
     (result,) = report["results"]
     assert result["model"] == "lenet" and result["train_images"] == 512
     assert result["val_images"] == 1000
-    for way in ("d2l", "cnnserve"):
+    for way, epochs in (("d2l", 1), ("cnnserve", 2)):
         summary = result[way]
         assert summary["median_epoch_s"] > 0 and summary["images_per_s"] > 0
         assert 0.0 <= summary["val_acc"] <= 1.0
-        assert len(result["runs"][way]) == 1 and len(result["runs"][way][0]["epoch_s"]) == 1
+        assert summary["epochs"] == epochs and summary["seeds"] == [0]
+        assert len(result["runs"][way]) == 1
+        assert len(result["runs"][way][0]["epoch_s"]) == epochs
+    assert result["val_acc_delta"] is None  # 1 epoch against 2: not comparable
+    assert result["cnnserve"]["cuda_graph"] is False  # no CUDA graph on the CPU
     ratio = result["d2l"]["median_epoch_s"] / result["cnnserve"]["median_epoch_s"]
     assert result["speedup"] == pytest.approx(ratio, rel=0.01)
 
@@ -70,7 +77,7 @@ def test_tiny_run_reports_both_ways_and_a_ratio(tmp_path: Path) -> None:
     text = doc.read_text()
     assert "## Inference\n\nkept as it is" in text  # the others' sections stay
     assert "<!-- bench-train:bench-train-tiny:start -->" in text
-    assert "| lenet (28px) | 512 / 1000 |" in text
+    assert "| lenet (28px) | 512 / 1000 | 1 × 1; 2 × 1 |" in text
     assert "(bench-train-tiny.png)" in text
 
 
@@ -97,3 +104,14 @@ def test_doc_update_replaces_only_its_block(tmp_path: Path) -> None:
     assert text.count("table") == 2 and "table two" in text and "table one" not in text
     assert text.index("prose") < text.index("table two") < text.index("gpu table")
     assert text.index("gpu table") < text.index("## HTTP") and text.endswith("theirs\n")
+
+
+def test_reports_of_one_machine_merge_into_one_table() -> None:
+    def report(device: str, model: str) -> dict[str, Any]:
+        return {"device": device, "command": f"bench {model}", "results": [{"model": model}]}
+
+    merged = merge_reports([report("cuda:0", "lenet"), report("cuda:0", "vgg")])
+    assert [r["model"] for r in merged["results"]] == ["lenet", "vgg"]
+    assert merged["command"] == "bench lenet; bench vgg"
+    with pytest.raises(SystemExit, match="different devices"):
+        merge_reports([report("cuda:0", "lenet"), report("cpu", "vgg")])
