@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models import ArchError, ModelError, get_model_entry, list_models, summarize
+from workers.settings import DEVICE_PATTERN
 
 #: Celery task names; the API enqueues by name and never imports the engine.
 TRAIN_TASK = "cnnserve.train"
@@ -73,7 +74,7 @@ class JobSpec(BaseModel):
     )
     device: str = Field(
         "auto",
-        pattern=r"^(auto|cpu|cuda|cuda:[0-9]{1,2})$",
+        pattern=DEVICE_PATTERN,
         description="auto (a GPU if the worker has one), cpu, cuda or cuda:N.",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import gc
+import re
 
 import torch
 
 from workers.errors import DeviceError
+from workers.settings import DEVICE_PATTERN
 
 
 def requested_device(spec_device: str, worker_device: str) -> str:
@@ -20,26 +22,27 @@ def requested_device(spec_device: str, worker_device: str) -> str:
 
 def resolve_device(request: str) -> torch.device:
     """A torch device for `auto`, `cpu`, `cuda` or `cuda:N`; a clear error if there is none."""
+    if not re.fullmatch(DEVICE_PATTERN, request):
+        raise DeviceError(f"unknown device {request!r}; use auto, cpu, cuda or cuda:N")
     if request == "auto":
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if request == "cpu":
         return torch.device("cpu")
-    if request == "cuda" or request.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise DeviceError(
-                f"the job asks for device {request!r} but this worker has no usable CUDA GPU; "
-                "submit it with device 'auto' or 'cpu', or start a worker on a GPU machine "
-                "(`cnnserve worker --device cuda`)"
-            )
-        index = int(request.partition(":")[2] or 0)
-        count = torch.cuda.device_count()
-        if index >= count:
-            raise DeviceError(
-                f"the job asks for {request!r} but this worker has {count} GPU(s) "
-                f"(cuda:0 to cuda:{count - 1})"
-            )
-        return torch.device("cuda", index)
-    raise DeviceError(f"unknown device {request!r}; use auto, cpu, cuda or cuda:N")
+    # cuda or cuda:N
+    if not torch.cuda.is_available():
+        raise DeviceError(
+            f"the job asks for device {request!r} but this worker has no usable CUDA GPU; "
+            "submit it with device 'auto' or 'cpu', or start a worker on a GPU machine "
+            "(`cnnserve worker --device cuda`)"
+        )
+    index = int(request.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise DeviceError(
+            f"the job asks for {request!r} but this worker has {count} GPU(s) "
+            f"(cuda:0 to cuda:{count - 1})"
+        )
+    return torch.device("cuda", index)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:

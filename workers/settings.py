@@ -9,6 +9,9 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: A device a job or worker may name: `auto`, `cpu`, `cuda` or `cuda:N`.
+DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:[0-9]{1,2})$"
+
 
 class Settings(BaseSettings):
     """Every setting of cnnserve; each field reads `CNNSERVE_<NAME>`."""
@@ -41,7 +44,7 @@ class Settings(BaseSettings):
     # training workers
     worker_device: str = Field(
         "auto",
-        pattern=r"^(auto|cpu|cuda|cuda:[0-9]{1,2})$",
+        pattern=DEVICE_PATTERN,
         description="The device a worker trains `device=auto` jobs on (`worker --device`).",
     )
     torch_threads: int = Field(

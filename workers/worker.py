@@ -17,11 +17,9 @@ import threading
 import redis
 
 from workers.contracts import QUEUE
-from workers.settings import Settings, get_settings
+from workers.settings import DEVICE_PATTERN, Settings, get_settings
 
 log = logging.getLogger(__name__)
-
-DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:[0-9]{1,2})$")
 
 
 class WorkerMonitor(threading.Thread):
@@ -97,7 +95,7 @@ def stop_monitor() -> None:
 
 def run_worker(device: str = "auto", name: str | None = None) -> int:
     """Run a Celery training worker for `device` until it is stopped; returns its exit code."""
-    if not DEVICE_RE.match(device):
+    if not re.fullmatch(DEVICE_PATTERN, device):
         log.error("unknown device %r; use auto, cpu, cuda or cuda:N", device)
         return 2
     if device.startswith("cuda"):

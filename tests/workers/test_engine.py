@@ -158,6 +158,10 @@ def test_device_requests() -> None:
     assert requested_device("cuda:0", "cpu") == "cuda:0"
     assert resolve_precision("auto", torch.device("cpu")) is None
     assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
+    # a clear error for a typo, also where CUDA is present
+    for typo in ("cuda:x", "gpu", "cuda:0 ", "cuda:0\n"):
+        with pytest.raises(DeviceError, match="unknown device"):
+            resolve_device(typo)
     if not torch.cuda.is_available():
         assert resolve_device("auto") == torch.device("cpu")
         with pytest.raises(DeviceError, match="has no usable CUDA GPU"):
