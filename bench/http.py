@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from bench.infer import machine_info, save_fresh_checkpoint
+from service.stack import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -177,12 +177,6 @@ def run_load(
     return result
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def make_lenet_checkpoint(data_dir: Path) -> str:
     """Save a freshly initialised LeNet checkpoint under `data_dir`; returns its id."""
     from workers.checkpoints import CheckpointStore
@@ -194,7 +188,7 @@ def make_lenet_checkpoint(data_dir: Path) -> str:
 @contextmanager
 def api_server(data_dir: Path, *, batching: bool, log_path: Path) -> Iterator[str]:
     """`cnnserve api` on a free loopback port; stopped by PID on exit."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "CNNSERVE_DATA_DIR": str(data_dir),

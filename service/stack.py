@@ -92,7 +92,8 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -249,7 +250,7 @@ class LocalStack:
             )
         port = parts.port or 6379
         if not _port_free("127.0.0.1", port):
-            port = _free_port()
+            port = free_port()
         redis_dir = data_dir / "redis"
         redis_dir.mkdir(parents=True, exist_ok=True)
         argv = [

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from service.stack import free_port
 from tests.deploy.readme import output_mismatch, walkthrough_steps
-from tests.deploy.stack_helpers import FASHION_MNIST_DIR, free_port, running_stack, stack_env
+from tests.deploy.stack_helpers import FASHION_MNIST_DIR, running_stack, stack_env
 
 STEP_TIMEOUT = 300.0
 ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=", re.MULTILINE)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from service.stack import free_port
 from tests.deploy.stack_helpers import (
     CNNSERVE,
-    free_port,
     get,
     port_open,
     running,

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.deploy.stack_helpers import free_port, port_open
+from service.stack import free_port
+from tests.deploy.stack_helpers import port_open
 from tests.service.conftest import stop_process
 
 CNNSERVE = [sys.executable, "-m", "service.cli"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.stack import free_port
 from workers.jobs import JobStore
 from workers.settings import Settings
 
@@ -59,12 +59,6 @@ def store(settings: Settings) -> Iterator[JobStore]:
     s = JobStore.from_url(settings.redis_url)
     yield s
     s.r.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.stack import free_port
 from tests.http_checks import parse_sse
 from tests.service.checkpoint_helpers import fashion_test_set, png
 from workers.settings import Settings
@@ -42,12 +42,6 @@ JOB = {
 }
 #: The brief: the 100-image accuracy is within a few points of the job's val_acc.
 TOLERANCE = 0.05
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cnnserve() -> list[str]:
@@ -135,7 +129,7 @@ def _follow(url: str, job_id: str, timeout: float) -> list[tuple[str, dict[str, 
 def test_train_follow_and_classify_with_real_processes(
     start: Callable[..., subprocess.Popen[bytes]],
 ) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     worker = start("worker", "--device", "cpu", "--name", f"e2e-{os.getpid()}@localhost")
     api = start("api", "--host", "127.0.0.1", "--port", str(port))

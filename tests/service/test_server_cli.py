@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import free_port, stop_process, wait_http
+from service.stack import free_port
+from tests.service.conftest import stop_process, wait_http
 from workers.settings import Settings
 
 
