@@ -16,7 +16,13 @@ import redis
 from celery import Celery
 
 from tests.reliability.procs import ApiProcess, RedisServer
-from tests.workers.helpers import WorkerProcess, lenet_spec, statuses, wait_finished, wait_for
+from tests.workers.helpers import (
+    WorkerProcess,
+    lenet_spec,
+    statuses,
+    train_until_first_checkpoint,
+    wait_finished,
+)
 from workers.celery_app import enqueue_job
 from workers.contracts import QUEUE, JobStatus
 from workers.jobs import JobStore
@@ -118,9 +124,9 @@ def test_a_worker_rides_out_a_redis_restart_without_losing_its_job(
     epochs = 4
     # a lease longer than the outage, as in production (30 s): no other worker may take it
     worker = start_worker(env={"CNNSERVE_LEASE_SECONDS": "10"})
-    job = store.create(lenet_spec(epochs=epochs, train_limit=1000))
-    enqueue_job(celery_app, job.id)
-    wait_for(store, job.id, lambda r: r.latest_checkpoint is not None, 90, "epoch 1", worker)
+    job = train_until_first_checkpoint(
+        store, celery_app, worker, lenet_spec(epochs=epochs, train_limit=1000)
+    )
 
     aof_redis.kill9()
     time.sleep(3)

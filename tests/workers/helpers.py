@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 import torch
+from celery import Celery
 from safetensors.torch import load_file
 
+from workers.celery_app import enqueue_job
 from workers.checkpoints import CheckpointStore
 from workers.contracts import JobSpec
 from workers.jobs import EpochMetrics, JobRecord, JobStore
@@ -93,3 +95,14 @@ def wait_finished(
 def statuses(store: JobStore, job_id: str) -> list[dict[str, Any]]:
     """The job's `status` events, in order."""
     return [data for _id, kind, data in store.events(job_id, count=10_000) if kind == "status"]
+
+
+def train_until_first_checkpoint(
+    store: JobStore, celery_app: Celery, worker: WorkerProcess, spec: JobSpec
+) -> JobRecord:
+    """Submit `spec` as a job and wait until `worker` has checkpointed its first epoch."""
+    job = store.create(spec)
+    enqueue_job(celery_app, job.id)
+    return wait_for(
+        store, job.id, lambda r: r.latest_checkpoint is not None, 90, "a checkpoint", worker
+    )

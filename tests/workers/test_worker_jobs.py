@@ -15,8 +15,8 @@ from tests.workers.helpers import (
     WorkerProcess,
     lenet_spec,
     statuses,
+    train_until_first_checkpoint,
     wait_finished,
-    wait_for,
 )
 from workers.celery_app import enqueue_job, live_workers, worker_heartbeats
 from workers.checkpoints import CheckpointStore
@@ -105,9 +105,9 @@ def test_killed_worker_job_resumes_from_last_checkpoint_on_a_fresh_worker(
 ) -> None:
     epochs = 5
     first = start_worker()
-    job = store.create(lenet_spec(epochs=epochs, train_limit=1000))
-    enqueue_job(celery_app, job.id)
-    wait_for(store, job.id, lambda r: r.latest_checkpoint is not None, 90, "a checkpoint", first)
+    job = train_until_first_checkpoint(
+        store, celery_app, first, lenet_spec(epochs=epochs, train_limit=1000)
+    )
 
     first.kill()
     killed = store.get(job.id)
@@ -149,9 +149,9 @@ def test_a_worker_shutting_down_hands_its_job_back_to_the_queue(
 ) -> None:
     epochs = 4
     first = start_worker()
-    job = store.create(lenet_spec(epochs=epochs, train_limit=1000))
-    enqueue_job(celery_app, job.id)
-    wait_for(store, job.id, lambda r: r.latest_checkpoint is not None, 90, "a checkpoint", first)
+    job = train_until_first_checkpoint(
+        store, celery_app, first, lenet_spec(epochs=epochs, train_limit=1000)
+    )
 
     first.stop()  # SIGTERM, as `docker stop` sends: a warm shutdown
     assert first.proc.returncode == 0, first.log()[-3000:]
@@ -173,9 +173,9 @@ def test_cancel_stops_a_running_job_within_seconds_and_keeps_its_checkpoints(
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
     worker = start_worker()
-    job = store.create(lenet_spec(epochs=50, train_limit=2000))
-    enqueue_job(celery_app, job.id)
-    wait_for(store, job.id, lambda r: r.latest_checkpoint is not None, 90, "a checkpoint", worker)
+    job = train_until_first_checkpoint(
+        store, celery_app, worker, lenet_spec(epochs=50, train_limit=2000)
+    )
 
     store.request_cancel(job.id)
     asked = time.monotonic()
