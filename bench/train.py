@@ -237,14 +237,12 @@ def bench_model(
         for way in order:
             if way == "d2l" and seed not in d2l_seeds:
                 continue
-            way_spec = spec if way == "cnnserve" else spec.model_copy(update={"epochs": d2l_epochs})
-            log.info(
-                "%s seed %d: training the %s way (%d epochs)", name, seed, way, way_spec.epochs
-            )
+            log.info("%s seed %d: training the %s way", name, seed, way)
             if way == "d2l":
-                run = run_d2l(way_spec, device, data_dir, val_limit, loader_workers)
+                d2l_spec = spec.model_copy(update={"epochs": d2l_epochs})
+                run = run_d2l(d2l_spec, device, data_dir, val_limit, loader_workers)
             else:
-                run = run_cnnserve(way_spec, device, data, options)
+                run = run_cnnserve(spec, device, data, options)
             run["seed"] = seed
             run["load_average"] = list(os.getloadavg())
             log.info(
@@ -309,7 +307,8 @@ def markdown(report: Mapping[str, Any]) -> str:
             goal = f"≤ {r['goal_epoch_s']:g} s: {verdict}"
         lines.append(
             f"| {r['model']} ({r['input_size']}px) | {r['train_images']} / {r['val_images']} "
-            f"| {_runs(d, r)}; {_runs(c, r)} | {d['median_epoch_s']:.2f} "
+            f"| {_runs(r['runs']['d2l'])}; {_runs(r['runs']['cnnserve'])} "
+            f"| {d['median_epoch_s']:.2f} "
             f"| {c['median_epoch_s']:.2f} | **{r['speedup']:.1f}×** | {d['images_per_s']:.0f} "
             f"| {c['images_per_s']:.0f} | {d['val_acc']:.4f} | {c['val_acc']:.4f} "
             f"({_how(c)}) | {goal} |"
@@ -317,10 +316,8 @@ def markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _runs(way: Mapping[str, Any], result: Mapping[str, Any]) -> str:
-    # reports written before the d2l way could run fewer epochs lack the per-way counts
-    epochs = way.get("epochs", result["epochs"])
-    return f"{epochs} × {len(way.get('seeds', result['seeds']))}"
+def _runs(runs: Sequence[Mapping[str, Any]]) -> str:
+    return f"{len(runs[0]['epoch_s'])} × {len(runs)}"
 
 
 def _how(way: Mapping[str, Any]) -> str:
