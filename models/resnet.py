@@ -76,10 +76,12 @@ def _block(
 ) -> nn.Sequential:
     blk: list[nn.Module] = []
     for i in range(num_residuals):
-        if i == 0 and not first_block:
-            blk.append(Residual(num_channels, use_1x1conv=True, strides=2, in_channels=in_channels))
-        else:
-            blk.append(Residual(num_channels, in_channels=in_channels))
+        strides = 2 if i == 0 and not first_block else 1
+        # torchvision's condition: the shortcut needs a 1×1 conv wherever the block changes the
+        # channels or the stride (the seed's ResNet-18 changes them exactly at each stage's
+        # first block after b2, so its layers are unchanged)
+        use_1x1conv = strides != 1 or in_channels != num_channels
+        blk.append(Residual(num_channels, use_1x1conv, strides=strides, in_channels=in_channels))
         in_channels = num_channels
     return nn.Sequential(*blk)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,10 @@ class Summary:
     layers: list[LayerRow] = field(default_factory=list)
     total_params: int = 0
     total_macs: int = 0
+    #: The BatchNorm layer that sees the fewest values per channel for one example, and how
+    #: many (its output's spatial size); None without BatchNorm. Training needs more than one
+    #: value per channel in a batch, so a batch of one example cannot train where this is 1.
+    sparsest_norm: tuple[str, int] | None = None
 
     @property
     def text(self) -> str:
@@ -82,6 +87,7 @@ def summarize_module(
     shapes: dict[str, tuple[int, ...]] = {}
     order: list[str] = []
     leaf_macs: dict[str, int] = {}
+    norms: list[tuple[str, int]] = []
     stack: list[nn.Module] = []
 
     def pre_hook(module: nn.Module, args: Any) -> None:
@@ -100,6 +106,8 @@ def summarize_module(
         key = names[id(module)]
         if isinstance(out, torch.Tensor):
             leaf_macs[key] = leaf_macs.get(key, 0) + _leaf_macs(module, out)
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                norms.append((key, math.prod(out.shape[2:])))
             if id(module) in tracked_ids:
                 shapes[key] = tuple(out.shape)
                 order.append(key)
@@ -134,6 +142,7 @@ def summarize_module(
         layers=rows,
         total_params=sum(p.numel() for p in model.parameters()),
         total_macs=sum(leaf_macs.values()),
+        sparsest_norm=min(norms, key=lambda n: n[1]) if norms else None,
     )
 
 

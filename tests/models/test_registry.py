@@ -137,6 +137,35 @@ def test_other_resnet_depths_are_one_table_away() -> None:
         assert model(torch.zeros(2, 1, 96, 96)).shape == (2, 10)
 
 
+@pytest.mark.parametrize(
+    "arch",
+    [((2, 32), (2, 64)), ((1, 128), (1, 256)), ((2, 64), (2, 64)), ((1, 96),)],
+    ids=["narrow-first-stage", "wide-first-stage", "no-downsampling", "one-stage"],
+)
+def test_a_resnet_stage_table_of_any_widths_builds_and_trains(
+    arch: tuple[tuple[int, int], ...],
+) -> None:
+    # the first stage changing the stem's 64 channels needs a 1×1 shortcut, as torchvision's
+    # BasicBlock has wherever channels or stride change
+    model = build_model("resnet18", arch=arch).train()
+    loss = model(torch.randn(4, 1, 64, 64)).logsumexp(dim=1).mean()
+    loss.backward()
+    assert summarize("resnet18", (1, 1, 64, 64), arch=arch).layers[-1].output_shape == (1, 10)
+    for block in (m for m in model.modules() if isinstance(m, Residual)):
+        changes = block.conv1.in_channels != block.conv1.out_channels or block.conv1.stride != (
+            1,
+            1,
+        )
+        assert (block.conv3 is not None) is changes
+
+
+def test_the_seed_resnet18_keeps_its_shortcuts_where_the_book_puts_them() -> None:
+    model = build_model("resnet18")
+    shortcuts = [name for name, m in model.named_modules() if isinstance(m, Residual) and m.conv3]
+    assert shortcuts == ["net.b3.0", "net.b4.0", "net.b5.0"]
+    assert sum(p.numel() for p in model.parameters()) == 11_178_378
+
+
 def test_build_on_meta_allocates_nothing() -> None:
     model = build_model("vgg", arch="vgg11", device="meta")
     assert all(p.is_meta for p in model.parameters())
