@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from models import ArchError, ModelError, get_model_entry, list_models, summarize
 from workers.settings import DEVICE_PATTERN
@@ -16,6 +25,36 @@ QUEUE = "training"
 
 MIN_INPUT_SIZE = 28
 MAX_INPUT_SIZE = 224
+#: Training examples in Fashion-MNIST (a `train_limit` at or above it trains on all).
+TRAIN_EXAMPLES = 60000
+
+#: The validation context of a record read back from the job store: its spec was checked
+#: when it was submitted, so loading it does not build the network again.
+TRUSTED: dict[str, Any] = {"trusted": True}
+
+
+@dataclass(frozen=True)
+class NetworkFit:
+    """What building a network at an input size tells a job spec, found once per network."""
+
+    #: Why the network cannot take the input (None when it can).
+    problem: str | None = None
+    #: The BatchNorm layer with the fewest values per channel for one example, and how many.
+    sparsest_norm: tuple[str, int] | None = None
+
+
+@lru_cache(maxsize=512)
+def network_fit(
+    model: str, arch: str | tuple[tuple[int, int], ...] | None, input_size: int
+) -> NetworkFit:
+    """Build `model` on the meta device at `input_size` once, and remember what it showed."""
+    try:
+        summary = summarize(model, (1, 1, input_size, input_size), arch=arch)
+    except ArchError as exc:
+        return NetworkFit(problem=f"arch: {exc}")
+    except ModelError as exc:
+        return NetworkFit(problem=f"input_size {input_size} does not fit {model}: {exc}")
+    return NetworkFit(sparsest_norm=summary.sparsest_norm)
 
 
 class JobStatus(StrEnum):
@@ -81,7 +120,10 @@ class JobSpec(BaseModel):
         "auto", description="auto: bf16 autocast on GPUs that support it, fp32 on the CPU."
     )
     train_limit: int | None = Field(
-        None, ge=1, le=60000, description="Train on only the first N shuffled examples."
+        None,
+        ge=1,
+        le=TRAIN_EXAMPLES,
+        description="Train on only the first N shuffled examples.",
     )
 
     @field_validator("model")
@@ -92,24 +134,32 @@ class JobSpec(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _recipe_defaults(self) -> JobSpec:
+    def _recipe_defaults(self, info: ValidationInfo) -> JobSpec:
         entry = get_model_entry(self.model)
         if self.lr is None:
             self.lr = entry.lr
         if self.input_size is None:
             self.input_size = entry.input_size
-        arch: Any = self.arch
-        if isinstance(arch, list):
-            arch = tuple(tuple(p) for p in arch)
-        try:
-            summarize(self.model, (1, 1, self.input_size, self.input_size), arch=arch)
-        except ArchError as exc:
-            raise ValueError(f"arch: {exc}") from exc
-        except ModelError as exc:
-            raise ValueError(
-                f"input_size {self.input_size} does not fit {self.model}: {exc}"
-            ) from exc
+        if not (info.context or {}).get("trusted"):
+            self._check_fit()
         return self
+
+    def _check_fit(self) -> None:
+        """Refuse a network that cannot take the input, or a batch it cannot train on."""
+        assert self.input_size is not None
+        fit = network_fit(self.model, self.arch_value, self.input_size)
+        if fit.problem is not None:
+            raise ValueError(fit.problem)
+        examples = min(self.batch_size, self.train_limit or TRAIN_EXAMPLES)
+        if fit.sparsest_norm is not None and fit.sparsest_norm[1] * examples == 1:
+            layer = fit.sparsest_norm[0]
+            what = "batch_size 1" if self.batch_size == 1 else f"train_limit {self.train_limit}"
+            raise ValueError(
+                f"{what} cannot train {self.model} at input_size {self.input_size}: its "
+                f"BatchNorm layer {layer} would see a single value per channel, and batch "
+                "statistics need at least two; use a batch of 2 or more examples, or a larger "
+                "input_size"
+            )
 
     @property
     def arch_value(self) -> str | tuple[tuple[int, int], ...] | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from workers.contracts import JobSpec
+from workers.contracts import TRUSTED, JobSpec, network_fit
 from workers.settings import Settings
 from workers.train_cli import run_train
 
@@ -43,6 +43,36 @@ def test_an_input_too_small_for_the_model_is_refused() -> None:
         JobSpec(model="vgg", input_size=28)
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"model": "resnet18", "input_size": 32, "batch_size": 1},
+        {"model": "resnet18", "input_size": 28, "train_limit": 1},
+    ],
+    ids=["batch_size", "train_limit"],
+)
+def test_a_batch_that_batchnorm_cannot_train_on_is_refused(fields: dict[str, object]) -> None:
+    # ResNet-18's last stage is 1×1 below 64 px: one example leaves one value per channel
+    with pytest.raises(ValidationError, match=r"BatchNorm layer net\.b5\.0\.bn1 .* single"):
+        JobSpec.model_validate(fields)
+    assert JobSpec.model_validate({**fields, "input_size": 96}).input_size == 96
+    assert JobSpec.model_validate({**fields, "model": "lenet", "input_size": 28}).model == "lenet"
+
+
+def test_a_record_read_back_is_trusted_and_checked_specs_are_not_rebuilt() -> None:
+    # a spec the API refuses (VGG's five pools cannot take 28 px) ...
+    refused = {"model": "vgg", "input_size": 28}
+    with pytest.raises(ValidationError, match="does not fit vgg"):
+        JobSpec.model_validate(refused)
+    # ... is loaded as it is from a record: what is stored was checked when it was submitted
+    assert JobSpec.model_validate(refused, context=TRUSTED).input_size == 28
+    # and a network is built once per (model, arch, input size), however often it is checked
+    network_fit.cache_clear()
+    for _ in range(3):
+        JobSpec.model_validate({"model": "resnet18", "input_size": 64})
+    assert network_fit.cache_info().misses == 1 and network_fit.cache_info().hits == 2
+
+
 def test_defaults_are_the_seeds_recipe() -> None:
     recipes = {m: JobSpec(model=m) for m in ("lenet", "vgg", "resnet18")}
     assert {m: (s.lr, s.input_size) for m, s in recipes.items()} == {
@@ -67,7 +97,7 @@ def test_train_prints_a_metrics_table_and_keeps_checkpoints(
     assert [line.split()[0] for line in lines[1:3]] == ["1", "2"]
     assert "10/10" in err  # the progress bar reached the last batch
     assert "checkpoint" in out
-    jobs = list(settings.checkpoints_dir.iterdir())
+    jobs = [d for d in settings.checkpoints_dir.iterdir() if d.is_dir()]
     assert len(jobs) == 1 and (jobs[0] / "e002" / "weights.safetensors").is_file()
 
 
