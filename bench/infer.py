@@ -121,7 +121,7 @@ def save_fresh_checkpoint(store: CheckpointStore, name: str, job_id: str) -> Man
     """Save a freshly initialised (seed 0) model at its default arch and size as epoch 1."""
     entry = get_model_entry(name)
     torch.manual_seed(0)
-    return store.save(
+    saved = store.save(
         job_id=job_id,
         epoch=1,
         model=build_model(name),
@@ -132,6 +132,7 @@ def save_fresh_checkpoint(store: CheckpointStore, name: str, job_id: str) -> Man
             "preprocessing": Preprocessing(resize=entry.input_size),
         },
     )
+    return saved.manifest
 
 
 def _load(

@@ -6,6 +6,7 @@ Layout under `root` (the settings' `data_dir/checkpoints`):
     <job_id>/e<epoch:03d>/manifest.json         a `Manifest`
     <job_id>/e<epoch:03d>/state.pt              optimizer + RNG state (loaded weights_only)
     <job_id>/aliases.json                       {"latest": id, "best": id}
+    index.sqlite3                               every checkpoint's summary (`checkpoint_index`)
 
 A checkpoint id is `<job_id>-e<epoch:03d>`; ids are made here and checked against a strict
 pattern, so no client string ever becomes a path.
@@ -22,18 +23,20 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models import CLASSES, build_model
+from workers.checkpoint_index import CheckpointIndex
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 CHECKPOINT_ID_RE = re.compile(r"^(?P<job>[0-9a-f]{16})-e(?P<epoch>[0-9]{3})$")
@@ -101,6 +104,49 @@ class Manifest(BaseModel):
         return self.arch
 
 
+class CheckpointSummary(BaseModel):
+    """One checkpoint in a listing: what it is and how good it was."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "0123456789abcdef-e002",
+                    "job_id": "0123456789abcdef",
+                    "epoch": 2,
+                    "model": "lenet",
+                    "arch": None,
+                    "input_size": 28,
+                    "metrics": {"train_loss": 0.71, "val_loss": 0.69, "val_acc": 0.73},
+                    "weights_sha256": "9f2c…",
+                    "created_at": "2025-01-01T12:00:00+00:00",
+                }
+            ]
+        }
+    )
+
+    id: str = Field(description="The checkpoint id, `<job>-eNNN`.")
+    job_id: str = Field(description="The training job that wrote it.")
+    epoch: int = Field(description="The epoch after which it was saved (1-based).")
+    model: str = Field(description="The registered model name.")
+    arch: list[list[int]] | str | None = Field(None, description="The arch, if the model has one.")
+    input_size: int = Field(description="The square input side the network was trained at.")
+    metrics: dict[str, float] = Field(description="train_loss, val_loss, val_acc of that epoch.")
+    weights_sha256: str = Field(description="sha256 of the safetensors weights file.")
+    created_at: str = Field(description="When it was written (ISO 8601, UTC).")
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """What `CheckpointStore.save` wrote: the manifest, the job's aliases and what is kept."""
+
+    manifest: Manifest
+    latest: str
+    best: str
+    #: The job's checkpoint ids after pruning, oldest first.
+    kept: list[str]
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -156,6 +202,7 @@ class CheckpointStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self.index = CheckpointIndex(self.root, scan=self._scan)
 
     # paths (only from validated ids)
     def _dir(self, ckpt_id: str) -> Path:
@@ -179,7 +226,7 @@ class CheckpointStore:
         manifest_fields: dict[str, Any],
         state: dict[str, Any] | None = None,
         keep: int = 3,
-    ) -> Manifest:
+    ) -> SavedCheckpoint:
         """Write one epoch's checkpoint atomically, update `latest`/`best`, prune old ones.
 
         `manifest_fields` holds the Manifest fields other than id, job, epoch and hashes.
@@ -216,27 +263,25 @@ class CheckpointStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._update_aliases(job_id, manifest, keep)
-        return manifest
+        self.index.add(manifest)
+        return self._update_aliases(job_id, manifest, keep)
 
-    def _update_aliases(self, job_id: str, manifest: Manifest, keep: int) -> None:
+    def _update_aliases(self, job_id: str, manifest: Manifest, keep: int) -> SavedCheckpoint:
         aliases = self.aliases(job_id)
         aliases["latest"] = manifest.id
         best_id = aliases.get("best")
-        best_acc = -1.0
-        if best_id:
-            try:
-                best_acc = self.manifest(best_id).metrics.get("val_acc", -1.0)
-            except CheckpointError:
-                best_acc = -1.0
-        if manifest.metrics.get("val_acc", -1.0) >= best_acc:
+        best_acc = self.index.val_acc(best_id) if best_id else None
+        if best_acc is None or manifest.metrics.get("val_acc", -1.0) >= best_acc:
             aliases["best"] = manifest.id
         _write_json_atomic(self._job_dir(job_id) / "aliases.json", aliases)
         epochs = sorted(self._epoch_ids(job_id))
         protected = {aliases["best"], aliases["latest"], *epochs[-keep:]}
-        for old in epochs:
-            if old not in protected:
-                shutil.rmtree(self._dir(old), ignore_errors=True)
+        pruned = [old for old in epochs if old not in protected]
+        for old in pruned:
+            shutil.rmtree(self._dir(old), ignore_errors=True)
+        self.index.remove(pruned)
+        kept = [e for e in epochs if e in protected]
+        return SavedCheckpoint(manifest, aliases["latest"], aliases["best"], kept)
 
     # reading
     def aliases(self, job_id: str) -> dict[str, str]:
@@ -277,20 +322,27 @@ class CheckpointStore:
                 f"checkpoint {ckpt_id}: its manifest is damaged and cannot be read"
             ) from exc
 
-    def list(self, *, job_id: str | None = None, model: str | None = None) -> list[Manifest]:
-        """Manifests of every readable checkpoint, newest job first, by epoch."""
-        job_ids = [job_id] if job_id else list(self._job_ids())
-        out: list[Manifest] = []
-        for jid in job_ids:
+    def _scan(self) -> Iterator[Manifest]:
+        """Every readable manifest on disk (what the index is built from, once)."""
+        for jid in self._job_ids():
             for cid in sorted(self._epoch_ids(jid)):
                 try:
-                    m = self.manifest(cid)
+                    yield self.manifest(cid)
                 except CheckpointError:
                     continue
-                if model is None or m.model == model:
-                    out.append(m)
-        out.sort(key=lambda m: (m.created_at, m.epoch), reverse=True)
-        return out
+
+    def list(
+        self, *, job_id: str | None = None, model: str | None = None
+    ) -> list[CheckpointSummary]:
+        """Summaries of every checkpoint (of a job, of a model), newest first, from the index.
+
+        A checkpoint whose files were removed by hand is left out, and out of the index.
+        """
+        rows = self.index.summaries(job_id=job_id, model=model)
+        present = [r for r in rows if (self._dir(r["id"]) / "manifest.json").is_file()]
+        if len(present) < len(rows):
+            self.index.remove({r["id"] for r in rows} - {r["id"] for r in present})
+        return [CheckpointSummary.model_validate(row) for row in present]
 
     def resolve(self, ref: str) -> str:
         """A checkpoint id from an id or an alias: `<job>:latest`, `<job>:best`, `<model>:best`."""
@@ -311,15 +363,20 @@ class CheckpointStore:
                 raise CheckpointNotFoundError(ref, f"job {head} has no {alias} checkpoint")
             return target
         if alias == "best" and MODEL_NAME_RE.match(head):
-            best = max(
-                self.list(model=head),
-                key=lambda m: (m.metrics.get("val_acc", -1.0), m.created_at),
-                default=None,
-            )
-            if best is None:
-                raise CheckpointNotFoundError(ref, f"no checkpoint of model {head!r} exists")
-            return best.id
+            return self._best_of_model(ref, head)
         raise CheckpointNotFoundError(ref, f"no checkpoint answers to {ref!r}")
+
+    def _best_of_model(self, ref: str, model: str) -> str:
+        """The best checkpoint of `model` by validation accuracy (newest among equals)."""
+        while True:
+            ranked = self.index.best(model)
+            if not ranked:
+                raise CheckpointNotFoundError(ref, f"no checkpoint of model {model!r} exists")
+            present = [c for c in ranked if (self._dir(c) / "manifest.json").is_file()]
+            if present:
+                return present[0]
+            # removed behind the store's back (by hand): forget them, look again
+            self.index.remove(ranked)
 
     def weights_path(self, ckpt_id: str) -> Path:
         """The verified safetensors file of a checkpoint."""
@@ -395,18 +452,14 @@ class CheckpointStore:
             raise CheckpointNotFoundError(ckpt_id)
         job_id = directory.parent.name
         shutil.rmtree(directory)
+        self.index.remove([ckpt_id])
         remaining = sorted(self._epoch_ids(job_id))
         aliases = self.aliases(job_id)
         if not remaining:
             (self._job_dir(job_id) / "aliases.json").unlink(missing_ok=True)
             return
-        manifests = []
-        for cid in remaining:
-            try:
-                manifests.append(self.manifest(cid))
-            except CheckpointError:
-                continue
         aliases["latest"] = remaining[-1]
-        if manifests:
-            aliases["best"] = max(manifests, key=lambda m: m.metrics.get("val_acc", -1.0)).id
+        ranked = [(acc, cid) for cid, acc in self.index.of_job(job_id) if cid in remaining]
+        if ranked:
+            aliases["best"] = max(ranked, key=lambda r: r[0])[1]
         _write_json_atomic(self._job_dir(job_id) / "aliases.json", aliases)

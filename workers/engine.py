@@ -29,7 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import build_model, get_model_entry
-from workers.checkpoints import CheckpointError, CheckpointStore, Manifest, Preprocessing
+from workers.checkpoints import (
+    CheckpointError,
+    CheckpointStore,
+    Preprocessing,
+    SavedCheckpoint,
+)
 from workers.contracts import JobSpec
 from workers.data import FashionMNIST
 from workers.devices import release_memory, resolve_device, resolve_precision
@@ -81,7 +86,7 @@ class TrainingCallbacks(Protocol):
 
     def on_progress(self, progress: Progress) -> None: ...
 
-    def on_epoch(self, metrics: EpochMetrics, manifest: Manifest) -> None: ...
+    def on_epoch(self, metrics: EpochMetrics, saved: SavedCheckpoint) -> None: ...
 
     def stop_requested(self) -> StopRequest | None: ...
 
@@ -92,7 +97,7 @@ class NullCallbacks:
     def on_progress(self, progress: Progress) -> None:
         return None
 
-    def on_epoch(self, metrics: EpochMetrics, manifest: Manifest) -> None:
+    def on_epoch(self, metrics: EpochMetrics, saved: SavedCheckpoint) -> None:
         return None
 
     def stop_requested(self) -> StopRequest | None:
@@ -380,7 +385,7 @@ class _Run:
         total, hits = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).tolist()
         return total / n, hits / n
 
-    def save(self, epoch: int, metrics: EpochMetrics) -> Manifest:
+    def save(self, epoch: int, metrics: EpochMetrics) -> SavedCheckpoint:
         state: dict[str, Any] = {
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -436,8 +441,8 @@ class _Run:
                 seconds=round(now - epoch_t0, 3),
             )
             self.history.append(metrics)
-            manifest = self.save(epoch, metrics)
-            self.latest = manifest.id
+            saved = self.save(epoch, metrics)
+            self.latest = saved.manifest.id
             log.info(
                 "job %s epoch %d/%d: train_loss %.4f val_loss %.4f val_acc %.4f (%.2f s)",
                 self.job_id,
@@ -448,7 +453,7 @@ class _Run:
                 val_acc,
                 metrics.seconds,
             )
-            self.callbacks.on_epoch(metrics, manifest)
+            self.callbacks.on_epoch(metrics, saved)
             limit = self.options.max_seconds
             over = limit is not None and time.monotonic() - self.started > limit
             if over and epoch < self.spec.epochs:

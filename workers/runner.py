@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from workers.checkpoints import CheckpointError, CheckpointStore, Manifest
+from workers.checkpoints import CheckpointError, CheckpointStore, SavedCheckpoint
 from workers.contracts import JobSpec, JobStatus
 from workers.data import load_fashion_mnist
 from workers.devices import release_memory, requested_device, resolve_device
@@ -72,9 +72,8 @@ class LeaseKeeper:
 class JobCallbacks:
     """Engine callbacks that keep the job record and its event stream up to date."""
 
-    def __init__(self, store: JobStore, ckpts: CheckpointStore, job_id: str, lease: LeaseKeeper):
+    def __init__(self, store: JobStore, job_id: str, lease: LeaseKeeper):
         self.store = store
-        self.ckpts = ckpts
         self.job_id = job_id
         self.lease = lease
         self.finished_elsewhere = False
@@ -91,21 +90,18 @@ class JobCallbacks:
         except redis.RedisError as exc:
             log.warning("job %s: progress not recorded (%s)", self.job_id, exc)
 
-    def on_epoch(self, metrics: EpochMetrics, manifest: Manifest) -> None:
-        aliases = self.ckpts.aliases(self.job_id)
-        kept = sorted(m.id for m in self.ckpts.list(job_id=self.job_id))
-
+    def on_epoch(self, metrics: EpochMetrics, saved: SavedCheckpoint) -> None:
         def change(rec: JobRecord) -> None:
             rec.metrics = [m for m in rec.metrics if m.epoch < metrics.epoch] + [metrics]
-            rec.checkpoints = kept
-            rec.latest_checkpoint = aliases.get("latest", manifest.id)
-            rec.best_checkpoint = aliases.get("best")
+            rec.checkpoints = saved.kept
+            rec.latest_checkpoint = saved.latest
+            rec.best_checkpoint = saved.best
 
         # an epoch's record must not be lost to a Redis blip, nor end the attempt
         self._until_recorded(lambda: self.store.update(self.job_id, change))
         self._until_recorded(
             lambda: self.store.add_event(
-                self.job_id, "epoch", {**metrics.model_dump(), "checkpoint": manifest.id}
+                self.job_id, "epoch", {**metrics.model_dump(), "checkpoint": saved.manifest.id}
             )
         )
 
@@ -311,7 +307,7 @@ def _run_leased(
     log.info(
         "job %s: attempt %d on %s (resume from %s)", job_id, record.attempts, worker, resume_from
     )
-    callbacks = JobCallbacks(store, ckpts, job_id, lease)
+    callbacks = JobCallbacks(store, job_id, lease)
     try:
         if device_error is not None:
             raise device_error

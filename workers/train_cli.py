@@ -14,7 +14,7 @@ from typing import Any, TextIO
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from workers.checkpoints import CheckpointStore, Manifest
+from workers.checkpoints import CheckpointStore, SavedCheckpoint
 from workers.contracts import JobSpec
 from workers.data import load_fashion_mnist
 from workers.engine import Outcome, StopRequest, TrainOptions, train
@@ -43,12 +43,12 @@ class ProgressBar:
             postfix["img/s"] = f"{progress.images_per_s:,.0f}"
         self.bar.set_postfix(postfix, refresh=False)
 
-    def on_epoch(self, metrics: EpochMetrics, manifest: Manifest) -> None:
+    def on_epoch(self, metrics: EpochMetrics, saved: SavedCheckpoint) -> None:
         if self.bar is not None:
             self.bar.write(
                 f"epoch {metrics.epoch}: train_loss {metrics.train_loss:.4f}  "
                 f"val_loss {metrics.val_loss:.4f}  val_acc {metrics.val_acc:.4f}  "
-                f"({metrics.seconds:.2f} s)  -> {manifest.id}",
+                f"({metrics.seconds:.2f} s)  -> {saved.manifest.id}",
                 file=self.stream,
             )
 

@@ -13,13 +13,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from service.auth import RequireKey
 from service.deps import CheckpointStoreDep
 from service.errors import problem_responses
 from service.inference import InferenceDep
-from workers.checkpoints import CheckpointStore, Manifest
+from workers.checkpoints import CheckpointStore, CheckpointSummary, Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -39,52 +39,6 @@ RefPath = Annotated[
 
 
 # --- schemas -------------------------------------------------------------------------------
-
-
-class CheckpointSummary(BaseModel):
-    """One checkpoint in a listing: what it is and how good it was."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": EXAMPLE_ID,
-                    "job_id": "0123456789abcdef",
-                    "epoch": 2,
-                    "model": "lenet",
-                    "arch": None,
-                    "input_size": 28,
-                    "metrics": {"train_loss": 0.71, "val_loss": 0.69, "val_acc": 0.73},
-                    "weights_sha256": "9f2c…",
-                    "created_at": "2025-01-01T12:00:00+00:00",
-                }
-            ]
-        }
-    )
-
-    id: str = Field(description="The checkpoint id, `<job>-eNNN`.")
-    job_id: str = Field(description="The training job that wrote it.")
-    epoch: int = Field(description="The epoch after which it was saved (1-based).")
-    model: str = Field(description="The registered model name.")
-    arch: list[list[int]] | str | None = Field(None, description="The arch, if the model has one.")
-    input_size: int = Field(description="The square input side the network was trained at.")
-    metrics: dict[str, float] = Field(description="train_loss, val_loss, val_acc of that epoch.")
-    weights_sha256: str = Field(description="sha256 of the safetensors weights file.")
-    created_at: str = Field(description="When it was written (ISO 8601, UTC).")
-
-    @classmethod
-    def of(cls, m: Manifest) -> CheckpointSummary:
-        return cls(
-            id=m.id,
-            job_id=m.job_id,
-            epoch=m.epoch,
-            model=m.model,
-            arch=m.arch,
-            input_size=m.input_size,
-            metrics=m.metrics,
-            weights_sha256=m.weights_sha256,
-            created_at=m.created_at,
-        )
 
 
 class CheckpointList(BaseModel):
@@ -130,8 +84,7 @@ def list_checkpoints(
         Query(pattern=r"^[a-z0-9_]{1,32}$", description="Only checkpoints of this model."),
     ] = None,
 ) -> CheckpointList:
-    manifests = store.list(job_id=job_id, model=model)
-    return CheckpointList(checkpoints=[CheckpointSummary.of(m) for m in manifests])
+    return CheckpointList(checkpoints=store.list(job_id=job_id, model=model))
 
 
 @router.get(

@@ -80,7 +80,7 @@ def save(
     val_acc: float = 0.7,
 ) -> Manifest:
     """Save a checkpoint as the training engine does (manifest with preprocessing)."""
-    return store.save(
+    saved = store.save(
         job_id=job_id,
         epoch=epoch,
         model=model,
@@ -93,6 +93,7 @@ def save(
         },
         keep=10,
     )
+    return saved.manifest
 
 
 def png(arr: np.ndarray) -> bytes:

@@ -146,7 +146,7 @@ def test_onnxruntime_agrees_with_eager_pytorch(
             "input_size": input_size,
             "preprocessing": Preprocessing(resize=input_size),
         },
-    )
+    ).manifest
     kwargs = {"cache_dir": tmp_path / "onnx", "threads": 2}
     ort_model = load_for_inference(store, manifest.id, backend="auto", **kwargs)  # type: ignore[arg-type]
     eager = load_for_inference(store, manifest.id, backend="eager", **kwargs)  # type: ignore[arg-type]
