@@ -45,6 +45,24 @@ def resolve_device(request: str) -> torch.device:
     return torch.device("cuda", index)
 
 
+def prepare_device(request: str, precision: str) -> tuple[torch.device, torch.dtype | None]:
+    """The device a run trains on, made current, and the autocast dtype for `precision`.
+
+    `cuda:N` becomes the current device first, so what asks "the current device" (bf16
+    support, CUDA graph capture, streams) asks about GPU N, not GPU 0.
+    """
+    device = resolve_device(request)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device, resolve_precision(precision, device)
+
+
+def wait_for_device(device: torch.device) -> None:
+    """Wait until the device has run every kernel queued on it so far (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a precision setting on a device (None: plain fp32)."""
     if precision == "fp32":

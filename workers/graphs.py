@@ -15,7 +15,9 @@ The step must keep its shapes and never sync with the host: the engine replays f
 only and runs the last, partial batch of an epoch eagerly (zeroing the graph's grads in place
 so they stay where the graph writes them). Only the SGD family is captured: AdamW's step needs
 `capturable=True` state, which would change its checkpoints, so it stays eager. If capture
-fails for any reason the run logs why and goes on eagerly: slower, never wrong.
+fails the run logs why and goes on eagerly (slower, never wrong) on the stream it started
+on; out of memory during capture is not a capture problem but the batch not fitting, and
+fails the job with the engine's out-of-memory advice.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ class StepGraph:
             self.static_idx.copy_(idx)
             try:
                 self._capture()
+            except torch.cuda.OutOfMemoryError:
+                raise  # the batch does not fit: the job fails with the out-of-memory advice
             except RuntimeError as exc:  # capture errors surface as RuntimeError subclasses
                 self._give_up(exc)
                 self._eager(idx)
@@ -117,8 +121,15 @@ class StepGraph:
     def _capture(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream):
-            self.body(self.static_idx)
+        origin = torch.cuda.current_stream(self.device)
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                self.body(self.static_idx)
+        except BaseException:
+            # `torch.cuda.graph` leaves its capture stream current when capture fails: put
+            # the run back on the stream it was on, or later work would race the default one
+            torch.cuda.set_stream(origin)
+            raise
         self.graph = graph
         log.info("training step captured as a CUDA graph (batch %d)", self.batch_size)
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.workers.helpers import lenet_spec, numbers, weights
-from workers.checkpoints import CheckpointStore, Manifest
+from workers.checkpoints import CheckpointStore, SavedCheckpoint
+from workers.contracts import JobSpec
 from workers.data import FashionMNIST
-from workers.devices import requested_device, resolve_device, resolve_precision
+from workers.devices import prepare_device, requested_device, resolve_device, resolve_precision
 from workers.engine import Outcome, StopRequest, TrainOptions, train
 from workers.errors import DeviceError
 from workers.jobs import EpochMetrics, Progress, new_job_id
@@ -31,7 +34,7 @@ class Recorder:
     def on_progress(self, progress: Progress) -> None:
         self.progress.append(progress)
 
-    def on_epoch(self, metrics: EpochMetrics, manifest: Manifest) -> None:
+    def on_epoch(self, metrics: EpochMetrics, saved: SavedCheckpoint) -> None:
         self.epochs.append(metrics)
 
     def stop_requested(self) -> StopRequest | None:
@@ -108,6 +111,31 @@ def test_progress_reports_batches_rate_and_eta(data: FashionMNIST, tmp_path: Pat
     assert all(e is not None and e > 0 for e in etas)
 
 
+def test_a_last_batch_of_one_example_is_dropped_and_the_epoch_counts_what_it_trained(
+    data: FashionMNIST, tmp_path: Path
+) -> None:
+    # 129 = one batch of 128 and one example: ResNet-18's BatchNorm at 32 px cannot train on
+    # a batch of one (one value per channel in its last stage)
+    small = dataclasses.replace(
+        data, test_images=data.test_images[:256], test_labels=data.test_labels[:256]
+    )
+    spec = JobSpec(
+        model="resnet18", device="cpu", input_size=32, train_limit=129, batch_size=128, epochs=2
+    )
+    rec = Recorder()
+    store = CheckpointStore(tmp_path)
+    options = TrainOptions("cpu", progress_interval_s=0.0)
+    result = train(
+        spec, job_id=new_job_id(), data=small, store=store, options=options, callbacks=rec
+    )
+
+    assert result.outcome is Outcome.completed and len(result.history) == 2
+    assert all(p.batches == 1 for p in rec.progress)
+    assert all(math.isfinite(m.train_loss) and m.train_loss > 0 for m in result.history)
+    dataset = store.manifest(result.latest_checkpoint or "").dataset
+    assert (dataset["trained_on"], dataset["per_epoch"]) == (129, 128)
+
+
 def test_other_input_sizes_are_resized_on_the_device_as_the_manifest_says(
     data: FashionMNIST, tmp_path: Path
 ) -> None:
@@ -166,3 +194,21 @@ def test_device_requests() -> None:
         assert resolve_device("auto") == torch.device("cpu")
         with pytest.raises(DeviceError, match="has no usable CUDA GPU"):
             resolve_device("cuda:0")
+
+
+def test_cuda_n_is_made_current_before_its_bf16_support_is_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a stand-in for a machine whose GPU 0 lacks bf16 and GPU 1 has it: torch answers
+    # is_bf16_supported() for the *current* device
+    current = [0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.__setitem__(0, d.index))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **_: current[0] == 1)
+
+    assert prepare_device("cuda:1", "auto") == (torch.device("cuda", 1), torch.bfloat16)
+    assert current == [1]
+    assert prepare_device("cuda:0", "auto") == (torch.device("cuda", 0), None)
+    with pytest.raises(DeviceError, match="no bf16 support"):
+        prepare_device("cuda:0", "bf16")

@@ -22,6 +22,7 @@ from workers import engine, graphs
 from workers.checkpoints import CheckpointStore
 from workers.data import FashionMNIST
 from workers.engine import Outcome, TrainOptions, TrainResult, train
+from workers.errors import OutOfMemoryError
 from workers.graphs import WARMUP_STEPS, StepGraph, graphs_apply
 from workers.jobs import new_job_id
 
@@ -125,3 +126,122 @@ def test_which_runs_capture_their_step(
 ) -> None:
     got = graphs_apply(torch.device(device), optimizer, wanted=wanted, compiled=compiled)
     assert got is applies
+
+
+class FakeStreams:
+    """The current-stream bookkeeping of torch.cuda, for a capture that cannot run here."""
+
+    def __init__(self) -> None:
+        self.default = object()
+        self.current = self.default
+
+    def current_stream(self, device: object = None) -> object:
+        return self.current
+
+    def set_stream(self, stream: object) -> None:
+        self.current = stream
+
+
+@pytest.fixture
+def cuda_capture(monkeypatch: pytest.MonkeyPatch) -> FakeStreams:
+    """The engine on the CUDA-graph path with `torch.cuda.graph` as it behaves on a GPU whose
+    capture fails: the capture stream is made current, and capture_end raises."""
+    streams = FakeStreams()
+
+    class FailingGraph:
+        def capture_end(self) -> None:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    class graph:
+        def __init__(self, cuda_graph: FailingGraph, stream: object = None) -> None:
+            self.cuda_graph, self.stream = cuda_graph, stream or object()
+
+        def __enter__(self) -> None:
+            streams.current = self.stream
+
+        def __exit__(self, *exc: object) -> None:
+            # as torch's: capture_end first, so a failure leaves the capture stream current
+            self.cuda_graph.capture_end()
+            streams.current = streams.default
+
+    def applies_as_on_a_gpu(device: torch.device, optimizer: str, **flags: bool) -> bool:
+        return graphs_apply(torch.device("cuda"), optimizer, **flags)
+
+    monkeypatch.setattr(engine, "graphs_apply", applies_as_on_a_gpu)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FailingGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "current_stream", streams.current_stream)
+    monkeypatch.setattr(torch.cuda, "set_stream", streams.set_stream)
+    return streams
+
+
+def test_a_failed_capture_leaves_the_run_on_the_stream_it_started_on(
+    data: FashionMNIST, tmp_path: Path, cuda_capture: FakeStreams
+) -> None:
+    result = run(data, CheckpointStore(tmp_path))
+
+    assert result.outcome is Outcome.completed and not result.cuda_graph
+    # the eager steps after the failure, and everything after the run, use the run's stream
+    assert cuda_capture.current is cuda_capture.default
+
+
+def test_out_of_memory_during_capture_fails_the_job_as_out_of_memory(
+    data: FashionMNIST, tmp_path: Path, stand_in: StandIn
+) -> None:
+    def out_of_memory(self: StepGraph) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(StepGraph, "_capture", out_of_memory)
+        with pytest.raises(OutOfMemoryError, match="smaller batch_size"):
+            run(data, CheckpointStore(tmp_path))
+    assert stand_in.replays == 0  # not trained on eagerly as if capture had merely failed
+
+
+class QueuedWork:
+    """A GPU's queue, stood in for: replays are queued, and done only when waited for."""
+
+    def __init__(self) -> None:
+        self.queued = 0
+        self.seen_at_ticks: list[int] = []
+
+    def wait(self, device: torch.device) -> None:
+        self.queued = 0
+
+
+def test_progress_and_stops_count_only_work_the_device_has_finished(
+    data: FashionMNIST, tmp_path: Path, stand_in: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gpu = QueuedWork()
+    replay = StepGraph._replay
+
+    def queue_replay(self: StepGraph) -> None:
+        replay(self)
+        gpu.queued += 1
+
+    monkeypatch.setattr(StepGraph, "_replay", queue_replay)
+    monkeypatch.setattr(engine, "wait_for_device", gpu.wait, raising=False)
+
+    class Ticks:
+        def on_progress(self, progress: object) -> None:
+            gpu.seen_at_ticks.append(gpu.queued)
+
+        def on_epoch(self, metrics: object, saved: object) -> None:
+            return None
+
+        def stop_requested(self) -> None:
+            return None
+
+    result = train(
+        SPEC,
+        job_id=new_job_id(),
+        data=data,
+        store=CheckpointStore(tmp_path),
+        options=TrainOptions("cpu", progress_interval_s=0.0),
+        callbacks=Ticks(),
+    )
+    assert result.outcome is Outcome.completed and stand_in.replays > 0
+    # every tick (progress, images/s, ETA, the cancel check, the wall-time ceiling) came after
+    # the device had run what the host had queued
+    assert len(gpu.seen_at_ticks) >= SPEC.epochs * FULL_BATCHES
+    assert set(gpu.seen_at_ticks) == {0}
