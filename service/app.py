@@ -31,6 +31,8 @@ from workers.settings import Settings, get_settings
 logger = logging.getLogger(__name__)
 
 API_PREFIX = "/v1"
+#: Finished jobs past their retention are looked for at least this often (seconds).
+RETENTION_CHECK_MAX_S = 60.0
 STATIC_URL = "/static-docs"
 
 DESCRIPTION = """\
@@ -80,9 +82,14 @@ def _lifespan(settings: Settings) -> Any:
         app.state.worker_ping_cache = WorkerPingCache()
         app.state.sse_threads = anyio.CapacityLimiter(job_events.SSE_THREADS)
         log_auth_mode(settings)
+        await _index_job_store(app.state.job_store)
         logger.info("cnnserve API ready (Redis %s)", settings.redis_url.rsplit("@", 1)[-1])
         try:
-            yield
+            async with anyio.create_task_group() as tasks:
+                if settings.job_retention is not None:
+                    tasks.start_soon(_purge_expired_jobs, app.state.job_store, settings)
+                yield
+                tasks.cancel_scope.cancel()
         finally:
             inference = getattr(app.state, "inference", None)
             if inference is not None and hasattr(inference, "close"):
@@ -91,6 +98,32 @@ def _lifespan(settings: Settings) -> Any:
             client.close()
 
     return lifespan
+
+
+async def _index_job_store(store: JobStore) -> None:
+    """Index a job store written by an earlier version before serving (once per store)."""
+    try:
+        indexed = await anyio.to_thread.run_sync(store.ensure_indexed)
+    except redis.RedisError as exc:  # the listing indexes it on first use instead
+        logger.warning("job store not indexed at start-up (Redis: %s); will retry", exc)
+        return
+    if indexed:
+        logger.info("job store upgraded: %d earlier job(s) indexed", indexed)
+
+
+async def _purge_expired_jobs(store: JobStore, settings: Settings) -> None:
+    """Remove finished jobs older than `job_retention`, checked a few times per retention."""
+    assert settings.job_retention is not None
+    keep_s = settings.job_retention.total_seconds()
+    every_s = min(RETENTION_CHECK_MAX_S, max(1.0, keep_s / 10))
+    while True:
+        try:
+            removed = await anyio.to_thread.run_sync(store.purge_finished, keep_s)
+            if removed:
+                logger.info("removed %d finished job(s) past their retention", removed)
+        except redis.RedisError as exc:
+            logger.warning("retention: Redis unavailable (%s)", exc)
+        await anyio.sleep(every_s)
 
 
 def _add_docs(app: FastAPI) -> None:

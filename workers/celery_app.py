@@ -63,9 +63,25 @@ def make_celery(settings: Settings) -> Celery:
 app = make_celery(get_settings())
 
 
+#: How often sending a task is retried when the broker connection fails, and how fast.
+ENQUEUE_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2}
+
+
 def enqueue_job(celery: Celery, job_id: str) -> str:
-    """Queue a training job by task name (no engine import); returns the Celery task id."""
-    result = celery.send_task(TRAIN_TASK, args=[job_id], queue=QUEUE)
+    """Queue a training job by task name (no engine import); returns the Celery task id.
+
+    The one way a job is sent, by the API and by orphan recovery alike: the task id is the
+    job id (so broker tools show which job a message is for), with a short retry when the
+    broker connection blips; if it still fails, the caller sees Kombu's or Redis's error.
+    """
+    result = celery.send_task(
+        TRAIN_TASK,
+        args=[job_id],
+        queue=QUEUE,
+        task_id=job_id,
+        retry=True,
+        retry_policy=ENQUEUE_RETRY_POLICY,
+    )
     return str(result.id)
 
 

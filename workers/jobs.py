@@ -1,12 +1,12 @@
 """Job records in Redis: the durable state of every job, its event stream and its lease.
 
-Keys (prefix `cnnserve:`):
-- `job:{id}`        JSON of the `JobRecord`
-- `jobs`            sorted set of job ids by creation time (listing, pagination)
-- `job:{id}:events` a Redis stream of progress/epoch/status events (SSE replay)
-- `job:{id}:cancel` set when a cancel is requested
-- `job:{id}:lease`  held by the worker training the job (SET NX PX, renewed by heartbeat)
-- `idem:{key}`      an Idempotency-Key's job id and body hash
+Keys (prefix `cnnserve:`; the indexes are described in `workers.job_index`):
+- `job:{id}`          JSON of the `JobRecord`
+- `job:{id}:events`   a Redis stream of progress/epoch/status events (SSE replay)
+- `job:{id}:cancel`   set when a cancel is requested
+- `job:{id}:lease`    held by the worker training the job (SET NX PX, renewed by heartbeat)
+- `job:{id}:requeue`  a short claim, so one worker requeues a given orphan
+- `idem:{key}`        an Idempotency-Key's job id, body hash and when it was claimed
 """
 
 from __future__ import annotations
@@ -21,10 +21,26 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
-from workers.contracts import JobSpec, JobStatus
+from workers import job_index as index
+from workers.contracts import TRUSTED, JobSpec, JobStatus
+from workers.job_index import PREFIX, Cursor, record_key
 
-PREFIX = "cnnserve:"
+__all__ = [
+    "PREFIX",
+    "Cursor",
+    "EpochMetrics",
+    "JobNotFoundError",
+    "JobRecord",
+    "JobStore",
+    "Progress",
+    "new_job_id",
+    "now_iso",
+]
+
 EVENTS_MAXLEN = 20_000
+#: An Idempotency-Key whose job record is missing this long after its claim belonged to a
+#: job that is gone (removed by retention, or never made): the key may be used again.
+IDEMPOTENCY_IN_FLIGHT_S = 60.0
 
 
 def now_iso() -> str:
@@ -104,16 +120,28 @@ class JobNotFoundError(LookupError):
         super().__init__(f"no job with id {job_id!r}")
 
 
+def _model_of(raw: str | None) -> str | None:
+    """The model a raw record names (None when there is no readable record)."""
+    try:
+        return str(json.loads(raw)["spec"]["model"]) if raw is not None else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def new_job_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
 class JobStore:
-    """Reads and writes job records, events, cancel flags and leases in Redis."""
+    """Reads and writes job records, their indexes, events, cancel flags and leases in Redis.
+
+    Records read back are trusted (`TRUSTED`): their specs were checked on submission.
+    """
 
     def __init__(self, client: redis.Redis) -> None:
         # redis-py's stubs type replies loosely; records are JSON strings (decode_responses)
         self.r: Any = client
+        self._indexed = False
 
     @classmethod
     def from_url(cls, url: str) -> JobStore:
@@ -121,28 +149,51 @@ class JobStore:
 
     # records
     def _key(self, job_id: str) -> str:
-        return f"{PREFIX}job:{job_id}"
+        return record_key(job_id)
+
+    @staticmethod
+    def _load(raw: str | bytes) -> JobRecord:
+        return JobRecord.model_validate_json(raw, context=TRUSTED)
+
+    def ensure_indexed(self) -> int:
+        """Index the records an earlier version wrote (once per store); returns how many."""
+        if self._indexed:
+            return 0
+        n = index.ensure_indexed(self.r)
+        self._indexed = True
+        return n
 
     def create(self, spec: JobSpec, job_id: str | None = None) -> JobRecord:
+        """Record a new queued job, its indexes and its first event in one MULTI/EXEC."""
         record = JobRecord(id=job_id or new_job_id(), spec=spec)
         pipe = self.r.pipeline()
         pipe.set(self._key(record.id), record.model_dump_json())
-        pipe.zadd(f"{PREFIX}jobs", {record.id: time.time()})
+        index.index_job(pipe, record.id, time.time(), record.status, spec.model)
+        self._queue_event(pipe, record.id, "status", {"status": record.status.value})
         pipe.execute()
-        self.add_event(record.id, "status", {"status": record.status.value})
         return record
 
     def get(self, job_id: str) -> JobRecord:
         raw = self.r.get(self._key(job_id))
         if raw is None:
             raise JobNotFoundError(job_id)
-        return JobRecord.model_validate_json(raw)
+        return self._load(raw)
 
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(self._key(job_id)))
 
-    def update(self, job_id: str, change: Callable[[JobRecord], None]) -> JobRecord:
-        """Apply `change` to the record atomically (optimistic WATCH/MULTI, retried)."""
+    def update(
+        self,
+        job_id: str,
+        change: Callable[[JobRecord], None],
+        event: Callable[[JobRecord], tuple[str, dict[str, Any]] | None] | None = None,
+    ) -> JobRecord:
+        """Apply `change` to the record atomically (optimistic WATCH/MULTI, retried).
+
+        A change of status moves the job between the indexes in the same transaction, and
+        `event(record)`, when it returns `(kind, data)`, is appended to the job's stream in it
+        too, so a status and its event are never seen apart.
+        """
         key = self._key(job_id)
         while True:
             with self.r.pipeline() as pipe:
@@ -151,10 +202,23 @@ class JobStore:
                     raw = pipe.get(key)
                     if raw is None:
                         raise JobNotFoundError(job_id)
-                    record = JobRecord.model_validate_json(raw)
+                    record = self._load(raw)
+                    before = record.status
                     change(record)
+                    emit = event(record) if event is not None else None
+                    score = pipe.zscore(index.ALL_JOBS, job_id) if record.status != before else None
                     pipe.multi()
                     pipe.set(key, record.model_dump_json())
+                    if record.status != before:
+                        index.index_job(
+                            pipe,
+                            job_id,
+                            score if score is not None else time.time(),
+                            record.status,
+                            record.spec.model,
+                        )
+                    if emit is not None:
+                        self._queue_event(pipe, job_id, *emit)
                     pipe.execute()
                     return record
                 except redis.WatchError:
@@ -166,68 +230,41 @@ class JobStore:
         status: JobStatus | None = None,
         model: str | None = None,
         limit: int = 50,
-        cursor: str | None = None,
-    ) -> tuple[list[JobRecord], str | None]:
-        """Jobs newest first, filtered; returns a page and the cursor of the next one."""
-        max_score: str = "+inf"
-        if cursor:
-            max_score = f"({float(cursor)!r}"
-        out: list[JobRecord] = []
-        next_cursor: str | None = None
-        while len(out) < limit:
-            batch = self.r.zrevrangebyscore(
-                f"{PREFIX}jobs", max_score, "-inf", start=0, num=200, withscores=True
-            )
-            if not batch:
-                break
-            raws = self._get_many([job_id for job_id, _ in batch])
-            for (_, score), raw in zip(batch, raws, strict=True):
-                max_score = f"({score!r}"
-                if raw is None:
-                    continue
-                rec = JobRecord.model_validate_json(raw)
-                if status is not None and rec.status != status:
-                    continue
-                if model is not None and rec.spec.model != model:
-                    continue
-                out.append(rec)
-                if len(out) == limit:
-                    next_cursor = repr(score)
-                    break
-        if next_cursor is not None:
-            more = self.r.zrevrangebyscore(
-                f"{PREFIX}jobs", f"({float(next_cursor)!r}", "-inf", start=0, num=1
-            )
-            if not more:
-                next_cursor = None
-        return out, next_cursor
+        cursor: Cursor | None = None,
+    ) -> tuple[list[JobRecord], Cursor | None]:
+        """Jobs newest first, filtered; returns a page and the cursor of the next one.
 
-    def _get_many(self, job_ids: list[str]) -> list[str | None]:
-        """The raw records of `job_ids` in one round trip per 500 (None where gone)."""
-        out: list[str | None] = []
-        for i in range(0, len(job_ids), 500):
-            out.extend(self.r.mget([self._key(j) for j in job_ids[i : i + 500]]))
-        return out
+        Reads only the page's ids from the index that matches the filters, and their records.
+        """
+        self.ensure_indexed()
+        ids, next_cursor = index.page(self.r, index.listing_key(status, model), limit, cursor)
+        raws = self.r.mget([self._key(j) for j in ids]) if ids else []
+        return [self._load(raw) for raw in raws if raw is not None], next_cursor
 
     def count_by_status(self) -> dict[str, int]:
-        """How many jobs are in each status (one MGET per 500 jobs, not a GET per job)."""
-        counts = {s.value: 0 for s in JobStatus}
-        for raw in self._get_many(list(self.r.zrange(f"{PREFIX}jobs", 0, -1))):
-            if raw is not None:
-                counts[json.loads(raw)["status"]] += 1
-        return counts
+        """How many jobs are in each status (the sizes of the status indexes)."""
+        self.ensure_indexed()
+        return index.counts(self.r)
+
+    def running_ids(self) -> list[str]:
+        """The ids of the jobs whose status is `running` (the running index, nothing else)."""
+        self.ensure_indexed()
+        return index.ids_in(self.r, JobStatus.running)
 
     # events
+    def _queue_event(self, pipe: Any, job_id: str, kind: str, data: dict[str, Any]) -> None:
+        pipe.xadd(
+            f"{self._key(job_id)}:events",
+            {"event": kind, "data": json.dumps(data)},
+            maxlen=EVENTS_MAXLEN,
+            approximate=True,
+        )
+
     def add_event(self, job_id: str, kind: str, data: dict[str, Any]) -> str:
         """Append an event to the job's stream; returns its id (the SSE event id)."""
-        return str(
-            self.r.xadd(
-                f"{self._key(job_id)}:events",
-                {"event": kind, "data": json.dumps(data)},
-                maxlen=EVENTS_MAXLEN,
-                approximate=True,
-            )
-        )
+        pipe = self.r.pipeline(transaction=False)
+        self._queue_event(pipe, job_id, kind, data)
+        return str(pipe.execute()[0])
 
     def events(
         self, job_id: str, after: str | None = None, block_ms: int | None = None, count: int = 100
@@ -273,9 +310,21 @@ class JobStore:
     def release_lease(self, job_id: str, owner: str) -> None:
         self.r.eval(self._RELEASE, 1, f"{self._key(job_id)}:lease", owner)
 
+    def leases_held(self, job_ids: list[str]) -> list[bool]:
+        """Whether a live worker holds each job's lease (one round trip for all)."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.exists(f"{self._key(job_id)}:lease")
+        return [bool(n) for n in pipe.execute()] if job_ids else []
+
     def lease_held(self, job_id: str) -> bool:
         """Whether a live worker holds the job's lease."""
-        return bool(self.r.exists(f"{self._key(job_id)}:lease"))
+        return self.leases_held([job_id])[0]
+
+    def claim_requeue(self, job_id: str, ttl_s: float) -> bool:
+        """Claim the right to requeue an orphaned job; one caller gets it per `ttl_s`."""
+        key = f"{self._key(job_id)}:requeue"
+        return bool(self.r.set(key, "1", nx=True, ex=max(2, int(ttl_s))))
 
     # idempotency
     def idempotent_job(
@@ -283,28 +332,63 @@ class JobStore:
     ) -> str | None:
         """Claim `key` for `job_id`; returns the earlier job's id when the key was used before.
 
-        Raises ValueError when the key was used with a different body.
+        Raises ValueError when the key was used with a different body. A key whose job is
+        gone (removed by retention) is claimed afresh.
         """
         rkey = f"{PREFIX}idem:{key}"
-        value = json.dumps({"job_id": job_id, "body": body_hash})
-        if self.r.set(rkey, value, nx=True, ex=ttl_s):
-            return None
-        raw = self.r.get(rkey)
-        if raw is None:
-            return None
-        earlier = json.loads(raw)
-        if earlier["body"] != body_hash:
-            raise ValueError("this Idempotency-Key was already used with a different request body")
-        return str(earlier["job_id"])
+        value = json.dumps({"job_id": job_id, "body": body_hash, "at": time.time()})
+        while True:
+            with self.r.pipeline() as pipe:
+                try:
+                    pipe.watch(rkey)
+                    raw = pipe.get(rkey)
+                    if raw is not None:
+                        earlier = json.loads(raw)
+                        # a claim without a time was made by an earlier version: long ago
+                        age = time.time() - float(earlier.get("at", 0.0))
+                        if pipe.exists(self._key(earlier["job_id"])) or (
+                            age < IDEMPOTENCY_IN_FLIGHT_S
+                        ):
+                            if earlier["body"] != body_hash:
+                                raise ValueError(
+                                    "this Idempotency-Key was already used with a different "
+                                    "request body"
+                                )
+                            return str(earlier["job_id"])
+                    pipe.multi()
+                    pipe.set(rkey, value, ex=ttl_s)
+                    pipe.execute()
+                    return None
+                except redis.WatchError:
+                    continue
 
-    # removal (used by the API to undo a job it could not enqueue)
+    # removal
     def delete(self, job_id: str) -> None:
-        """Remove a job's record, listing entry, events, cancel flag and lease."""
-        key = self._key(job_id)
+        """Remove a job's record, index entries, events, cancel flag and lease."""
+        self.delete_many([job_id])
+
+    def delete_many(self, job_ids: list[str]) -> None:
+        if not job_ids:
+            return
+        raws = self.r.mget([self._key(j) for j in job_ids])
         pipe = self.r.pipeline()
-        pipe.delete(key, f"{key}:events", f"{key}:cancel", f"{key}:lease")
-        pipe.zrem(f"{PREFIX}jobs", job_id)
+        for job_id, raw in zip(job_ids, raws, strict=True):
+            model = _model_of(raw)
+            key = self._key(job_id)
+            pipe.delete(key, f"{key}:events", f"{key}:cancel", f"{key}:lease", f"{key}:requeue")
+            index.unindex_job(pipe, job_id, model)
         pipe.execute()
+
+    def purge_finished(self, older_than_s: float, batch: int = 500) -> int:
+        """Remove jobs that finished more than `older_than_s` ago (records and events; their
+        checkpoints stay); returns how many."""
+        removed = 0
+        while True:
+            ids = index.expired(self.r, time.time() - older_than_s, batch)
+            if not ids:
+                return removed
+            self.delete_many(ids)
+            removed += len(ids)
 
     _FORGET_IDEM = (
         "local v = redis.call('get', KEYS[1]) "

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -25,9 +26,9 @@ from workers.checkpoints import CheckpointError, CheckpointStore, SavedCheckpoin
 from workers.contracts import JobSpec, JobStatus
 from workers.data import load_fashion_mnist
 from workers.devices import release_memory, requested_device, resolve_device
-from workers.engine import Outcome, StopRequest, TrainOptions, train
+from workers.engine import Outcome, StopRequest, TrainOptions, TrainResult, train
 from workers.errors import DeviceError, TrainingError
-from workers.jobs import PREFIX, EpochMetrics, JobNotFoundError, JobRecord, JobStore, Progress
+from workers.jobs import EpochMetrics, JobNotFoundError, JobRecord, JobStore, Progress
 from workers.jobs import now_iso as _now
 from workers.settings import Settings
 
@@ -85,8 +86,9 @@ class JobCallbacks:
             rec.progress = progress
 
         try:  # progress is best effort: a Redis blip must not stop training
-            self.store.update(self.job_id, change)
-            self.store.add_event(self.job_id, "progress", progress.model_dump())
+            self.store.update(
+                self.job_id, change, event=lambda _rec: ("progress", progress.model_dump())
+            )
         except redis.RedisError as exc:
             log.warning("job %s: progress not recorded (%s)", self.job_id, exc)
 
@@ -97,12 +99,10 @@ class JobCallbacks:
             rec.latest_checkpoint = saved.latest
             rec.best_checkpoint = saved.best
 
+        event = {**metrics.model_dump(), "checkpoint": saved.manifest.id}
         # an epoch's record must not be lost to a Redis blip, nor end the attempt
-        self._until_recorded(lambda: self.store.update(self.job_id, change))
         self._until_recorded(
-            lambda: self.store.add_event(
-                self.job_id, "epoch", {**metrics.model_dump(), "checkpoint": saved.manifest.id}
-            )
+            lambda: self.store.update(self.job_id, change, event=lambda _rec: ("epoch", event))
         )
 
     def _until_recorded(self, op: Callable[[], object]) -> None:
@@ -139,21 +139,24 @@ def finish(
 
     def change(rec: JobRecord) -> None:
         nonlocal changed
-        if rec.status.finished:
+        changed = not rec.status.finished  # decided afresh if the transaction is retried
+        if not changed:
             return
-        changed = True
         rec.status = status
         rec.finished_at = _now()
         rec.error = error
         if status is JobStatus.succeeded:
             rec.progress.eta_s = 0.0
 
-    store.update(job_id, change)
-    if changed:
+    def status_event(_rec: JobRecord) -> tuple[str, dict[str, Any]] | None:
+        if not changed:
+            return None
         data: dict[str, Any] = {"status": status.value, **event}
         if error is not None:
             data["error"] = error
-        store.add_event(job_id, "status", data)
+        return "status", data
+
+    store.update(job_id, change, event=status_event)
     return changed
 
 
@@ -165,14 +168,15 @@ def requeue(
 
     def change(rec: JobRecord) -> None:
         nonlocal changed
-        if rec.status is not JobStatus.running:
-            return
-        changed = True
-        rec.status = JobStatus.queued
+        changed = rec.status is JobStatus.running
+        if changed:
+            rec.status = JobStatus.queued
 
-    store.update(job_id, change)
+    def status_event(_rec: JobRecord) -> tuple[str, dict[str, Any]] | None:
+        return ("status", {"status": "queued", "reason": reason, **event}) if changed else None
+
+    store.update(job_id, change, event=status_event)
     if changed:
-        store.add_event(job_id, "status", {"status": "queued", "reason": reason, **event})
         enqueue(job_id)
         log.info("job %s queued again: %s", job_id, reason)
     return changed
@@ -238,6 +242,79 @@ def _deliver(
         release_memory("cuda")  # a no-op unless this process initialised CUDA
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """Where an attempt starts: the device, and the checkpoint it resumes from."""
+
+    worker: str
+    device: str
+    device_error: DeviceError | None
+    resume_from: str | None
+    history: list[EpochMetrics]
+
+
+def _start_attempt(
+    store: JobStore, job_id: str, attempt: Attempt, max_attempts: int
+) -> tuple[str, JobRecord]:
+    """Mark the job running (or failed past `max_attempts`), with its status event, at once."""
+    decision = "run"
+
+    def start(rec: JobRecord) -> None:
+        nonlocal decision
+        decision = "run"  # decided afresh if the transaction is retried
+        if rec.status.finished:
+            decision = "finished"
+            return
+        if rec.attempts >= max_attempts:
+            decision = "gave_up"
+            rec.status = JobStatus.failed
+            rec.finished_at = _now()
+            rec.error = (
+                f"gave up after {rec.attempts} attempts (CNNSERVE_MAX_ATTEMPTS="
+                f"{max_attempts}): the worker training this job stopped mid-run each "
+                f"time (last: {rec.worker}, at epoch {rec.progress.epoch}). Check that worker's "
+                "log (out of memory?) and resubmit, e.g. with a smaller batch_size"
+            )
+            return
+        rec.attempts += 1
+        rec.status = JobStatus.running
+        rec.started_at = rec.started_at or _now()
+        rec.finished_at = None
+        rec.worker = attempt.worker
+        rec.device = attempt.device
+        rec.error = None
+        rec.progress = Progress(epoch=len(attempt.history), epochs=rec.spec.epochs)
+        # the checkpoint is the truth: no gaps, no duplicates
+        rec.metrics = attempt.history if attempt.resume_from is not None else []
+
+    def status_event(rec: JobRecord) -> tuple[str, dict[str, Any]] | None:
+        if decision == "gave_up":
+            return "status", {"status": "failed", "error": rec.error}
+        if decision == "run":
+            return "status", {
+                "status": "running",
+                "attempt": rec.attempts,
+                "worker": attempt.worker,
+                "device": attempt.device,
+                "resumed_from": attempt.resume_from,
+            }
+        return None
+
+    record = store.update(job_id, start, event=status_event)
+    return decision, record
+
+
+def _prepare_attempt(
+    ckpts: CheckpointStore, spec: JobSpec, job_id: str, worker: str, settings: Settings
+) -> Attempt:
+    resume_from, history = _resume_point(ckpts, job_id)
+    device_request = requested_device(spec.device, settings.worker_device)
+    try:
+        return Attempt(worker, str(resolve_device(device_request)), None, resume_from, history)
+    except DeviceError as exc:  # recorded as the attempt's failure
+        return Attempt(worker, device_request, exc, resume_from, history)
+
+
 def _run_leased(
     store: JobStore,
     spec: JobSpec,
@@ -248,78 +325,31 @@ def _run_leased(
     enqueue: Callable[[str], Any],
 ) -> str:
     ckpts = CheckpointStore(settings.checkpoints_dir)
-    resume_from, history = _resume_point(ckpts, job_id)
-    decision = "run"
-    device_request = requested_device(spec.device, settings.worker_device)
-    device_error: DeviceError | None = None
-    try:
-        device = str(resolve_device(device_request))
-    except DeviceError as exc:  # recorded as the attempt's failure below
-        device, device_error = device_request, exc
-
-    def start(rec: JobRecord) -> None:
-        nonlocal decision
-        if rec.status.finished:
-            decision = "finished"
-            return
-        if rec.attempts >= settings.max_attempts:
-            decision = "gave_up"
-            rec.status = JobStatus.failed
-            rec.finished_at = _now()
-            rec.error = (
-                f"gave up after {rec.attempts} attempts (CNNSERVE_MAX_ATTEMPTS="
-                f"{settings.max_attempts}): the worker training this job stopped mid-run each "
-                f"time (last: {rec.worker}, at epoch {rec.progress.epoch}). Check that worker's "
-                "log (out of memory?) and resubmit, e.g. with a smaller batch_size"
-            )
-            return
-        rec.attempts += 1
-        rec.status = JobStatus.running
-        rec.started_at = rec.started_at or _now()
-        rec.finished_at = None
-        rec.worker = worker
-        rec.device = device
-        rec.error = None
-        rec.progress = Progress(epoch=len(history), epochs=rec.spec.epochs)
-        if resume_from is not None:
-            rec.metrics = history  # the checkpoint is the truth: no gaps, no duplicates
-        elif rec.metrics:
-            rec.metrics = []
-
-    record = store.update(job_id, start)
+    attempt = _prepare_attempt(ckpts, spec, job_id, worker, settings)
+    decision, record = _start_attempt(store, job_id, attempt, settings.max_attempts)
     if decision == "finished":
         return "finished"
     if decision == "gave_up":
-        store.add_event(job_id, "status", {"status": "failed", "error": record.error})
         log.error("job %s: %s", job_id, record.error)
         return "failed"
-    store.add_event(
-        job_id,
-        "status",
-        {
-            "status": "running",
-            "attempt": record.attempts,
-            "worker": worker,
-            "device": device,
-            "resumed_from": resume_from,
-        },
-    )
     log.info(
-        "job %s: attempt %d on %s (resume from %s)", job_id, record.attempts, worker, resume_from
+        "job %s: attempt %d on %s (resume from %s)",
+        job_id,
+        record.attempts,
+        worker,
+        attempt.resume_from,
     )
-    callbacks = JobCallbacks(store, job_id, lease)
     try:
-        if device_error is not None:
-            raise device_error
-        data = load_fashion_mnist(settings)
+        if attempt.device_error is not None:
+            raise attempt.device_error
         result = train(
             record.spec,
             job_id=job_id,
-            data=data,
+            data=load_fashion_mnist(settings),
             store=ckpts,
-            options=TrainOptions.from_settings(settings, device),
-            callbacks=callbacks,
-            resume_from=resume_from,
+            options=TrainOptions.from_settings(settings, attempt.device),
+            callbacks=JobCallbacks(store, job_id, lease),
+            resume_from=attempt.resume_from,
         )
     except TrainingError as exc:
         log.error("job %s failed: %s", job_id, exc)
@@ -329,7 +359,19 @@ def _run_leased(
         log.exception("job %s crashed", job_id)
         finish(store, job_id, JobStatus.failed, f"training crashed: {type(exc).__name__}: {exc}")
         return "failed"
+    return _record_outcome(store, job_id, result, worker, settings, lease, enqueue)
 
+
+def _record_outcome(
+    store: JobStore,
+    job_id: str,
+    result: TrainResult,
+    worker: str,
+    settings: Settings,
+    lease: LeaseKeeper,
+    enqueue: Callable[[str], Any],
+) -> str:
+    """Give the job the final status its run ended with (or queue it again); what happened."""
     if result.outcome is Outcome.completed:
         finish(store, job_id, JobStatus.succeeded, seconds=result.seconds)
         return "succeeded"
@@ -370,23 +412,23 @@ def _run_leased(
 def recover_orphans(
     store: JobStore, settings: Settings, enqueue: Callable[[str], Any]
 ) -> list[str]:
-    """Queue again every `running` job whose worker died (its lease expired); returns their ids."""
+    """Queue again every `running` job whose worker died (its lease expired); returns their ids.
+
+    Reads only the running index and those jobs' leases: its cost does not grow with history.
+    """
+    running = store.running_ids()
     recovered = []
-    cursor: str | None = None
-    while True:
-        page, cursor = store.list_jobs(status=JobStatus.running, limit=200, cursor=cursor)
-        for rec in page:
-            if store.lease_held(rec.id):
-                continue
-            # one worker requeues a given orphan; the others see the claim and skip it
-            claim = f"{PREFIX}job:{rec.id}:requeue"
-            if not store.r.set(claim, "1", nx=True, ex=max(2, settings.lease_seconds)):
-                continue
-            if store.lease_held(rec.id):
-                continue
-            reason = f"worker {rec.worker} stopped mid-job; resuming from its last checkpoint"
-            if requeue(store, rec.id, enqueue, reason, epoch=rec.progress.epoch):
-                recovered.append(rec.id)
-        if cursor is None:
-            break
+    for job_id, held in zip(running, store.leases_held(running), strict=True):
+        # one worker requeues a given orphan; the others see the claim and skip it
+        if held or not store.claim_requeue(job_id, settings.lease_seconds):
+            continue
+        if store.lease_held(job_id):
+            continue
+        try:
+            rec = store.get(job_id)
+        except JobNotFoundError:
+            continue
+        reason = f"worker {rec.worker} stopped mid-job; resuming from its last checkpoint"
+        if requeue(store, job_id, enqueue, reason, epoch=rec.progress.epoch):
+            recovered.append(job_id)
     return recovered

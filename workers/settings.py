@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: A device a job or worker may name: `auto`, `cpu`, `cuda` or `cuda:N`.
@@ -41,6 +42,11 @@ class Settings(BaseSettings):
     )
     lease_seconds: int = Field(30, ge=2, description="A job lease lasts this long unrenewed.")
     keep_checkpoints: int = Field(3, ge=1, description="Epoch checkpoints kept per job, plus best.")
+    job_retention: timedelta | None = Field(
+        None,
+        description="How long a finished job's record and events are kept: seconds or an "
+        "ISO 8601 duration (P30D); unset keeps them forever. Checkpoints stay until deleted.",
+    )
     # training workers
     worker_device: str = Field(
         "auto",
@@ -76,6 +82,27 @@ class Settings(BaseSettings):
     def api_key_list(self) -> list[str]:
         """The configured API keys, blanks dropped."""
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @field_validator("job_retention", mode="before")
+    @classmethod
+    def _seconds(cls, v: object) -> object:
+        # pydantic reads a bare number only from JSON; an environment variable is a string
+        if isinstance(v, str):
+            v = v.strip()
+            if not v:
+                return None
+            try:
+                return float(v)
+            except ValueError:
+                return v
+        return v
+
+    @field_validator("job_retention")
+    @classmethod
+    def _positive_retention(cls, v: timedelta | None) -> timedelta | None:
+        if v is not None and v.total_seconds() <= 0:
+            raise ValueError("job_retention must be positive (leave it unset to keep forever)")
+        return v
 
     @property
     def checkpoints_dir(self) -> Path:

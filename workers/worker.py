@@ -2,8 +2,9 @@
 
 One process per GPU with concurrency 1. The pool is `threads`: nothing forks, so CUDA is
 never initialised in a parent whose children would inherit it, and the worker still answers
-pings (for `/readyz`) while a job trains. The monitor thread keeps the worker's heartbeat key
-in Redis and queues again the jobs of workers that died (`runner.recover_orphans`).
+pings (for `/readyz`) while a job trains. Two daemon threads run beside the pool: one keeps
+the worker's heartbeat key in Redis, the other queues again the jobs of workers that died
+(`runner.recover_orphans`) and removes jobs past their retention.
 """
 
 from __future__ import annotations
@@ -22,63 +23,100 @@ from workers.settings import DEVICE_PATTERN, Settings, get_settings
 log = logging.getLogger(__name__)
 
 
-class WorkerMonitor(threading.Thread):
-    """Heartbeat and orphan recovery, from a daemon thread of the worker process."""
+class Heartbeat(threading.Thread):
+    """Keeps the worker's heartbeat key fresh, and does nothing else, so nothing delays it."""
 
-    def __init__(self, name: str, settings: Settings) -> None:
-        super().__init__(name="cnnserve-monitor", daemon=True)
+    def __init__(self, name: str, settings: Settings, halt: threading.Event) -> None:
+        super().__init__(name="cnnserve-heartbeat", daemon=True)
         self.node = name
         self.settings = settings
-        self.halt = threading.Event()
+        self.halt = halt
 
     def run(self) -> None:
-        from workers.celery_app import WORKER_HEARTBEAT_S, app, enqueue_job, write_heartbeat
+        from workers import runner
+        from workers.celery_app import WORKER_HEARTBEAT_S, clear_heartbeat, write_heartbeat
+
+        client = redis.Redis.from_url(self.settings.redis_url, decode_responses=True)
+        tick = min(WORKER_HEARTBEAT_S, self.settings.lease_seconds / 2)
+        info = {
+            "name": self.node,
+            "device": self.settings.worker_device,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
+        try:
+            while True:
+                try:
+                    write_heartbeat(client, {**info, "job": runner.current_job})
+                except redis.RedisError as exc:
+                    log.warning("worker heartbeat: Redis unavailable (%s)", exc)
+                if self.halt.wait(tick):
+                    break
+            clear_heartbeat(client, self.node)
+        except redis.RedisError:
+            pass  # shutting down without Redis: the key expires by itself
+        finally:
+            client.close()
+
+
+class Maintenance(threading.Thread):
+    """Every `lease_seconds`: queue again the jobs of workers that died, drop expired jobs.
+
+    Its own thread (and Redis connection), so a slow scan never holds up the heartbeat; it
+    also indexes a store written by an earlier version before the first scan.
+    """
+
+    def __init__(self, settings: Settings, halt: threading.Event) -> None:
+        super().__init__(name="cnnserve-maintenance", daemon=True)
+        self.settings = settings
+        self.halt = halt
+
+    def run(self) -> None:
+        from workers.celery_app import app, enqueue_job
         from workers.jobs import JobStore
         from workers.runner import recover_orphans
 
-        client = redis.Redis.from_url(self.settings.redis_url, decode_responses=True)
-        store = JobStore(client)
-        tick = min(WORKER_HEARTBEAT_S, self.settings.lease_seconds / 2)
-        recover_every = float(self.settings.lease_seconds)
-        next_recover = 0.0
-        elapsed = 0.0
-        while True:
-            try:
-                from workers import runner
-
-                write_heartbeat(
-                    client,
-                    {
-                        "name": self.node,
-                        "device": self.settings.worker_device,
-                        "pid": os.getpid(),
-                        "host": socket.gethostname(),
-                        "job": runner.current_job,
-                    },
-                )
-                if elapsed >= next_recover:
-                    next_recover = elapsed + recover_every
-                    recover_orphans(store, self.settings, lambda jid: enqueue_job(app, jid))
-            except redis.RedisError as exc:
-                log.warning("worker monitor: Redis unavailable (%s)", exc)
-            except Exception:
-                log.exception("worker monitor failed; retrying")
-            if self.halt.wait(tick):
-                break
-            elapsed += tick
+        store = JobStore.from_url(self.settings.redis_url)
+        retention = self.settings.job_retention
         try:
-            from workers.celery_app import clear_heartbeat
-
-            clear_heartbeat(client, self.node)
+            while True:
+                try:
+                    store.ensure_indexed()
+                    recover_orphans(store, self.settings, lambda jid: enqueue_job(app, jid))
+                    if retention is not None:
+                        store.purge_finished(retention.total_seconds())
+                except redis.RedisError as exc:
+                    log.warning("worker maintenance: Redis unavailable (%s)", exc)
+                except Exception:
+                    log.exception("worker maintenance failed; retrying")
+                if self.halt.wait(float(self.settings.lease_seconds)):
+                    break
         finally:
-            client.close()
+            store.r.close()
+
+
+class WorkerMonitor:
+    """The worker's background threads: its heartbeat, and maintenance beside it."""
+
+    def __init__(self, name: str, settings: Settings) -> None:
+        self.halt = threading.Event()
+        self.threads = [Heartbeat(name, settings, self.halt), Maintenance(settings, self.halt)]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.halt.set()
+        for thread in self.threads:
+            thread.join(timeout=timeout)
 
 
 _monitor: WorkerMonitor | None = None
 
 
 def start_monitor(name: str) -> None:
-    """Start this process's monitor thread (on Celery's `worker_ready`)."""
+    """Start this process's heartbeat and maintenance threads (on Celery's `worker_ready`)."""
     global _monitor
     if _monitor is None:
         _monitor = WorkerMonitor(name, get_settings())
@@ -88,8 +126,7 @@ def start_monitor(name: str) -> None:
 def stop_monitor() -> None:
     global _monitor
     if _monitor is not None:
-        _monitor.halt.set()
-        _monitor.join(timeout=5)
+        _monitor.stop()
         _monitor = None
 
 

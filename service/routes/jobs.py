@@ -10,7 +10,6 @@ import logging
 import re
 from typing import Annotated, Any
 
-import anyio
 import redis
 from fastapi import APIRouter, Header, Query, Request, Response
 from kombu.exceptions import KombuError
@@ -27,19 +26,15 @@ from service.errors import (
     ServiceUnavailableError,
     problem_responses,
 )
-from workers.contracts import QUEUE, TRAIN_TASK, JobSpec, JobStatus
+from workers.celery_app import enqueue_job
+from workers.contracts import JobSpec, JobStatus
+from workers.job_index import Cursor, format_cursor, parse_cursor
 from workers.jobs import JobNotFoundError, JobRecord, JobStore, new_job_id, now_iso
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-#: Blocking stream reads run in threads; their own limiter keeps many SSE clients from
-#: starving the thread pool that sync routes share.
-SSE_THREADS = anyio.CapacityLimiter(64)
-SSE_BLOCK_MS = 1000
-SSE_PING_S = 15
-EVENT_ID_RE = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
 IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 QUEUE_FULL_RETRY_S = 30
 
@@ -107,7 +102,8 @@ class JobPage(BaseModel):
 
 
 def _job(record: JobRecord) -> Job:
-    return Job.model_validate(record.model_dump())
+    # the record is already valid (and its spec was checked on submission): no second pass
+    return Job.model_construct(record.model_fields_set, **dict(record))
 
 
 def _spec_hash(spec: JobSpec) -> str:
@@ -115,30 +111,18 @@ def _spec_hash(spec: JobSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _encode_cursor(cursor: str) -> str:
-    return base64.urlsafe_b64encode(cursor.encode()).decode().rstrip("=")
+def _encode_cursor(cursor: Cursor) -> str:
+    return base64.urlsafe_b64encode(format_cursor(cursor).encode()).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> str:
+def _decode_cursor(cursor: str) -> Cursor:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        float(raw)
+        return parse_cursor(raw)
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise BadRequestError(
             "cursor is not one this API gave out; use next_cursor from the previous page"
         ) from None
-    return raw
-
-
-def _enqueue(celery: CeleryDep, job_id: str) -> None:
-    celery.send_task(
-        TRAIN_TASK,
-        args=[job_id],
-        queue=QUEUE,
-        task_id=job_id,
-        retry=True,
-        retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
-    )
 
 
 @router.post(
@@ -224,7 +208,7 @@ def submit_job(
         raise
 
     try:
-        _enqueue(celery, job_id)
+        enqueue_job(celery, job_id)
     except (KombuError, redis.RedisError, OSError) as exc:
         logger.warning("could not enqueue job %s: %s", job_id, exc)
         _undo(store, job_id, idempotency_key)
@@ -275,8 +259,8 @@ def list_jobs(
     ] = None,
 ) -> JobPage:
     raw_cursor = _decode_cursor(cursor) if cursor else None
-    records, next_raw = store.list_jobs(status=status, model=model, limit=limit, cursor=raw_cursor)
-    next_cursor = _encode_cursor(next_raw) if next_raw else None
+    records, after = store.list_jobs(status=status, model=model, limit=limit, cursor=raw_cursor)
+    next_cursor = _encode_cursor(after) if after else None
     if next_cursor:
         url = request.url.remove_query_params("cursor").include_query_params(cursor=next_cursor)
         response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
@@ -313,6 +297,7 @@ def cancel_job(job: ValidJob, store: JobStoreDep) -> Job:
 
     def change(record: JobRecord) -> None:
         nonlocal cancelled_now
+        cancelled_now = False  # decided afresh if the transaction is retried
         if record.status.finished:
             raise JobFinishedError(
                 f"job {record.id} already {record.status.value}; nothing to cancel"
@@ -323,8 +308,9 @@ def cancel_job(job: ValidJob, store: JobStoreDep) -> Job:
             record.finished_at = now_iso()
             cancelled_now = True
 
-    record = store.update(job.id, change)
-    if cancelled_now:
-        store.add_event(job.id, "status", {"status": JobStatus.cancelled.value})
+    def status_event(_record: JobRecord) -> tuple[str, dict[str, Any]] | None:
+        return ("status", {"status": JobStatus.cancelled.value}) if cancelled_now else None
+
+    record = store.update(job.id, change, event=status_event)
     logger.info("cancel requested for job %s (%s)", job.id, record.status.value)
     return _job(record)
