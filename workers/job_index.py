@@ -16,13 +16,11 @@ Keys (prefix `cnnserve:`):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
 import time
 import uuid
-from datetime import datetime
 from typing import Any
 
 from workers.contracts import JobStatus
@@ -37,7 +35,7 @@ SCHEMA_LOCK = f"{PREFIX}schema:lock"
 #: The store's layout version: 1 had records and `jobs` only; 2 adds the indexes.
 SCHEMA = "2"
 #: Records indexed per round trip when an earlier version's store is upgraded.
-MIGRATE_CHUNK = 1000
+MIGRATE_CHUNK = 500
 MIGRATE_LOCK_S = 60
 
 Cursor = tuple[float, str]
@@ -72,6 +70,85 @@ def listing_key(status: JobStatus | None, model: str | None) -> str:
     return ALL_JOBS
 
 
+#: Lua: file one job under its status and model, and nowhere else (idempotent). The score is
+#: the job's in `jobs` if it has one (its creation time), else the one given; Redis orders
+#: these string scores as doubles, so they are never turned into Lua numbers.
+_INDEX_FN = """
+local STATUSES = {'queued', 'running', 'succeeded', 'failed', 'cancelled'}
+local DONE = {succeeded = true, failed = true, cancelled = true}
+local function index_job(prefix, id, score, status, model, finished)
+  local jobs = prefix .. 'jobs'
+  score = redis.call('ZSCORE', jobs, id) or score
+  redis.call('ZADD', jobs, score, id)
+  redis.call('ZADD', prefix .. 'jobs:model:' .. model, score, id)
+  for _, s in ipairs(STATUSES) do
+    local key = prefix .. 'jobs:status:' .. s
+    if s == status then
+      redis.call('ZADD', key, score, id)
+      redis.call('ZADD', key .. ':model:' .. model, score, id)
+    else
+      redis.call('ZREM', key, id)
+      redis.call('ZREM', key .. ':model:' .. model, id)
+    end
+  end
+  if DONE[status] then
+    redis.call('ZADD', prefix .. 'jobs:finished', finished or score, id)
+  else
+    redis.call('ZREM', prefix .. 'jobs:finished', id)
+  end
+end
+"""
+
+INDEX_ONE = (
+    _INDEX_FN
+    + """
+index_job(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+return 1
+"""
+)
+
+#: Lua: index the jobs `ARGV[2..]` from their records as they are now (one atomic step per
+#: chunk, so a worker changing a job meanwhile cannot leave it filed under an old status).
+#: Returns {indexed, removed from `jobs` (no record), unreadable}.
+MIGRATE = (
+    _INDEX_FN
+    + """
+local function epoch(iso)
+  local y, mo, d, h, mi, s = string.match(iso or '', '^(%d+)-(%d+)-(%d+)T(%d+):(%d+):(%d+)')
+  if not y then return nil end
+  y, mo, d = tonumber(y), tonumber(mo), tonumber(d)
+  if mo <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local doy = math.floor((153 * ((mo + 9) % 12) + 2) / 5) + d - 1
+  local days = era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return string.format('%d', (days - 719468) * 86400 + h * 3600 + mi * 60 + s)
+end
+local prefix, indexed, removed, unreadable = ARGV[1], 0, 0, 0
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  local raw = redis.call('GET', prefix .. 'job:' .. id)
+  if not raw then
+    redis.call('ZREM', prefix .. 'jobs', id)
+    removed = removed + 1
+  else
+    local ok, rec = pcall(cjson.decode, raw)
+    local spec = ok and type(rec) == 'table' and rec.spec
+    if type(spec) == 'table' and type(spec.model) == 'string'
+        and (rec.status == 'queued' or rec.status == 'running' or DONE[rec.status]) then
+      local finished = type(rec.finished_at) == 'string' and epoch(rec.finished_at) or nil
+      index_job(prefix, id, '0', rec.status, spec.model, finished)
+      indexed = indexed + 1
+    else
+      unreadable = unreadable + 1
+    end
+  end
+end
+return {indexed, removed, unreadable}
+"""
+)
+
+
 def index_job(
     pipe: Any,
     job_id: str,
@@ -80,23 +157,13 @@ def index_job(
     model: str,
     finished_at: float | None = None,
 ) -> None:
-    """Queue the commands that file `job_id` under `status` and `model` (and only there).
+    """Queue the script that files `job_id` under `status` and `model` (and only there).
 
-    Idempotent: run again for the same job, or with a new status, it moves the job's
-    entries; the other statuses' entries are removed whatever they held.
+    Idempotent: run again for the same job, or with a new status, it moves the job's entries;
+    a job already listed keeps its creation time as its score.
     """
-    pipe.zadd(ALL_JOBS, {job_id: score})
-    pipe.zadd(model_key(model), {job_id: score})
-    for other in JobStatus:
-        if other is not status:
-            pipe.zrem(status_key(other), job_id)
-            pipe.zrem(status_model_key(other, model), job_id)
-    pipe.zadd(status_key(status), {job_id: score})
-    pipe.zadd(status_model_key(status, model), {job_id: score})
-    if status.finished:
-        pipe.zadd(FINISHED, {job_id: finished_at if finished_at is not None else time.time()})
-    else:
-        pipe.zrem(FINISHED, job_id)
+    finished = finished_at if finished_at is not None else time.time()
+    pipe.eval(INDEX_ONE, 0, PREFIX, job_id, repr(score), status.value, model, repr(finished))
 
 
 def unindex_job(pipe: Any, job_id: str, model: str | None) -> None:
@@ -150,37 +217,6 @@ def page(r: Any, key: str, limit: int, cursor: Cursor | None) -> tuple[list[str]
     return ids, ((found[limit - 1][1], found[limit - 1][0]) if more else None)
 
 
-def _timestamp(iso: str | None) -> float | None:
-    if not iso:
-        return None
-    try:
-        return datetime.fromisoformat(iso).timestamp()
-    except ValueError:
-        return None
-
-
-def _index_chunk(r: Any, entries: list[tuple[str, float]]) -> int:
-    """Index one chunk of `(job_id, score)` from the `jobs` set; returns the jobs indexed."""
-    raws = r.mget([record_key(job_id) for job_id, _ in entries])
-    pipe = r.pipeline(transaction=False)
-    indexed = 0
-    for (job_id, score), raw in zip(entries, raws, strict=True):
-        if raw is None:  # listed but gone: nothing to show
-            pipe.zrem(ALL_JOBS, job_id)
-            continue
-        try:
-            record = json.loads(raw)
-            status = JobStatus(record["status"])
-            model = str(record["spec"]["model"])
-        except (ValueError, KeyError, TypeError):
-            log.warning("job %s: record unreadable; left out of the indexes", job_id)
-            continue
-        index_job(pipe, job_id, score, status, model, _timestamp(record.get("finished_at")))
-        indexed += 1
-    pipe.execute()
-    return indexed
-
-
 def ensure_indexed(r: Any, wait_s: float = 600.0) -> int:
     """Index every job an earlier version recorded, once per store; returns how many.
 
@@ -201,19 +237,19 @@ def ensure_indexed(r: Any, wait_s: float = 600.0) -> int:
     try:
         if r.get(SCHEMA_KEY) == SCHEMA:
             return 0
-        total = 0
-        start = 0
+        total = unreadable = start = 0
         while True:
-            entries = r.zrange(ALL_JOBS, start, start + MIGRATE_CHUNK - 1, withscores=True)
-            if not entries:
+            ids = r.zrange(ALL_JOBS, start, start + MIGRATE_CHUNK - 1)
+            if not ids:
                 break
-            total += _index_chunk(r, entries)
-            start += len(entries)
+            indexed, removed, bad = r.eval(MIGRATE, 0, PREFIX, *ids)
+            total, unreadable = total + indexed, unreadable + bad
+            start += len(ids) - removed  # what was removed no longer takes a rank
             r.expire(SCHEMA_LOCK, MIGRATE_LOCK_S)
         r.set(SCHEMA_KEY, SCHEMA)
-        if total:
-            log.info("job store upgraded: %d job(s) indexed by status and model", total)
-        return total
+        if unreadable:
+            log.warning("job store upgrade: %d unreadable record(s) left unindexed", unreadable)
+        return int(total)
     finally:
         if r.get(SCHEMA_LOCK) == token:
             r.delete(SCHEMA_LOCK)

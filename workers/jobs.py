@@ -206,17 +206,10 @@ class JobStore:
                     before = record.status
                     change(record)
                     emit = event(record) if event is not None else None
-                    score = pipe.zscore(index.ALL_JOBS, job_id) if record.status != before else None
                     pipe.multi()
                     pipe.set(key, record.model_dump_json())
-                    if record.status != before:
-                        index.index_job(
-                            pipe,
-                            job_id,
-                            score if score is not None else time.time(),
-                            record.status,
-                            record.spec.model,
-                        )
+                    if record.status != before:  # the job keeps its creation time as its score
+                        index.index_job(pipe, job_id, time.time(), record.status, record.spec.model)
                     if emit is not None:
                         self._queue_event(pipe, job_id, *emit)
                     pipe.execute()
