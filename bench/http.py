@@ -185,25 +185,48 @@ def make_lenet_checkpoint(data_dir: Path) -> str:
     return save_fresh_checkpoint(store, "lenet", "00000000000be7c4").id
 
 
+def cnnserve_command(source: Path | None) -> tuple[list[str], dict[str, str]]:
+    """The `cnnserve` command line and extra environment, from this install or `source`
+    (another checkout's tree, for a side-by-side run against an earlier version)."""
+    if source is not None:
+        return [sys.executable, "-m", "service.cli"], {"PYTHONPATH": str(source)}
+    exe = Path(sys.executable).with_name("cnnserve")
+    return ([str(exe)] if exe.exists() else [sys.executable, "-m", "service.cli"]), {}
+
+
 @contextmanager
-def api_server(data_dir: Path, *, batching: bool, log_path: Path) -> Iterator[str]:
+def api_server(
+    data_dir: Path,
+    *,
+    batching: bool = True,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    source: Path | None = None,
+    start_timeout: float = 60.0,
+) -> Iterator[str]:
     """`cnnserve api` on a free loopback port; stopped by PID on exit."""
     port = free_port()
-    env = {
+    cmd, source_env = cnnserve_command(source)
+    full_env = {
         **os.environ,
+        **source_env,
         "CNNSERVE_DATA_DIR": str(data_dir),
         "CNNSERVE_BATCHING": "true" if batching else "false",
+        **(env or {}),
     }
-    exe = Path(sys.executable).with_name("cnnserve")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "service.cli"]
     cmd += ["--log-level", "WARNING", "api", "--host", "127.0.0.1", "--port", str(port)]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=source,
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + start_timeout
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"cnnserve api exited ({proc.returncode}); see {log_path}")
@@ -212,17 +235,24 @@ def api_server(data_dir: Path, *, batching: bool, log_path: Path) -> Iterator[st
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError("cnnserve api did not answer within 60 s") from None
+                    raise RuntimeError(
+                        f"cnnserve api did not answer within {start_timeout:.0f} s"
+                    ) from None
                 time.sleep(0.2)
         yield url
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a process this benchmark started (and its group), by PID: TERM, then KILL."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
 
 
 def markdown(runs: Sequence[dict[str, Any]]) -> str:
