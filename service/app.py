@@ -20,11 +20,12 @@ from service.auth import log_auth_mode
 from service.errors import problemize_openapi, register_exception_handlers
 from service.limits import BodySizeLimitMiddleware
 from service.metrics import RequestMetricsMiddleware
-from service.routes import checkpoints, health, job_events, jobs, ops, predict
+from service.routes import checkpoints, explain, health, job_events, jobs, ops, predict, v2
 from service.routes import models as models_routes
 from service.routes.health import WorkerPingCache
 from workers.celery_app import make_celery
 from workers.checkpoints import CheckpointStore
+from workers.contracts import warm_network_fit
 from workers.jobs import JobStore
 from workers.settings import Settings, get_settings
 
@@ -43,7 +44,9 @@ classification from them.
 * **models**: the zoo, default recipes and layer-by-layer shape summaries.
 * **ops**: the book's primitives: cross-correlation, pooling, output-size arithmetic.
 * **jobs**: submit training jobs, follow them live (Server-Sent Events), plot their curves.
-* **checkpoints**: list, download, delete, and classify images with a trained checkpoint.
+* **checkpoints**: list, download (weights, ONNX), delete, classify images with a trained
+  checkpoint and explain its predictions.
+* **v2**: the Open Inference Protocol (KServe V2), as Triton's clients speak it.
 
 Errors are [RFC 9457](https://www.rfc-editor.org/rfc/rfc9457) `application/problem+json`.
 State-changing calls need `Authorization: Bearer <key>` when the server has API keys.
@@ -59,6 +62,12 @@ TAGS: list[dict[str, Any]] = [
     {
         "name": "checkpoints",
         "description": "Trained weights by id or alias, and image classification with them.",
+    },
+    {
+        "name": "v2",
+        "description": "The Open Inference Protocol (KServe V2 REST, with Triton's binary tensor "
+        "and classification extensions): tritonclient and other V2 clients work unchanged. "
+        'Errors are `{"error": "..."}`.',
     },
     {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
 ]
@@ -86,6 +95,7 @@ def _lifespan(settings: Settings) -> Any:
         logger.info("cnnserve API ready (Redis %s)", settings.redis_url.rsplit("@", 1)[-1])
         try:
             async with anyio.create_task_group() as tasks:
+                tasks.start_soon(anyio.to_thread.run_sync, warm_network_fit)
                 if settings.job_retention is not None:
                     tasks.start_soon(_purge_expired_jobs, app.state.job_store, settings)
                 yield
@@ -198,8 +208,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     register_exception_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware)
-    for module in (models_routes, ops, jobs, job_events, checkpoints, predict):
+    for module in (models_routes, ops, jobs, job_events, checkpoints, predict, explain):
         app.include_router(module.router, prefix=API_PREFIX)
+    app.include_router(v2.router)
     app.include_router(health.router)
     _add_docs(app)
     app.openapi = _custom_openapi(app)  # type: ignore[method-assign]

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import tempfile
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
 from fastapi import Depends, Request
@@ -52,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 Backend = Literal["onnxruntime", "eager"]
 #: Bump when the exported graph changes, so stale cached .onnx files are not reused.
-EXPORT_VERSION = "v1"
+EXPORT_VERSION = "v2"
 #: Largest absolute difference in probabilities tolerated between ONNX Runtime and PyTorch.
 BACKEND_TOLERANCE = 1e-4
 #: Predict re-resolves a ref (and re-reads its manifest) at most this often, so an alias like
@@ -83,7 +85,8 @@ class InferenceNet(nn.Module):
         self.net = net
         self.size = size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's class scores for 28×28 inputs (what explanations attribute)."""
         if self.size != NATIVE_SIZE:
             # exactly the engine's on-device resize of the 28×28 /255 tensor
             x = F.interpolate(
@@ -93,7 +96,11 @@ class InferenceNet(nn.Module):
                 align_corners=False,
                 antialias=False,
             )
-        return torch.softmax(self.net(x), dim=1)
+        out: torch.Tensor = self.net(x)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(x), dim=1)
 
 
 RunFn = Callable[[np.ndarray], np.ndarray]
@@ -108,6 +115,10 @@ class LoadedModel:
     manifest: Manifest
     backend: Backend
     run_batch: RunFn
+    #: The eager network (explanations need its gradients whatever the backend).
+    module: InferenceNet
+    #: The ONNX graph on disk, when one was exported.
+    onnx_path: Path | None = None
     max_batch_size: int = 64
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -131,8 +142,9 @@ def eager_runner(module: InferenceNet) -> RunFn:
     return run
 
 
-def export_onnx(module: InferenceNet, path: Path) -> None:
-    """Export the module to ONNX with a dynamic batch axis, written atomically."""
+def export_onnx(module: InferenceNet, path: Path, manifest: Manifest) -> None:
+    """Export the module as the manifest's `onnx` says (named tensors, a dynamic batch axis),
+    with the classes and preprocessing in the graph's metadata; written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -141,16 +153,27 @@ def export_onnx(module: InferenceNet, path: Path) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            spec = manifest.onnx
             torch.onnx.export(
                 module,
                 (example,),
                 str(tmp),
                 dynamo=False,  # the dynamo exporter needs onnxscript; this one needs nothing
-                input_names=["image"],
-                output_names=["probabilities"],
-                dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
-                opset_version=17,
+                input_names=[spec.input],
+                output_names=[spec.output],
+                dynamic_axes={spec.input: {0: "batch"}, spec.output: {0: "batch"}},
+                opset_version=spec.opset,
             )
+        graph = onnx.load(str(tmp))
+        onnx.helper.set_model_props(
+            graph,
+            {
+                "cnnserve.model": manifest.model,
+                "cnnserve.classes": json.dumps(manifest.classes),
+                "cnnserve.preprocessing": manifest.preprocessing.model_dump_json(),
+            },
+        )
+        onnx.save(graph, str(tmp))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -180,7 +203,7 @@ def onnx_cache_path(cache_dir: Path, manifest: Manifest) -> Path:
     """Where a checkpoint's exported graph lives: keyed by its weights and input size."""
     name = (
         f"{manifest.model}-{manifest.weights_sha256[:32]}-r{manifest.preprocessing.resize}"
-        f"-{EXPORT_VERSION}.onnx"
+        f"-o{manifest.onnx.opset}-{EXPORT_VERSION}.onnx"
     )
     return cache_dir / name
 
@@ -200,18 +223,10 @@ def load_for_inference(
     eager = eager_runner(module)
     chosen: Backend = "eager"
     run = eager
+    exported: Path | None = None
     if backend in ("auto", "onnxruntime"):
-        path = onnx_cache_path(cache_dir, manifest)
         try:
-            if not path.is_file():
-                started = time.perf_counter()
-                export_onnx(module, path)
-                logger.info(
-                    "exported %s to ONNX in %.2f s: %s",
-                    ckpt_id,
-                    time.perf_counter() - started,
-                    path,
-                )
+            path = exported = ensure_onnx(module, manifest, cache_dir)
             candidate = onnx_runner(path, threads)
             probe = np.random.default_rng(0).random((2, 1, NATIVE_SIZE, NATIVE_SIZE))
             probe = probe.astype(np.float32)
@@ -223,19 +238,35 @@ def load_for_inference(
                     diff,
                 )
                 path.unlink(missing_ok=True)
+                exported = None
             else:
                 run, chosen = candidate, "onnxruntime"
         except Exception:  # any export or runtime failure: eager still answers correctly
             logger.warning("ONNX export of %s failed; serving it with eager PyTorch", ckpt_id)
             logger.debug("ONNX failure", exc_info=True)
+            exported = None
     return LoadedModel(
         checkpoint_id=ckpt_id,
         weights_sha256=manifest.weights_sha256,
         manifest=manifest,
         backend=chosen,
         run_batch=run,
+        module=module,
+        onnx_path=exported,
         max_batch_size=max_batch_size,
     )
+
+
+def ensure_onnx(module: InferenceNet, manifest: Manifest, cache_dir: Path) -> Path:
+    """The checkpoint's exported graph in the cache, exported first if it is not there."""
+    path = onnx_cache_path(cache_dir, manifest)
+    if not path.is_file():
+        started = time.perf_counter()
+        export_onnx(module, path, manifest)
+        logger.info(
+            "exported %s to ONNX in %.2f s: %s", manifest.id, time.perf_counter() - started, path
+        )
+    return path
 
 
 Loader = Callable[[str], LoadedModel]
@@ -330,6 +361,8 @@ class InferenceService:
         torch.set_num_threads(threads)
         self._compute = ThreadPoolExecutor(workers, thread_name_prefix="cnnserve-infer")
         self._loaders = ThreadPoolExecutor(2, thread_name_prefix="cnnserve-load")
+        #: Explanations (gradients, many forward passes) one at a time, beside predictions.
+        self.explainers = ThreadPoolExecutor(1, thread_name_prefix="cnnserve-explain")
         self.onnx_cache_dir = settings.data_dir / "onnx-cache"
         self.cache = ModelCache(self._load, settings.model_cache_size)
         self._queues: dict[str, _Queue] = {}
@@ -366,6 +399,16 @@ class InferenceService:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self._loaders, self.cache.load, manifest.id, manifest.weights_sha256
+        )
+
+    async def onnx_file(self, manifest: Manifest) -> Path:
+        """The checkpoint's ONNX graph (the one ONNX Runtime serves), exported if need be."""
+        loaded = await self.model(manifest)
+        if loaded.onnx_path is not None and loaded.onnx_path.is_file():
+            return loaded.onnx_path
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._loaders, ensure_onnx, loaded.module, loaded.manifest, self.onnx_cache_dir
         )
 
     async def predict(self, manifest: Manifest, x: np.ndarray) -> tuple[LoadedModel, np.ndarray]:
@@ -456,6 +499,7 @@ class InferenceService:
         """Stop the thread pools (pending forward passes finish first)."""
         self._compute.shutdown(wait=True)
         self._loaders.shutdown(wait=False)
+        self.explainers.shutdown(wait=False)
 
 
 _SERVICE_LOCK = threading.Lock()

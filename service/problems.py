@@ -11,6 +11,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+#: Paths under this prefix speak the Open Inference Protocol, whose errors are {"error": "..."}.
+OIP_PREFIX = "/v2"
 #: Problem `type` URIs name the kind of problem; plain HTTP ones use `about:blank` (RFC 9457).
 TYPE_PREFIX = "urn:cnnserve:problem:"
 
@@ -38,6 +40,40 @@ class Problem(BaseModel):
     status: int = Field(description="The HTTP status code.", ge=400, le=599)
     detail: str | None = Field(None, description="What went wrong here, and what to do.")
     instance: str | None = Field(None, description="The request path that had the problem.")
+
+
+def is_oip_path(path: str) -> bool:
+    return path == OIP_PREFIX or path.startswith(f"{OIP_PREFIX}/")
+
+
+class InferenceError(BaseModel):
+    """An Open Inference Protocol error: what went wrong and what to send instead."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"error": "input 'image' has shape [1, 32, 32]; send [N, 28, 28] or [N, 1, 28, 28]"}
+            ]
+        }
+    )
+
+    error: str
+
+
+def inference_error_responses(*statuses: int, **details: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for `/v2` error statuses: `{"error": ...}` with examples."""
+    return {
+        status: {
+            "description": _DESCRIPTIONS.get(status, "Error"),
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": "#/components/schemas/InferenceError"},
+                    "example": {"error": details.get(f"s{status}", _example(status)["detail"])},
+                }
+            },
+        }
+        for status in statuses
+    }
 
 
 def problem_body(
@@ -78,7 +114,14 @@ def problem_response(
     headers: Mapping[str, str] | None = None,
     extensions: Mapping[str, Any] | None = None,
 ) -> JSONResponse:
-    """A JSONResponse carrying a problem document with the problem media type."""
+    """A JSONResponse carrying a problem document with the problem media type.
+
+    Under `/v2` (the Open Inference Protocol) the same error is the protocol's own
+    `{"error": "..."}`, which clients such as tritonclient read.
+    """
+    if instance is not None and is_oip_path(instance):
+        message = detail or problem_body(status, None, title=title)["title"]
+        return JSONResponse({"error": message}, status_code=status, headers=dict(headers or {}))
     body = problem_body(
         status, detail, instance=instance, slug=slug, title=title, extensions=extensions
     )
@@ -162,12 +205,18 @@ def problemize_openapi(schema: dict[str, Any]) -> dict[str, Any]:
     components["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
     components.pop("HTTPValidationError", None)
     components.pop("ValidationError", None)
-    for path_item in schema.get("paths", {}).values():
+    components["InferenceError"] = InferenceError.model_json_schema()
+    for path, path_item in schema.get("paths", {}).items():
         for operation in path_item.values():
             if not isinstance(operation, dict):
                 continue
             for code, response in operation.get("responses", {}).items():
                 if str(code)[:1] not in ("4", "5"):
+                    continue
+                if is_oip_path(path):
+                    given = response.get("content", {}).get("application/json", {})
+                    if given.get("schema", {}).get("$ref") != "#/components/schemas/InferenceError":
+                        response.update(inference_error_responses(int(code))[int(code)])
                     continue
                 content = response.get("content", {})
                 if PROBLEM_MEDIA_TYPE in content:

@@ -163,10 +163,11 @@ class CheckpointIndex:
         return [(r[0], float(r[1])) for r in rows]
 
     def summaries(
-        self, *, job_id: str | None = None, model: str | None = None
+        self, *, job_id: str | None = None, model: str | None = None, limit: int | None = None
     ) -> list[dict[str, Any]]:
-        """Summaries of the checkpoints (of a job, of a model), newest first."""
-        where, args = [], []
+        """Summaries of the checkpoints (of a job, of a model), newest first (at most `limit`)."""
+        where: list[str] = []
+        args: list[Any] = []
         if job_id is not None:
             where.append("job_id = ?")
             args.append(job_id)
@@ -177,4 +178,7 @@ class CheckpointIndex:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created DESC, epoch DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
         return [json.loads(r[0]) for r in self._query(sql, tuple(args))]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -73,6 +73,26 @@ class Preprocessing(BaseModel):
         "auto",
         description="Fashion-MNIST is light-on-dark; 'auto' inverts dark-on-light photos.",
     )
+    photos: Literal["fashion-mnist", "pad-resize"] = Field(
+        "fashion-mnist",
+        description="What inference does to an input larger than 28×28 by default: "
+        "'fashion-mnist' runs the conversion that made the data set from product photos "
+        "(Xiao et al. 2017, §2: trim, subsample to 28, sharpen, centre, negate, grayscale); "
+        "'pad-resize' pads to a square and resizes with Lanczos.",
+    )
+
+
+class OnnxExport(BaseModel):
+    """The ONNX graph `GET /v1/checkpoints/{ref}/model.onnx` gives (and ONNX Runtime serves)."""
+
+    opset: int = Field(17, description="The ONNX opset the graph is exported with.")
+    input: str = Field(
+        "image",
+        description="N×1×28×28 float32: 28×28 grayscale pixels scaled as `preprocessing` says "
+        "(0..1); the graph resizes them to the network's input itself.",
+    )
+    output: str = Field("probabilities", description="N×classes float32 softmax probabilities.")
+    dynamic_batch: bool = Field(True, description="The batch axis N may be any size.")
 
 
 class Manifest(BaseModel):
@@ -95,6 +115,7 @@ class Manifest(BaseModel):
     weights_sha256: str
     state_sha256: str | None = None
     versions: dict[str, str] = Field(default_factory=dict)
+    onnx: OnnxExport = Field(default_factory=OnnxExport)
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     @property
@@ -332,13 +353,13 @@ class CheckpointStore:
                     continue
 
     def list(
-        self, *, job_id: str | None = None, model: str | None = None
+        self, *, job_id: str | None = None, model: str | None = None, limit: int | None = None
     ) -> list[CheckpointSummary]:
-        """Summaries of every checkpoint (of a job, of a model), newest first, from the index.
+        """Summaries of the checkpoints (of a job, of a model), newest first, from the index.
 
         A checkpoint whose files were removed by hand is left out, and out of the index.
         """
-        rows = self.index.summaries(job_id=job_id, model=model)
+        rows = self.index.summaries(job_id=job_id, model=model, limit=limit)
         present = [r for r in rows if (self._dir(r["id"]) / "manifest.json").is_file()]
         if len(present) < len(rows):
             self.index.remove({r["id"] for r in rows} - {r["id"] for r in present})

@@ -57,6 +57,16 @@ def network_fit(
     return NetworkFit(sparsest_norm=summary.sparsest_norm)
 
 
+def warm_network_fit() -> None:
+    """Check each model's default recipe once, so its first submit is as quick as the rest.
+
+    The first BatchNorm on the meta device imports much of torch (seconds); a process that
+    takes submissions (the API) does it at start-up, off its event loop.
+    """
+    for name in list_models():
+        network_fit(name, None, get_model_entry(name).input_size)
+
+
 class JobStatus(StrEnum):
     """Where a job is in its life."""
 

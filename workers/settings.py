@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     batching: bool = Field(
         True, description="Stack concurrent predictions for one checkpoint into one forward pass."
     )
+    explain_max_images: int = Field(8, ge=1, description="Images in one explain call.")
+    explain_steps: int = Field(
+        32, ge=4, le=512, description="Integrated Gradients steps per explained image."
+    )
+    explain_timeout_s: float = Field(
+        30.0, gt=0, description="An explain call that would run longer stops with a 503."
+    )
     inference_backend: Literal["auto", "onnxruntime", "eager"] = Field(
         "auto",
         description="auto: ONNX Runtime where the export works (faster on CPUs), else eager.",

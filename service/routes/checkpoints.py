@@ -122,6 +122,34 @@ def get_weights(manifest: ResolvedManifest, store: CheckpointStoreDep) -> FileRe
     )
 
 
+@router.get(
+    "/{ref}/model.onnx",
+    summary="Download a checkpoint as ONNX",
+    description="The ONNX graph ONNX Runtime serves for this checkpoint: input `image` "
+    "(N×1×28×28 float32, 28×28 grayscale pixels scaled to 0..1 as the manifest's "
+    "preprocessing says; the graph resizes to the network's input itself), output "
+    "`probabilities` (N×10 softmax), a dynamic batch axis, the opset in the manifest's `onnx` "
+    "and the classes and preprocessing in the graph's metadata. Exported once per checkpoint "
+    "and cached. Load it with `onnxruntime.InferenceSession`.",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "The ONNX model file.",
+            "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+        },
+        **problem_responses(404, 409),
+    },
+)
+async def get_onnx(manifest: ResolvedManifest, inference: InferenceDep) -> FileResponse:
+    path = await inference.onnx_file(manifest)
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"{manifest.id}.onnx",
+        headers={"X-ONNX-Opset": str(manifest.onnx.opset)},
+    )
+
+
 @router.delete(
     "/{ref}",
     summary="Delete a checkpoint",

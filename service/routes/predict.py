@@ -9,7 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
@@ -24,6 +25,7 @@ from service.images import (
     ALLOWED_MEDIA_TYPES,
     ImageInputError,
     InvertMode,
+    PreprocessMode,
     declared_pixels,
     decode_image,
     pixels_to_array,
@@ -231,23 +233,32 @@ def _arrays_from_json(body: bytes, settings: Settings) -> list[np.ndarray]:
     ]
 
 
-def _batch(arrays: list[np.ndarray], manifest: Manifest, invert: InvertMode) -> np.ndarray:
-    return np.stack([preprocess(a, manifest.preprocessing, invert) for a in arrays])
+@dataclass(frozen=True)
+class Preparation:
+    """How a request's images become the model's input (its query parameters)."""
+
+    manifest: Manifest
+    invert: InvertMode = "auto"
+    mode: PreprocessMode = "auto"
+
+    def batch(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """Decoded images as the model's N×1×28×28 float32 input."""
+        prep = self.manifest.preprocessing
+        return np.stack([preprocess(a, prep, self.invert, self.mode) for a in arrays])
 
 
-def _prepare_files(
-    blobs: list[bytes], settings: Settings, manifest: Manifest, invert: InvertMode
-) -> np.ndarray:
-    arrays = [
+def decode_files(blobs: list[bytes], settings: Settings) -> list[np.ndarray]:
+    return [
         decode_image(b, max_pixels=settings.max_image_pixels, index=i) for i, b in enumerate(blobs)
     ]
-    return _batch(arrays, manifest, invert)
 
 
-def _prepare_json(
-    body: bytes, settings: Settings, manifest: Manifest, invert: InvertMode
-) -> np.ndarray:
-    return _batch(_arrays_from_json(body, settings), manifest, invert)
+def _prepare_files(blobs: list[bytes], settings: Settings, how: Preparation) -> np.ndarray:
+    return how.batch(decode_files(blobs, settings))
+
+
+def _prepare_json(body: bytes, settings: Settings, how: Preparation) -> np.ndarray:
+    return how.batch(_arrays_from_json(body, settings))
 
 
 def _predictions(probs: np.ndarray, classes: list[str], top_k: int) -> list[Prediction]:
@@ -265,7 +276,7 @@ def _predictions(probs: np.ndarray, classes: list[str], top_k: int) -> list[Pred
 # --- routes --------------------------------------------------------------------------------
 
 
-_PREDICT_BODY: dict[str, Any] = {
+PREDICT_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "description": "Images as multipart file parts named `files` (repeat the field for "
@@ -309,17 +320,65 @@ _PREDICT_BODY: dict[str, Any] = {
 }
 
 
+#: What `/docs` says is done to an upload, for predict and explain alike.
+PREPROCESSING_DESCRIPTION = (
+    "Preprocessing comes from the checkpoint's manifest and equals training's. An input "
+    "larger than 28×28 is treated as a product photo (`preprocess=auto`) and goes through the "
+    "conversion that made Fashion-MNIST from Zalando's catalogue photos (Xiao et al. 2017, "
+    "§2): trim the margins within 5 % of the corner colour, subsample the longest edge to 28, "
+    "sharpen, centre on a 28×28 canvas, negate (when the background is light; `invert` "
+    "overrides), grayscale. A 28×28 (or smaller) input, or any input with `preprocess=none`: "
+    "grayscale, inversion if its border is light (`invert=auto`; Fashion-MNIST is "
+    "light-on-dark), pad to a square with black, scale to 28×28 (Lanczos, like the data set's "
+    "own images). Then the network's bilinear resize to its input size. Formats: "
+    f"{ALLOWED_MEDIA_TYPES}, recognised by content."
+)
+
+TopK = Annotated[int, Query(ge=1, le=10, description="How many classes to return per image.")]
+Invert = Annotated[
+    InvertMode,
+    Query(description="Invert intensities: auto (when the border is light), true, false."),
+]
+Preprocess = Annotated[
+    PreprocessMode,
+    Query(
+        alias="preprocess",
+        description="auto: inputs larger than 28×28 go through Fashion-MNIST's own conversion "
+        "of product photos; none: pad to a square and resize, whatever the size.",
+    ),
+]
+
+
+async def request_batch(request: Request, settings: Settings, how: Preparation) -> np.ndarray:
+    """The images of a predict-style body (multipart files or JSON) as the model's input."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        blobs = await _images_from_multipart(request, settings)
+        if len(blobs) > settings.max_images_per_request:
+            raise _too_many(len(blobs), settings.max_images_per_request)
+        declared = [declared_pixels(b) for b in blobs]
+        if all(d is not None for d in declared) and sum(d or 0 for d in declared) <= (
+            INLINE_DECODE_PIXELS
+        ):
+            return _prepare_files(blobs, settings, how)
+        # decoding and resizing bigger images is CPU work: off the event loop
+        return await run_in_threadpool(_prepare_files, blobs, settings, how)
+    if content_type == "application/json" or content_type.endswith("+json"):
+        body = await request.body()
+        return await run_in_threadpool(_prepare_json, body, settings, how)
+    raise UnsupportedBodyError(
+        f"the body is {content_type or 'untyped'}; send multipart/form-data with image "
+        'files in the \'files\' field, or application/json with "images" or "pixels"'
+    )
+
+
 @router.post(
     "/{ref}/predict",
     summary="Classify images with a checkpoint",
     description="Top-k Fashion-MNIST classes with probabilities, one prediction per image in "
-    "the order sent. Preprocessing comes from the checkpoint's manifest and equals "
-    "training's: grayscale, optional inversion (`invert=auto` inverts images whose border is "
-    "light, since Fashion-MNIST is light-on-dark), pad to a square with black, scale to "
-    "28×28 (Lanczos, like the data set's own images), then the network's bilinear resize. "
-    f"Formats: {ALLOWED_MEDIA_TYPES}, recognised by content. Concurrent requests for one "
-    "checkpoint are batched into one forward pass.",
-    openapi_extra=_PREDICT_BODY,
+    f"the order sent. {PREPROCESSING_DESCRIPTION} Concurrent requests for one checkpoint are "
+    "batched into one forward pass.",
+    openapi_extra=PREDICT_BODY,
     responses=problem_responses(
         404,
         409,
@@ -336,35 +395,12 @@ async def predict(
     request: Request,
     manifest: Annotated[Manifest, Depends(predict_manifest)],
     inference: InferenceDep,
-    top_k: Annotated[
-        int, Query(ge=1, le=10, description="How many classes to return per image.")
-    ] = 1,
-    invert: Annotated[
-        Literal["auto", "true", "false"],
-        Query(description="Invert intensities: auto (when the border is light), true, false."),
-    ] = "auto",
+    top_k: TopK = 1,
+    invert: Invert = "auto",
+    mode: Preprocess = "auto",
 ) -> PredictResponse:
-    settings = inference.settings
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "multipart/form-data":
-        blobs = await _images_from_multipart(request, settings)
-        if len(blobs) > settings.max_images_per_request:
-            raise _too_many(len(blobs), settings.max_images_per_request)
-        declared = [declared_pixels(b) for b in blobs]
-        if all(d is not None for d in declared) and sum(d or 0 for d in declared) <= (
-            INLINE_DECODE_PIXELS
-        ):
-            batch = _prepare_files(blobs, settings, manifest, invert)
-        else:  # decoding and resizing bigger images is CPU work: off the event loop
-            batch = await run_in_threadpool(_prepare_files, blobs, settings, manifest, invert)
-    elif content_type == "application/json" or content_type.endswith("+json"):
-        body = await request.body()
-        batch = await run_in_threadpool(_prepare_json, body, settings, manifest, invert)
-    else:
-        raise UnsupportedBodyError(
-            f"the body is {content_type or 'untyped'}; send multipart/form-data with image "
-            'files in the \'files\' field, or application/json with "images" or "pixels"'
-        )
+    how = Preparation(manifest, invert, mode)
+    batch = await request_batch(request, inference.settings, how)
     loaded, probs = await inference.predict(manifest, batch)
     return PredictResponse(
         checkpoint=manifest.id,

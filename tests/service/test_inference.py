@@ -18,6 +18,7 @@ from service.images import (
     ImageTooLargeError,
     UnsupportedImageError,
     decode_image,
+    grayscale,
     pixels_to_array,
     preprocess,
     should_invert,
@@ -64,8 +65,10 @@ def metric(name: str, labels: dict[str, str] | None = None) -> float:
 
 def test_decode_reads_every_allowed_format_by_content() -> None:
     img = fashion_test_set()[0][0]
-    for fmt in ("PNG", "BMP", "WEBP"):
+    for fmt in ("PNG", "BMP"):
         assert np.array_equal(decode_image(encode(img, fmt), max_pixels=10_000), img), fmt
+    webp = decode_image(encode(img, "WEBP"), max_pixels=10_000)  # WebP has no gray mode
+    assert webp.shape == (28, 28, 3) and np.array_equal(grayscale(webp), img)
     jpeg = decode_image(encode(img, "JPEG"), max_pixels=10_000)
     assert jpeg.shape == (28, 28) and np.abs(jpeg.astype(int) - img).mean() < 8
 
@@ -120,8 +123,22 @@ def test_preprocess_pads_with_black_then_scales_to_28() -> None:
     expected[7:21] = top * np.float32(1 / 255)
     assert np.array_equal(preprocess(top, Preprocessing(resize=28), "false")[0], expected)
     big = np.kron(img, np.ones((4, 4), np.uint8))  # 112×112 → Lanczos back to 28×28
-    back = preprocess(big, Preprocessing(resize=28), "false")[0] * 255
+    back = preprocess(big, Preprocessing(resize=28), "false", "none")[0] * 255
     assert np.abs(back - img).mean() < 4
+
+
+def test_a_large_image_goes_through_fashion_mnists_own_conversion() -> None:
+    img = fashion_test_set()[0][1]  # a pullover, light on black, touching two edges
+    photo = np.full((300, 260, 3), 250, np.uint8)  # a dark garment on off-white, margins
+    garment = np.kron(255 - img, np.ones((8, 8), np.uint8))  # 224×224
+    photo[40:264, 20:244] = np.minimum(garment, 250)[..., None]
+    back = preprocess(photo, Preprocessing(resize=28), "auto")[0] * 255
+    # trimmed to the garment, subsampled to 28, negated: the data set's image again
+    assert np.abs(back - img).mean() < 12  # sharpened once more, as the data set was
+    padded = preprocess(photo, Preprocessing(resize=28), "auto", "none")[0] * 255
+    assert np.abs(padded - img).mean() > 3 * np.abs(back - img).mean()
+    kept = Preprocessing(resize=28, photos="pad-resize")  # a manifest that asks for padding
+    assert np.array_equal(preprocess(photo, kept, "auto"), preprocess(photo, kept, "auto", "none"))
 
 
 # --- backends --------------------------------------------------------------------------------

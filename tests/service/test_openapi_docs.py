@@ -48,14 +48,18 @@ def test_openapi_documents_every_operation_and_error(client: TestClient) -> None
         assert op.get("summary"), where
         assert op.get("description"), where
         assert op.get("responses"), where
+        # the Open Inference Protocol's errors are its own {"error": ...}; the rest RFC 9457
+        kind, media = (
+            ("InferenceError", "application/json")
+            if path.startswith("/v2")
+            else ("Problem", "application/problem+json")
+        )
         for code, response in op["responses"].items():
             if code[0] in "45":
                 content = response["content"]
-                assert list(content) == ["application/problem+json"], (where, code)
-                assert content["application/problem+json"]["schema"] == {
-                    "$ref": "#/components/schemas/Problem"
-                }
-                assert content["application/problem+json"].get("example"), (where, code)
+                assert list(content) == [media], (where, code)
+                assert content[media]["schema"] == {"$ref": f"#/components/schemas/{kind}"}
+                assert content[media].get("example"), (where, code)
     paths = schema["paths"]
     assert {"202", "401", "409", "422", "429", "503"} <= set(paths["/v1/jobs"]["post"]["responses"])
     assert paths["/v1/jobs"]["post"]["security"] == [{"ApiKey": []}]
