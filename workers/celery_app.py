@@ -81,6 +81,9 @@ def enqueue_job(celery: Celery, job_id: str) -> str:
         task_id=job_id,
         retry=True,
         retry_policy=ENQUEUE_RETRY_POLICY,
+        # the job record is the result: no result subscription per message (a PubSub
+        # subscribe and unsubscribe round trip each, for a result nobody reads)
+        ignore_result=True,
     )
     return str(result.id)
 

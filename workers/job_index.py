@@ -107,6 +107,24 @@ return 1
 """
 )
 
+#: Lua: record a new queued job (its record, indexes and first event) unless `max_queued`
+#: jobs are queued already; one atomic step, so concurrent submits cannot overshoot the limit.
+#: ARGV: prefix, id, score, model, record JSON, max queued ('' for none), event data, maxlen.
+#: Returns {1 if created else 0, jobs queued before}.
+CREATE = (
+    _INDEX_FN
+    + """
+local prefix, id = ARGV[1], ARGV[2]
+local queued = redis.call('ZCARD', prefix .. 'jobs:status:queued')
+if ARGV[6] ~= '' and queued >= tonumber(ARGV[6]) then return {0, queued} end
+redis.call('SET', prefix .. 'job:' .. id, ARGV[5])
+index_job(prefix, id, ARGV[3], 'queued', ARGV[4], nil)
+redis.call('XADD', prefix .. 'job:' .. id .. ':events', 'MAXLEN', '~', ARGV[8], '*',
+           'event', 'status', 'data', ARGV[7])
+return {1, queued}
+"""
+)
+
 #: Lua: index the jobs `ARGV[2..]` from their records as they are now (one atomic step per
 #: chunk, so a worker changing a job meanwhile cannot leave it filed under an old status).
 #: Returns {indexed, removed from `jobs` (no record), unreadable}.

@@ -33,6 +33,7 @@ __all__ = [
     "JobRecord",
     "JobStore",
     "Progress",
+    "QueueFullError",
     "new_job_id",
     "now_iso",
 ]
@@ -120,6 +121,15 @@ class JobNotFoundError(LookupError):
         super().__init__(f"no job with id {job_id!r}")
 
 
+class QueueFullError(Exception):
+    """As many jobs are queued as the limit allows."""
+
+    def __init__(self, queued: int, limit: int) -> None:
+        self.queued = queued
+        self.limit = limit
+        super().__init__(f"{queued} jobs are queued, the limit is {limit}")
+
+
 def _model_of(raw: str | None) -> str | None:
     """The model a raw record names (None when there is no readable record)."""
     try:
@@ -163,14 +173,28 @@ class JobStore:
         self._indexed = True
         return n
 
-    def create(self, spec: JobSpec, job_id: str | None = None) -> JobRecord:
-        """Record a new queued job, its indexes and its first event in one MULTI/EXEC."""
+    def create(
+        self, spec: JobSpec, job_id: str | None = None, *, max_queued: int | None = None
+    ) -> JobRecord:
+        """Record a new queued job, its indexes and its first event in one atomic step.
+
+        With `max_queued`, raises `QueueFullError` instead when that many jobs are queued.
+        """
         record = JobRecord(id=job_id or new_job_id(), spec=spec)
-        pipe = self.r.pipeline()
-        pipe.set(self._key(record.id), record.model_dump_json())
-        index.index_job(pipe, record.id, time.time(), record.status, spec.model)
-        self._queue_event(pipe, record.id, "status", {"status": record.status.value})
-        pipe.execute()
+        created, queued = self.r.eval(
+            index.CREATE,
+            0,
+            PREFIX,
+            record.id,
+            repr(time.time()),
+            spec.model,
+            record.model_dump_json(),
+            "" if max_queued is None else str(max_queued),
+            json.dumps({"status": record.status.value}),
+            EVENTS_MAXLEN,
+        )
+        if not created:
+            raise QueueFullError(int(queued), int(max_queued or 0))
         return record
 
     def get(self, job_id: str) -> JobRecord:
@@ -238,6 +262,11 @@ class JobStore:
         """How many jobs are in each status (the sizes of the status indexes)."""
         self.ensure_indexed()
         return index.counts(self.r)
+
+    def count(self, status: JobStatus) -> int:
+        """How many jobs are in `status` (one ZCARD)."""
+        self.ensure_indexed()
+        return int(self.r.zcard(index.status_key(status)))
 
     def running_ids(self) -> list[str]:
         """The ids of the jobs whose status is `running` (the running index, nothing else)."""

@@ -30,6 +30,7 @@ from workers.celery_app import enqueue_job
 from workers.contracts import JobSpec, JobStatus
 from workers.job_index import Cursor, format_cursor, parse_cursor
 from workers.jobs import JobNotFoundError, JobRecord, JobStore, new_job_id, now_iso
+from workers.jobs import QueueFullError as QueueFull
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 QUEUE_FULL_RETRY_S = 30
+JSON = "application/json"
 
 _EXAMPLE_JOB: dict[str, Any] = {
     "id": "0123456789abcdef",
@@ -101,9 +103,14 @@ class JobPage(BaseModel):
     )
 
 
-def _job(record: JobRecord) -> Job:
-    # the record is already valid (and its spec was checked on submission): no second pass
-    return Job.model_construct(record.model_fields_set, **dict(record))
+def _json(
+    body: BaseModel, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """A model serialised once: the records are valid as read, so FastAPI's second
+    validation of the response (and its dump before it) would only repeat work."""
+    return Response(
+        body.model_dump_json(), status_code=status_code, headers=headers, media_type=JSON
+    )
 
 
 def _spec_hash(spec: JobSpec) -> str:
@@ -156,7 +163,6 @@ def _decode_cursor(cursor: str) -> Cursor:
 )
 def submit_job(
     spec: JobSpec,
-    response: Response,
     store: JobStoreDep,
     celery: CeleryDep,
     settings: SettingsDep,
@@ -168,7 +174,7 @@ def submit_job(
             examples=["4f9c2a51-7a1e-4d55-9a44-6b1f2f0d7c3e"],
         ),
     ] = None,
-) -> Job:
+) -> Response:
     job_id = new_job_id()
     if idempotency_key is not None:
         if not IDEMPOTENCY_KEY_RE.fullmatch(idempotency_key):
@@ -188,20 +194,17 @@ def submit_job(
                     "retry in a moment",
                     headers={"Retry-After": "1"},
                 ) from None
-            response.status_code = 200
-            response.headers["Location"] = f"/v1/jobs/{earlier}"
-            response.headers["Idempotent-Replayed"] = "true"
-            return _job(record)
+            replayed = {"Location": f"/v1/jobs/{earlier}", "Idempotent-Replayed": "true"}
+            return _json(record, 200, replayed)
 
     try:
-        queued = store.count_by_status()[JobStatus.queued.value]
-        if queued >= settings.max_queued_jobs:
+        try:
+            record = store.create(spec, job_id=job_id, max_queued=settings.max_queued_jobs)
+        except QueueFull as full:
             raise QueueFullError(
-                f"{queued} jobs are queued, the limit is {settings.max_queued_jobs}; "
-                f"retry in {QUEUE_FULL_RETRY_S} s or cancel queued jobs",
+                f"{full}; retry in {QUEUE_FULL_RETRY_S} s or cancel queued jobs",
                 headers={"Retry-After": str(QUEUE_FULL_RETRY_S)},
-            )
-        record = store.create(spec, job_id=job_id)
+            ) from None
     except BaseException:
         if idempotency_key is not None:
             _forget_key(store, idempotency_key, job_id)
@@ -217,8 +220,7 @@ def submit_job(
             headers={"Retry-After": "5"},
         ) from None
     logger.info("queued job %s (%s)", job_id, spec.model)
-    response.headers["Location"] = f"/v1/jobs/{job_id}"
-    return _job(record)
+    return _json(record, 202, {"Location": f"/v1/jobs/{job_id}"})
 
 
 def _forget_key(store: JobStore, key: str, job_id: str) -> None:
@@ -247,7 +249,6 @@ def _undo(store: JobStore, job_id: str, idempotency_key: str | None) -> None:
 )
 def list_jobs(
     request: Request,
-    response: Response,
     store: JobStoreDep,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
     model: Annotated[
@@ -257,14 +258,18 @@ def list_jobs(
     cursor: Annotated[
         str | None, Query(description="`next_cursor` of the previous page.", max_length=64)
     ] = None,
-) -> JobPage:
+) -> Response:
     raw_cursor = _decode_cursor(cursor) if cursor else None
     records, after = store.list_jobs(status=status, model=model, limit=limit, cursor=raw_cursor)
     next_cursor = _encode_cursor(after) if after else None
+    headers = {}
     if next_cursor:
         url = request.url.remove_query_params("cursor").include_query_params(cursor=next_cursor)
-        response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
-    return JobPage(jobs=[_job(r) for r in records], next_cursor=next_cursor)
+        headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
+    # a JobPage, each record serialised once, as read
+    jobs = ",".join(r.model_dump_json() for r in records)
+    body = f'{{"jobs":[{jobs}],"next_cursor":{json.dumps(next_cursor)}}}'
+    return Response(body, headers=headers, media_type=JSON)
 
 
 @router.get(
@@ -275,8 +280,8 @@ def list_jobs(
     response_model=Job,
     responses=problem_responses(404),
 )
-def get_job(job: ValidJob) -> Job:
-    return _job(job)
+async def get_job(job: ValidJob) -> Response:
+    return _json(job)
 
 
 @router.post(
@@ -289,7 +294,7 @@ def get_job(job: ValidJob) -> Job:
     dependencies=[RequireKey],
     responses=problem_responses(401, 404, 409),
 )
-def cancel_job(job: ValidJob, store: JobStoreDep) -> Job:
+def cancel_job(job: ValidJob, store: JobStoreDep) -> Response:
     if job.status.finished:
         raise JobFinishedError(f"job {job.id} already {job.status.value}; nothing to cancel")
     store.request_cancel(job.id)
@@ -313,4 +318,4 @@ def cancel_job(job: ValidJob, store: JobStoreDep) -> Job:
 
     record = store.update(job.id, change, event=status_event)
     logger.info("cancel requested for job %s (%s)", job.id, record.status.value)
-    return _job(record)
+    return _json(record, 202)
