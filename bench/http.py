@@ -6,10 +6,18 @@ stops it by PID afterwards. With `--url` and `--ref` it loads an already running
 
 The load generator speaks HTTP/1.1 keep-alive over raw asyncio streams (one connection per
 client): on a 2-core machine a full HTTP client library would eat the CPU the server needs.
-Every request uploads one 28×28 Fashion-MNIST test image as a multipart PNG file. Bounded by
-`--requests` and `--duration`, whichever comes first.
+Per server, in interleaved rounds:
 
-    python -m bench http [--clients 16] [--requests 5000] [--duration 20]
+- `v1 png`: `POST /v1/checkpoints/{ref}/predict` uploading one 28×28 Fashion-MNIST test image
+  as a multipart PNG file;
+- `v2 uint8`: `POST /v2/models/lenet/infer` with the same image as a binary UINT8 tensor
+  (Triton's binary extension, no Content-Type, as tritonclient sends it);
+- `v2 batch64`: the same with 64 images per request (throughput in images/s),
+
+and, in this process, the model alone (the server's own loader: ONNX Runtime) on batches of 64,
+the floor for `v2 batch64`. Bounded by `--requests` and `--duration` per load, whichever first.
+
+    python -m bench http [--clients 16] [--requests 5000] [--duration 20] [--rounds 3]
     python -m bench http --url http://127.0.0.1:8000 --ref lenet:best
 """
 
@@ -159,13 +167,62 @@ def server_batch_stats(url: str) -> dict[str, float]:
     return {"forward_passes": batches, "images": images}
 
 
-def run_load(
-    url: str, ref: str, *, clients: int, requests: int, duration: float, warmup: int = 50
-) -> dict[str, Any]:
-    """Warm the server up, then measure `clients` concurrent single-image predictions."""
+def v2_request(host: str, port: int, model: str, images: np.ndarray) -> bytes:
+    """The raw bytes of one V2 infer request: images as a binary UINT8 tensor, binary output."""
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": list(images.shape),
+                    "datatype": "UINT8",
+                    "parameters": {"binary_data_size": images.nbytes},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    body = header + np.ascontiguousarray(images, dtype=np.uint8).tobytes()
+    head = (
+        f"POST /v2/models/{model}/infer HTTP/1.1\r\n"
+        f"Host: {host}:{port}\r\n"
+        f"Inference-Header-Content-Length: {len(header)}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+def sample_images(n: int) -> np.ndarray:
+    """The first `n` Fashion-MNIST test images (N×28×28 uint8)."""
+    raw = gzip.decompress(FASHION_TEST_IMAGES.read_bytes())
+    return np.frombuffer(raw, np.uint8, count=784 * n, offset=16).reshape(n, 28, 28)
+
+
+def requests_for(url: str, ref: str) -> dict[str, tuple[bytes, int]]:
+    """Each path's raw request and the images it carries."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    request = predict_request(host, port, ref, sample_png())
+    one = sample_images(1)
+    return {
+        "v1 png": (predict_request(host, port, ref, sample_png()), 1),
+        "v2 uint8": (v2_request(host, port, "lenet", one), 1),
+        "v2 batch64": (v2_request(host, port, "lenet", sample_images(64)), 64),
+    }
+
+
+def run_load(
+    url: str,
+    request: bytes,
+    *,
+    images: int,
+    clients: int,
+    requests: int,
+    duration: float,
+    warmup: int = 50,
+) -> dict[str, Any]:
+    """Warm the server up, then measure `clients` concurrent requests of one kind."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
     asyncio.run(_load(host, port, request, 4, warmup, 30.0))
     before = server_batch_stats(url)
     result = asyncio.run(_load(host, port, request, clients, requests, duration))
@@ -174,7 +231,63 @@ def run_load(
     result["mean_batch_size"] = (
         round((after["images"] - before["images"]) / passes, 2) if passes else None
     )
+    result["images_per_s"] = round(result["requests_per_s"] * images, 1)
     return result
+
+
+def interleaved(
+    url: str, ref: str, *, clients: int, requests: int, duration: float, rounds: int
+) -> list[dict[str, Any]]:
+    """Every path in turn, `rounds` times; per path the best round and every round's req/s."""
+    per_path: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(rounds):
+        for path, (request, images) in requests_for(url, ref).items():
+            n_clients = clients if images == 1 else min(clients, 4)
+            result = run_load(
+                url,
+                request,
+                images=images,
+                clients=n_clients,
+                requests=requests // rounds,
+                duration=duration / rounds,
+            )
+            per_path.setdefault(path, []).append({"clients": n_clients, **result})
+    out = []
+    for path, results in per_path.items():
+        best = max(results, key=lambda r: r["requests_per_s"])
+        errors = sum(r["errors"] for r in results)
+        out.append(
+            {
+                "path": path,
+                **best,
+                "errors": errors,
+                "rounds_requests_per_s": [r["requests_per_s"] for r in results],
+            }
+        )
+    return out
+
+
+def model_alone(data_dir: Path, ref: str, seconds: float = 5.0) -> dict[str, Any]:
+    """The checkpoint as the server loads it, run here on batches of 64 (no HTTP at all)."""
+    from service.inference import cpu_budget, load_for_inference
+    from workers.checkpoints import CheckpointStore
+
+    store = CheckpointStore(data_dir / "checkpoints")
+    loaded = load_for_inference(
+        store,
+        store.resolve(ref),
+        backend="auto",
+        cache_dir=data_dir / "onnx-cache",
+        threads=cpu_budget()[1],
+    )
+    x = sample_images(64).astype(np.float32)[:, None] / 255
+    loaded.run(x)
+    passes, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        loaded.run(x)
+        passes += 1
+    elapsed = time.perf_counter() - started
+    return {"backend": loaded.backend, "images_per_s": round(64 * passes / elapsed, 1)}
 
 
 def make_lenet_checkpoint(data_dir: Path) -> str:
@@ -255,17 +368,23 @@ def stop_group(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=5)
 
 
-def markdown(runs: Sequence[dict[str, Any]]) -> str:
+def markdown(runs: Sequence[dict[str, Any]], alone: dict[str, Any] | None) -> str:
     """The runs as a markdown table."""
     lines = [
-        "| batching | clients | requests | req/s | p50 (ms) | p99 (ms) | errors | "
-        "images per forward pass |",
-        "|---|---|---|---|---|---|---|---|",
+        "| batching | path | clients | requests | req/s (best round) | images/s | p50 (ms) | "
+        "p99 (ms) | errors | images per forward pass |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         lines.append(
-            f"| {r['batching']} | {r['clients']} | {r['requests']} | {r['requests_per_s']:.0f} | "
+            f"| {r['batching']} | {r.get('path', 'v1 png')} | {r['clients']} | {r['requests']} | "
+            f"{r['requests_per_s']:.0f} | {r.get('images_per_s', r['requests_per_s']):.0f} | "
             f"{r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r['mean_batch_size']} |"
+        )
+    if alone:
+        lines.append(
+            f"| – | model alone ({alone['backend']}, batch 64, in process) | – | – | – | "
+            f"{alone['images_per_s']:.0f} | – | – | – | 64 |"
         )
     return "\n".join(lines)
 
@@ -275,8 +394,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--url", help="an already running server (else one is started)")
     parser.add_argument("--ref", help="the checkpoint to load (with --url)")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=5000, help="at most this many")
-    parser.add_argument("--duration", type=float, default=20.0, help="at most this long (s)")
+    parser.add_argument("--requests", type=int, default=5000, help="at most this many per path")
+    parser.add_argument(
+        "--duration", type=float, default=20.0, help="at most this long per path (s)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per server")
     parser.add_argument(
         "--batching", choices=["both", "on", "off"], default="both", help="started server only"
     )
@@ -285,11 +407,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.url and not args.ref:
         parser.error("--url needs --ref (a checkpoint id or alias)")
-    load = {"clients": args.clients, "requests": args.requests, "duration": args.duration}
+    load = {
+        "clients": args.clients,
+        "requests": args.requests,
+        "duration": args.duration,
+        "rounds": args.rounds,
+    }
     runs: list[dict[str, Any]] = []
+    alone: dict[str, Any] | None = None
     if args.url:
-        result = run_load(args.url.rstrip("/"), args.ref, **load)
-        runs.append({"batching": "server's setting", "clients": args.clients, **result})
+        for result in interleaved(args.url.rstrip("/"), args.ref, **load):
+            runs.append({"batching": "server's setting", **result})
     else:
         modes = {"both": [True, False], "on": [True], "off": [False]}[args.batching]
         with tempfile.TemporaryDirectory(prefix="cnnserve-bench-http-") as tmp:
@@ -299,21 +427,39 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log_path = Path(tmp) / f"api-{'on' if batching else 'off'}.log"
                 with api_server(data_dir, batching=batching, log_path=log_path) as url:
                     logger.info("server %s (batching %s), loading it", url, batching)
-                    result = run_load(url, ref, **load)
-                runs.append(
-                    {"batching": "on" if batching else "off", "clients": args.clients, **result}
-                )
-                logger.info("batching %s: %s", batching, result)
+                    for result in interleaved(url, ref, **load):
+                        runs.append({"batching": "on" if batching else "off", **result})
+                        logger.info("batching %s: %s", batching, result)
+            alone = model_alone(data_dir, ref)
+    by = {(r["batching"], r["path"]): r for r in runs}
+    ratios = {
+        batching: {
+            "v2_uint8_over_v1_png_req_per_s": round(
+                by[(batching, "v2 uint8")]["requests_per_s"]
+                / by[(batching, "v1 png")]["requests_per_s"],
+                2,
+            ),
+            "model_alone_over_v2_batch64_images_per_s": round(
+                alone["images_per_s"] / by[(batching, "v2 batch64")]["images_per_s"], 2
+            )
+            if alone
+            else None,
+        }
+        for batching in dict.fromkeys(r["batching"] for r in runs)
+    }
     report = {
         "benchmark": "http",
         "machine": machine_info(),
         "model": "lenet",
-        "payload": "one 28×28 Fashion-MNIST PNG per request, multipart",
-        "limits": {"requests": args.requests, "duration_s": args.duration},
+        "payload": "v1: one 28×28 Fashion-MNIST PNG per request, multipart; v2: the same "
+        "image(s) as a binary UINT8 tensor",
+        "limits": {"requests": args.requests, "duration_s": args.duration, "rounds": args.rounds},
         "runs": runs,
+        "model_alone": alone,
+        "ratios": ratios,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    sys.stdout.write(markdown(runs) + "\n")
-    sys.stdout.write(f"results written to {args.out}\n")
+    sys.stdout.write(markdown(runs, alone) + "\n")
+    sys.stdout.write(f"ratios: {json.dumps(ratios)}\nresults written to {args.out}\n")
     return 0 if all(r["errors"] == 0 for r in runs) else 1
