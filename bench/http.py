@@ -105,7 +105,7 @@ async def _client(
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
             status = int(head.split(b" ", 2)[1])
-            length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
             body = await reader.readexactly(int(length.group(1)) if length else 0)
             latencies.append(time.perf_counter() - started)
             if status != 200:
