@@ -475,6 +475,44 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def goals_markdown(report: dict[str, Any]) -> str:
+    """The issue's goals against each source's results, as a markdown table."""
+    sources = [s for s in ("baseline", "current") if s in report["results"]]
+    lines = ["| goal | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
+
+    def row(label: str, cells: list[str]) -> None:
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    res = {src: report["results"][src] for src in sources}
+    sizes = sorted(int(n) for n in res[sources[-1]]["sizes"])
+    small, large = f"{sizes[0]:,}", f"{sizes[-1]:,}"
+    for op in (*OPS, "orphan_scan"):
+        cells = []
+        for src in sources:
+            g = res[src]["goals"]["growth_p50_largest_over_smallest"].get(op)
+            cells.append("–" if g is None else f"{g:.2f}×")
+        row(f"{op}: p50 at {large} jobs / at {small} (≤ {GROWTH_GOAL}×)", cells)
+    for op, goal in FLOOR_GOALS.items():
+        cells = []
+        for src in sources:
+            ratios = [v[op] for v in res[src]["goals"]["p50_over_healthz"].values() if v[op]]
+            cells.append(f"{min(ratios):.1f}–{max(ratios):.1f}×" if ratios else "–")
+        row(f"{op}: p50 / healthz p50, every size (≤ {goal:g}×)", cells)
+    cells = []
+    for src in sources:
+        scan = res[src]["sizes"][str(sizes[-1])]["ops"]["orphan_scan"]
+        cells.append(_cell(scan))
+    row(f"orphan scan at {large} jobs, 1 running (< {SCAN_GOAL_MS:g} ms)", cells)
+    if all("lenet_epoch_s" in res[src] for src in sources):
+        cells = []
+        for src in sources:
+            e = res[src]["lenet_epoch_s"]
+            before, after = statistics.median(e["0"]), statistics.median(e[str(EPOCH_HISTORY)])
+            cells.append(f"{before:.2f} s → {after:.2f} s")
+        row(f"LeNet epoch, 0 → {EPOCH_HISTORY:,} finished jobs on record (unchanged)", cells)
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench api", description=__doc__)
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
@@ -514,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    sys.stdout.write(markdown(report) + "\n")
+    sys.stdout.write(markdown(report) + "\n\n" + goals_markdown(report) + "\n")
     sys.stdout.write(f"results written to {args.out}\n")
     errors = [
         (label, n, op, r["errors"])
