@@ -1,4 +1,4 @@
-"""The `cnnserve` command: `up`, `api`, `worker`, `train`.
+"""The `cnnserve` command: `up`, `api`, `worker`, `train`, `sweep`.
 
 Each subcommand imports its own side lazily, so `cnnserve api` never loads the training
 engine and `cnnserve worker` never loads FastAPI.
@@ -10,6 +10,8 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+
+DEFAULT_API = "http://127.0.0.1:8000"
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -24,6 +26,14 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     p.add_argument("--train-limit", type=int, dest="train_limit")
+    p.add_argument("--init-from", dest="init_from", help="start from this checkpoint (id or alias)")
+    p.add_argument(
+        "--continue-epochs",
+        dest="continue_epochs",
+        action="store_true",
+        default=None,
+        help="with --init-from: number epochs after the parent's",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +57,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train one job in-process with a progress bar")
     _add_spec_args(train)
+
+    sweep = sub.add_parser(
+        "sweep", help="start a sweep on a running API and show its leaderboard live"
+    )
+    sweep.add_argument("--api", help=f"the API's URL (CNNSERVE_API_URL; {DEFAULT_API})")
+    sweep.add_argument("--key", help="an API key (CNNSERVE_API_KEY)")
+    sweep.add_argument("--base", help='the base job spec as JSON: \'{"model": "lenet"}\'')
+    sweep.add_argument(
+        "--grid", action="append", metavar="FIELD=V1,V2", help="values to try (repeatable)"
+    )
+    sweep.add_argument("--random", type=int, metavar="N", help="N random points instead")
+    sweep.add_argument(
+        "--space",
+        action="append",
+        metavar="FIELD=V1,V2|MIN:MAX[:log]",
+        help="with --random: choices or a range (repeatable)",
+    )
+    sweep.add_argument("--name", help="a label for listings")
+    sweep.add_argument("--sort", default="best_val_acc", help="the leaderboard's order")
+    sweep.add_argument("--follow", metavar="SWEEP_ID", help="watch an existing sweep instead")
     return parser
 
 
@@ -76,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if k not in ("command", "log_level") and v is not None
         }
         return run_train(fields)
+    if args.command == "sweep":
+        from service.sweep_cli import run_sweep
+
+        return run_sweep(args)
     return 2
 
 

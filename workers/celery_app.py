@@ -68,17 +68,23 @@ ENQUEUE_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 
 
 
 def enqueue_job(celery: Celery, job_id: str) -> str:
-    """Queue a training job by task name (no engine import); returns the Celery task id.
+    """Queue a training job by task name (no engine import); returns the Celery task id."""
+    return enqueue(celery, TRAIN_TASK, job_id)
 
-    The one way a job is sent, by the API and by orphan recovery alike: the task id is the
-    job id (so broker tools show which job a message is for), with a short retry when the
-    broker connection blips; if it still fails, the caller sees Kombu's or Redis's error.
+
+def enqueue(celery: Celery, task: str, object_id: str) -> str:
+    """Queue one piece of worker work by task name; returns the Celery task id.
+
+    The one way work is sent, by the API and by orphan recovery alike: the task id is the
+    job's (or evaluation's) id, so broker tools show what a message is for, with a short retry
+    when the broker connection blips; if it still fails, the caller sees Kombu's or Redis's
+    error.
     """
     result = celery.send_task(
-        TRAIN_TASK,
-        args=[job_id],
+        task,
+        args=[object_id],
         queue=QUEUE,
-        task_id=job_id,
+        task_id=object_id,
         retry=True,
         retry_policy=ENQUEUE_RETRY_POLICY,
         # the job record is the result: no result subscription per message (a PubSub

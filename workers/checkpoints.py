@@ -41,6 +41,9 @@ from workers.checkpoint_index import CheckpointIndex
 JOB_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 CHECKPOINT_ID_RE = re.compile(r"^(?P<job>[0-9a-f]{16})-e(?P<epoch>[0-9]{3})$")
 MODEL_NAME_RE = re.compile(r"^[a-z0-9_]{1,32}$")
+EVALUATION_FILE = "evaluation.json"
+#: An arch as a manifest records it: [count, channels] pairs, a name, or none.
+ManifestArch = list[list[int]] | str | None
 
 
 class CheckpointError(Exception):
@@ -109,13 +112,21 @@ class Manifest(BaseModel):
     classes: list[str] = Field(default_factory=lambda: list(CLASSES))
     preprocessing: Preprocessing
     metrics: dict[str, float] = Field(default_factory=dict)
-    history: list[dict[str, float]] = Field(default_factory=list)
+    history: list[dict[str, Any]] = Field(default_factory=list)
     spec: dict[str, Any] = Field(default_factory=dict)
     dataset: dict[str, Any] = Field(default_factory=dict)
     weights_sha256: str
     state_sha256: str | None = None
     versions: dict[str, str] = Field(default_factory=dict)
     onnx: OnnxExport = Field(default_factory=OnnxExport)
+    confusion_matrix: list[list[int]] | None = Field(
+        None,
+        description="This epoch's validation confusion matrix (rows: true class, columns: "
+        "predicted); absent in checkpoints written before it was kept.",
+    )
+    parent: str | None = Field(
+        None, description="The checkpoint this job started from (`init_from`), if any."
+    )
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     @property
@@ -157,6 +168,19 @@ class CheckpointSummary(BaseModel):
     created_at: str = Field(description="When it was written (ISO 8601, UTC).")
 
 
+class StoredEvaluation(BaseModel):
+    """A checkpoint evaluated on test images after training (`evaluation.json` beside it)."""
+
+    checkpoint: str
+    images: int = Field(description="Test images evaluated (the first N).")
+    limit: int | None = Field(None, description="The limit asked for (None: all).")
+    loss: float
+    accuracy: float
+    confusion_matrix: list[list[int]]
+    device: str
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+
 @dataclass(frozen=True)
 class SavedCheckpoint:
     """What `CheckpointStore.save` wrote: the manifest, the job's aliases and what is kept."""
@@ -166,6 +190,22 @@ class SavedCheckpoint:
     best: str
     #: The job's checkpoint ids after pruning, oldest first.
     kept: list[str]
+
+
+class LineageError(ValueError):
+    """An `init_from` that names no checkpoint, or one of another network."""
+
+    def __init__(self, detail: str, differs: list[str] | None = None) -> None:
+        self.differs = differs or []
+        super().__init__(detail)
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where a job starts: its parent checkpoint (resolved) and the epochs it numbers after."""
+
+    parent: str | None = None
+    epoch_offset: int = 0
 
 
 def sha256_file(path: Path) -> str:
@@ -304,6 +344,24 @@ class CheckpointStore:
         kept = [e for e in epochs if e in protected]
         return SavedCheckpoint(manifest, aliases["latest"], aliases["best"], kept)
 
+    def save_evaluation(self, evaluation: StoredEvaluation) -> None:
+        """Keep an evaluation beside its checkpoint (replacing an earlier one)."""
+        directory = self._dir(evaluation.checkpoint)
+        if not (directory / "manifest.json").is_file():
+            raise CheckpointNotFoundError(evaluation.checkpoint)
+        _write_json_atomic(directory / EVALUATION_FILE, evaluation.model_dump(mode="json"))
+
+    def evaluation(self, ckpt_id: str) -> StoredEvaluation | None:
+        """The evaluation stored beside a checkpoint, if one was made."""
+        try:
+            raw = (self._dir(ckpt_id) / EVALUATION_FILE).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return StoredEvaluation.model_validate_json(raw)
+        except ValidationError:
+            return None  # damaged: evaluate again
+
     # reading
     def aliases(self, job_id: str) -> dict[str, str]:
         path = self._job_dir(job_id) / "aliases.json"
@@ -398,6 +456,37 @@ class CheckpointStore:
                 return present[0]
             # removed behind the store's back (by hand): forget them, look again
             self.index.remove(ranked)
+
+    def lineage(
+        self,
+        init_from: str | None,
+        *,
+        model: str,
+        arch: ManifestArch,
+        input_size: int,
+        continue_epochs: bool = False,
+    ) -> Lineage:
+        """Resolve a job's `init_from` to a checkpoint of the same network (model, resolved
+        arch and input size), or a `LineageError` that names what differs."""
+        if init_from is None:
+            return Lineage()
+        try:
+            parent = self.manifest(self.resolve(init_from))
+        except CheckpointError as exc:
+            raise LineageError(
+                f"{exc}; name a checkpoint that exists (GET /v1/checkpoints)"
+            ) from None
+        wanted = {"model": model, "arch": arch, "input_size": input_size}
+        found = {"model": parent.model, "arch": parent.arch, "input_size": parent.input_size}
+        differs = [k for k in wanted if wanted[k] != found[k]]
+        if differs:
+            said = ", ".join(f"{k} {found[k]!r} (this job: {wanted[k]!r})" for k in differs)
+            raise LineageError(
+                f"checkpoint {parent.id} differs in {said}; a job starts only from a "
+                "checkpoint of the same model, arch and input size",
+                differs,
+            )
+        return Lineage(parent.id, parent.epoch if continue_epochs else 0)
 
     def weights_path(self, ckpt_id: str) -> Path:
         """The verified safetensors file of a checkpoint."""

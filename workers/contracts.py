@@ -21,10 +21,15 @@ from workers.settings import DEVICE_PATTERN
 
 #: Celery task names; the API enqueues by name and never imports the engine.
 TRAIN_TASK = "cnnserve.train"
+EVALUATE_TASK = "cnnserve.evaluate"
 QUEUE = "training"
 
 MIN_INPUT_SIZE = 28
 MAX_INPUT_SIZE = 224
+#: A checkpoint id or alias (as `CheckpointStore.resolve` takes them).
+CHECKPOINT_REF_PATTERN = (
+    r"^([0-9a-f]{16}-e[0-9]{3}|[0-9a-f]{16}:(latest|best)|[a-z0-9_]{1,32}:best)$"
+)
 #: Training examples in Fashion-MNIST (a `train_limit` at or above it trains on all).
 TRAIN_EXAMPLES = 60000
 
@@ -129,6 +134,19 @@ class JobSpec(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on GPUs that support it, fp32 on the CPU."
     )
+    init_from: str | None = Field(
+        None,
+        pattern=CHECKPOINT_REF_PATTERN,
+        description="Start from this checkpoint's weights (an id or alias: <job>-eNNN, "
+        "<job>:best, <job>:latest, <model>:best) with a fresh optimizer and this spec's "
+        "hyperparameters; it must be the same model, arch and input size.",
+        examples=["lenet:best"],
+    )
+    continue_epochs: bool = Field(
+        False,
+        description="With init_from: number this job's epochs after the parent's (its curves "
+        "continue the parent's), instead of from 1.",
+    )
     train_limit: int | None = Field(
         None,
         ge=1,
@@ -154,6 +172,12 @@ class JobSpec(BaseModel):
             self._check_fit()
         return self
 
+    @model_validator(mode="after")
+    def _continue_needs_a_parent(self) -> JobSpec:
+        if self.continue_epochs and self.init_from is None:
+            raise ValueError("continue_epochs numbers epochs after init_from's; set init_from too")
+        return self
+
     def _check_fit(self) -> None:
         """Refuse a network that cannot take the input, or a batch it cannot train on."""
         assert self.input_size is not None
@@ -170,6 +194,12 @@ class JobSpec(BaseModel):
                 "statistics need at least two; use a batch of 2 or more examples, or a larger "
                 "input_size"
             )
+
+    @property
+    def network_arch(self) -> list[list[int]] | None:
+        """The arch this spec trains, resolved to pairs (as a checkpoint's manifest has it)."""
+        resolved = get_model_entry(self.model).resolve_arch(self.arch_value)
+        return [list(p) for p in resolved] if resolved is not None else None
 
     @property
     def arch_value(self) -> str | tuple[tuple[int, int], ...] | None:

@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import build_model, get_model_entry
+from models import build_model
 from workers.checkpoints import CheckpointError, CheckpointStore, Preprocessing, SavedCheckpoint
 from workers.contracts import JobSpec
 from workers.data import FashionMNIST
 from workers.devices import prepare_device, release_memory, resolve_device, wait_for_device
 from workers.errors import OutOfMemoryError, ResumeError
+from workers.evaluation import Scores, Tally, model_input
 from workers.graphs import StepGraph, graphs_apply
 from workers.jobs import EpochMetrics, Progress
 from workers.settings import Settings
@@ -213,7 +214,11 @@ class _Run:
         self.shuffle = torch.Generator().manual_seed(spec.seed + 1)
 
         self.history: list[EpochMetrics] = []
+        self.num_classes = 10
         self.start_epoch = 1
+        #: Epochs are numbered after a parent's (`init_from` with `continue_epochs`).
+        self.last_epoch = spec.epochs
+        self.parent: str | None = None
         self.resumed_from: str | None = None
         self.latest: str | None = None
         self.next_check = 0.0
@@ -226,8 +231,7 @@ class _Run:
         """The network, its optimizer, and the captured or compiled step where they apply."""
         spec, device, options = self.spec, self.device, self.options
         assert spec.lr is not None
-        resolved = get_model_entry(spec.model).resolve_arch(spec.arch_value)
-        self.arch = [list(p) for p in resolved] if resolved is not None else None
+        self.arch = spec.network_arch
         self.model = build_model(spec.model, arch=spec.arch_value, input_size=spec.input_size)
         self.model.to(device)
         if self.channels_last:
@@ -264,6 +268,35 @@ class _Run:
         else:  # large CPU batches fall out of cache: LeNet validates 2.5x faster at 256 than 2048
             self.eval_batch = max(1, min(CPU_EVAL_BATCH, EVAL_PIXELS // self.input_size**2))
 
+    def number_after(self, epoch_offset: int) -> None:
+        """Number this job's epochs after `epoch_offset` (a parent's, with `continue_epochs`)."""
+        self.start_epoch = epoch_offset + 1
+        self.last_epoch = epoch_offset + self.spec.epochs
+
+    def start_from(self, parent: str) -> None:
+        """Begin from another checkpoint's weights with a fresh optimizer: fine-tuning, or
+        continuing a finished job with new settings."""
+        try:
+            manifest = self.store.manifest(parent)
+            if (manifest.model, manifest.input_size) != (self.spec.model, self.input_size):
+                raise ResumeError(
+                    f"checkpoint {parent} holds {manifest.model} at {manifest.input_size}px, "
+                    f"not this job's {self.spec.model} at {self.input_size}px"
+                )
+            self.model.load_state_dict(self.store.load_weights(parent))
+        except CheckpointError as exc:
+            raise ResumeError(
+                f"cannot start from checkpoint {parent}: {exc}; submit the job again with "
+                "another init_from"
+            ) from exc
+        except RuntimeError as exc:  # a state_dict of another architecture
+            raise ResumeError(
+                f"checkpoint {parent}'s weights do not fit this job's network ({exc}); "
+                "init_from must name a checkpoint of the same model, arch and input size"
+            ) from exc
+        self.parent = parent
+        log.info("job %s starts from the weights of %s", self.job_id, parent)
+
     def resume(self, ckpt_id: str) -> None:
         """Continue after `ckpt_id`: its weights, optimizer, RNG and shuffle state, history."""
         try:
@@ -296,19 +329,13 @@ class _Run:
         self.history = [m for m in history if m.epoch <= epoch]
         self.start_epoch = epoch + 1
         self.resumed_from = ckpt_id
+        self.parent = manifest.parent
         self.latest = ckpt_id
         log.info("job %s resumes after epoch %d from %s", self.job_id, epoch, ckpt_id)
 
     # the loop
     def _prep(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.unsqueeze(1).to(torch.float32).mul_(1 / 255)
-        if self.input_size != x.shape[-1]:
-            x = F.interpolate(
-                x, size=(self.input_size, self.input_size), mode="bilinear", antialias=False
-            )
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return model_input(images, self.input_size, self.channels_last)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
@@ -335,11 +362,11 @@ class _Run:
         rate = self.rate
         eta = None
         if rate:
-            left_images = (self.n_epoch - done) + (self.spec.epochs - epoch) * self.n_epoch
-            eta = left_images / rate + (self.spec.epochs - epoch + 1) * self.val_seconds
+            left_images = (self.n_epoch - done) + (self.last_epoch - epoch) * self.n_epoch
+            eta = left_images / rate + (self.last_epoch - epoch + 1) * self.val_seconds
         progress = Progress(
             epoch=epoch,
-            epochs=self.spec.epochs,
+            epochs=self.last_epoch,
             batch=batch,
             batches=self.batches,
             images_per_s=round(rate, 1) if rate else None,
@@ -386,25 +413,20 @@ class _Run:
                 return stop
         return self.loss_sum.clone()
 
-    def validate(self, epoch: int) -> tuple[float, float] | Outcome:
-        """Loss and accuracy on all test images, read back with one host sync."""
+    def validate(self, epoch: int) -> Scores | Outcome:
+        """Loss, accuracy and confusion matrix on all test images, read back with one sync."""
         self.model.eval()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        tally = Tally(self.num_classes, self.device)
         n = int(self.test_x.shape[0])
         with torch.inference_mode():
             for start in range(0, n, self.eval_batch):
                 x = self._prep(self.test_x[start : start + self.eval_batch])
-                y = self.test_y[start : start + self.eval_batch]
                 with self._autocast():
-                    logits = self.forward(x)
-                loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-                correct += (logits.argmax(dim=1) == y).sum()
+                    tally.add(self.forward(x), self.test_y[start : start + self.eval_batch])
                 stop = self._checkpoint(epoch, self.batches, None)
                 if stop is not None:
                     return stop
-        total, hits = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).tolist()
-        return total / n, hits / n
+        return tally.scores()
 
     def save(self, epoch: int, metrics: EpochMetrics) -> SavedCheckpoint:
         state: dict[str, Any] = {
@@ -432,6 +454,8 @@ class _Run:
             "history": [m.model_dump() for m in self.history],
             "spec": self.spec.model_dump(mode="json"),
             "dataset": dataset,
+            "confusion_matrix": metrics.confusion_matrix,
+            "parent": self.parent,
         }
         return self.store.save(
             job_id=self.job_id,
@@ -443,7 +467,7 @@ class _Run:
         )
 
     def execute(self) -> TrainResult:
-        for epoch in range(self.start_epoch, self.spec.epochs + 1):
+        for epoch in range(self.start_epoch, self.last_epoch + 1):
             epoch_t0 = time.monotonic()
             self.next_check = 0.0  # report the start of every epoch at once
             trained = self.train_epoch(epoch, epoch_t0)
@@ -453,15 +477,15 @@ class _Run:
             validated = self.validate(epoch)
             if isinstance(validated, Outcome):
                 return self._result(validated)
-            val_loss, val_acc = validated
             now = time.monotonic()
             self.val_seconds = now - val_t0
             metrics = EpochMetrics(
                 epoch=epoch,
                 train_loss=float(trained.item()) / self.n_epoch,
-                val_loss=val_loss,
-                val_acc=val_acc,
+                val_loss=validated.loss,
+                val_acc=validated.accuracy,
                 seconds=round(now - epoch_t0, 3),
+                confusion_matrix=validated.confusion_matrix,
             )
             self.history.append(metrics)
             saved = self.save(epoch, metrics)
@@ -470,16 +494,16 @@ class _Run:
                 "job %s epoch %d/%d: train_loss %.4f val_loss %.4f val_acc %.4f (%.2f s)",
                 self.job_id,
                 epoch,
-                self.spec.epochs,
+                self.last_epoch,
                 metrics.train_loss,
-                val_loss,
-                val_acc,
+                metrics.val_loss,
+                metrics.val_acc,
                 metrics.seconds,
             )
             self.callbacks.on_epoch(metrics, saved)
             limit = self.options.max_seconds
             over = limit is not None and time.monotonic() - self.started > limit
-            if over and epoch < self.spec.epochs:
+            if over and epoch < self.last_epoch:
                 return self._result(Outcome.timed_out)
         return self._result(Outcome.completed)
 
@@ -507,11 +531,15 @@ def train(
     options: TrainOptions | None = None,
     callbacks: TrainingCallbacks | None = None,
     resume_from: str | None = None,
+    init_from: str | None = None,
+    epoch_offset: int = 0,
 ) -> TrainResult:
     """Train `spec` as job `job_id`, checkpointing every epoch into `store`.
 
-    With `resume_from` (a checkpoint id of this job) it continues after that epoch with the
-    saved weights, optimizer, RNG and shuffle state. Raises a `TrainingError` subclass with an
+    With `init_from` (any checkpoint id) training starts from its weights with a fresh
+    optimizer; epochs are numbered after `epoch_offset`. With `resume_from` (a checkpoint id of
+    this job) it continues after that epoch with the saved weights, optimizer, RNG and shuffle
+    state (and keeps its parent in the manifest). Raises a `TrainingError` subclass with an
     actionable message for a missing device, a damaged checkpoint or CUDA running out of memory.
     """
     options = options or TrainOptions()
@@ -524,8 +552,11 @@ def train(
         run = _Run(
             spec, job_id, data, store, options, callbacks or NullCallbacks(), device, amp_dtype
         )
+        run.number_after(epoch_offset)
         if resume_from is not None:
             run.resume(resume_from)
+        elif init_from is not None:
+            run.start_from(init_from)
         return run.execute()
     except torch.cuda.OutOfMemoryError:
         oom = (

@@ -107,20 +107,25 @@ return 1
 """
 )
 
-#: Lua: record a new queued job (its record, indexes and first event) unless `max_queued`
-#: jobs are queued already; one atomic step, so concurrent submits cannot overshoot the limit.
-#: ARGV: prefix, id, score, model, record JSON, max queued ('' for none), event data, maxlen.
-#: Returns {1 if created else 0, jobs queued before}.
+#: Lua: record new queued jobs (each record, its indexes and first event) unless they would
+#: take the queue past `max_queued`; one atomic step, so concurrent submits (or a sweep's
+#: children) cannot overshoot the limit, and a sweep is recorded whole or not at all.
+#: ARGV: prefix, score, max queued ('' for none), event data, maxlen, then per job its id,
+#: model and record JSON. Returns {1 if created else 0, jobs queued before}.
 CREATE = (
     _INDEX_FN
     + """
-local prefix, id = ARGV[1], ARGV[2]
+local prefix, score, max = ARGV[1], ARGV[2], ARGV[3]
 local queued = redis.call('ZCARD', prefix .. 'jobs:status:queued')
-if ARGV[6] ~= '' and queued >= tonumber(ARGV[6]) then return {0, queued} end
-redis.call('SET', prefix .. 'job:' .. id, ARGV[5])
-index_job(prefix, id, ARGV[3], 'queued', ARGV[4], nil)
-redis.call('XADD', prefix .. 'job:' .. id .. ':events', 'MAXLEN', '~', ARGV[8], '*',
-           'event', 'status', 'data', ARGV[7])
+local count = (#ARGV - 5) / 3
+if max ~= '' and queued + count > tonumber(max) then return {0, queued} end
+for i = 6, #ARGV, 3 do
+  local id = ARGV[i]
+  redis.call('SET', prefix .. 'job:' .. id, ARGV[i + 2])
+  index_job(prefix, id, score, 'queued', ARGV[i + 1], nil)
+  redis.call('XADD', prefix .. 'job:' .. id .. ':events', 'MAXLEN', '~', ARGV[5], '*',
+             'event', 'status', 'data', ARGV[4])
+end
 return {1, queued}
 """
 )

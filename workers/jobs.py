@@ -90,6 +90,10 @@ class EpochMetrics(BaseModel):
     val_loss: float
     val_acc: float
     seconds: float
+    confusion_matrix: list[list[int]] | None = Field(
+        None,
+        description="The validation confusion matrix (rows: true class, columns: predicted).",
+    )
 
 
 class JobRecord(BaseModel):
@@ -111,6 +115,13 @@ class JobRecord(BaseModel):
     latest_checkpoint: str | None = None
     cancel_requested: bool = False
     error: str | None = None
+    parent_checkpoint: str | None = Field(
+        None, description="The checkpoint `init_from` resolved to when the job was submitted."
+    )
+    epoch_offset: int = Field(
+        0, description="Epochs are numbered after this (the parent's, with continue_epochs)."
+    )
+    sweep_id: str | None = Field(None, description="The sweep this job belongs to, if any.")
 
 
 class JobNotFoundError(LookupError):
@@ -122,12 +133,13 @@ class JobNotFoundError(LookupError):
 
 
 class QueueFullError(Exception):
-    """As many jobs are queued as the limit allows."""
+    """The jobs asked for would take the queue past its limit."""
 
-    def __init__(self, queued: int, limit: int) -> None:
+    def __init__(self, queued: int, limit: int, adding: int = 1) -> None:
         self.queued = queued
         self.limit = limit
-        super().__init__(f"{queued} jobs are queued, the limit is {limit}")
+        more = f" and this request adds {adding}" if adding > 1 else ""
+        super().__init__(f"{queued} jobs are queued{more}, the limit is {limit}")
 
 
 def _model_of(raw: str | None) -> str | None:
@@ -174,34 +186,53 @@ class JobStore:
         return n
 
     def create(
-        self, spec: JobSpec, job_id: str | None = None, *, max_queued: int | None = None
+        self,
+        spec: JobSpec,
+        job_id: str | None = None,
+        *,
+        max_queued: int | None = None,
+        **fields: Any,
     ) -> JobRecord:
-        """Record a new queued job, its indexes and its first event in one atomic step.
+        """Record a new queued job (with any other `JobRecord` fields), its indexes and its
+        first event in one atomic step.
 
         With `max_queued`, raises `QueueFullError` instead when that many jobs are queued.
         """
-        record = JobRecord(id=job_id or new_job_id(), spec=spec)
+        record = JobRecord(id=job_id or new_job_id(), spec=spec, **fields)
+        self.create_many([record], max_queued=max_queued)
+        return record
+
+    def create_many(self, records: list[JobRecord], *, max_queued: int | None = None) -> None:
+        """Record new queued jobs all at once, or none (`QueueFullError`) when they would take
+        the queue past `max_queued`; created at the same instant, listed by id among themselves.
+        """
+        jobs = [x for r in records for x in (r.id, r.spec.model, r.model_dump_json())]
         created, queued = self.r.eval(
             index.CREATE,
             0,
             PREFIX,
-            record.id,
             repr(time.time()),
-            spec.model,
-            record.model_dump_json(),
             "" if max_queued is None else str(max_queued),
-            json.dumps({"status": record.status.value}),
+            json.dumps({"status": JobStatus.queued.value}),
             EVENTS_MAXLEN,
+            *jobs,
         )
         if not created:
-            raise QueueFullError(int(queued), int(max_queued or 0))
-        return record
+            raise QueueFullError(int(queued), int(max_queued or 0), len(records))
 
     def get(self, job_id: str) -> JobRecord:
         raw = self.r.get(self._key(job_id))
         if raw is None:
             raise JobNotFoundError(job_id)
         return self._load(raw)
+
+    def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
+        """The records of `job_ids` in order, one round trip per 500 (None: gone)."""
+        out: list[JobRecord | None] = []
+        for i in range(0, len(job_ids), 500):
+            raws = self.r.mget([self._key(j) for j in job_ids[i : i + 500]])
+            out.extend(self._load(raw) if raw is not None else None for raw in raws)
+        return out
 
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(self._key(job_id)))
@@ -300,6 +331,29 @@ class JobStore:
             for eid, fields in entries:
                 out.append((eid, fields["event"], json.loads(fields["data"])))
         return out
+
+    def stream_tails(self, job_ids: list[str]) -> dict[str, str]:
+        """The id of each job's last event ("0-0" for none yet): where to follow them from."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.xrevrange(f"{self._key(job_id)}:events", count=1)
+        return {
+            job_id: (last[0][0] if last else "0-0")
+            for job_id, last in zip(job_ids, pipe.execute(), strict=True)
+        }
+
+    def wait_for_events(
+        self, cursors: dict[str, str], block_ms: int
+    ) -> tuple[dict[str, str], bool]:
+        """Wait up to `block_ms` for any of these jobs' next event (one XREAD over all their
+        streams); the cursors moved past what arrived, and whether anything did."""
+        streams = {f"{self._key(job_id)}:events": after for job_id, after in cursors.items()}
+        res = self.r.xread(streams, count=1000, block=block_ms) if streams else None
+        moved = dict(cursors)
+        for name, entries in res or []:
+            if entries:
+                moved[name.removeprefix(PREFIX + "job:").removesuffix(":events")] = entries[-1][0]
+        return moved, bool(res)
 
     # cancel
     def request_cancel(self, job_id: str) -> None:

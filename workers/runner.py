@@ -283,7 +283,8 @@ def _start_attempt(
         rec.worker = attempt.worker
         rec.device = attempt.device
         rec.error = None
-        rec.progress = Progress(epoch=len(attempt.history), epochs=rec.spec.epochs)
+        done = attempt.history[-1].epoch if attempt.history else rec.epoch_offset
+        rec.progress = Progress(epoch=done, epochs=rec.epoch_offset + rec.spec.epochs)
         # the checkpoint is the truth: no gaps, no duplicates
         rec.metrics = attempt.history if attempt.resume_from is not None else []
 
@@ -350,6 +351,8 @@ def _run_leased(
             options=TrainOptions.from_settings(settings, attempt.device),
             callbacks=JobCallbacks(store, job_id, lease),
             resume_from=attempt.resume_from,
+            init_from=record.parent_checkpoint,
+            epoch_offset=record.epoch_offset,
         )
     except TrainingError as exc:
         log.error("job %s failed: %s", job_id, exc)

@@ -1,4 +1,5 @@
-"""The Celery side of training: one thin task over `workers.runner.run_job`, and worker hooks.
+"""The Celery side of training: thin tasks over `runner.run_job` and `evaluations.run_evaluation`,
+and the worker's hooks.
 
 Only workers load this module (the app's `include`); the engine itself is imported lazily,
 inside the task, so even loading this module does not pull in the training loop.
@@ -13,7 +14,7 @@ from celery import Task
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from workers.celery_app import app, enqueue_job
-from workers.contracts import TRAIN_TASK
+from workers.contracts import EVALUATE_TASK, TRAIN_TASK
 from workers.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,22 @@ def train_job(self: Task, job_id: str) -> str:
         worker=str(self.request.hostname or "worker"),
         settings=get_settings(),
         enqueue=lambda jid: enqueue_job(app, jid),
+    )
+
+
+@app.task(
+    bind=True,
+    name=EVALUATE_TASK,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def evaluate(self: Task, evaluation_id: str) -> str:
+    """Evaluate the checkpoint an evaluation record names (the record is the truth)."""
+    from workers.evaluations import run_evaluation
+
+    return run_evaluation(
+        evaluation_id, worker=str(self.request.hostname or "worker"), settings=get_settings()
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from workers.checkpoints import CheckpointStore, SavedCheckpoint
+from workers.checkpoints import CheckpointStore, LineageError, SavedCheckpoint
 from workers.contracts import JobSpec
 from workers.data import load_fashion_mnist
 from workers.engine import Outcome, StopRequest, TrainOptions, train
@@ -88,6 +88,18 @@ def run_train(fields: dict[str, Any]) -> int:
         return 2
     settings = get_settings()
     store = CheckpointStore(settings.checkpoints_dir)
+    assert spec.input_size is not None
+    try:
+        lineage = store.lineage(
+            spec.init_from,
+            model=spec.model,
+            arch=spec.network_arch,
+            input_size=spec.input_size,
+            continue_epochs=spec.continue_epochs,
+        )
+    except LineageError as exc:
+        sys.stderr.write(f"invalid job spec: init_from: {exc}\n")
+        return 2
     job_id = new_job_id()
     bar = ProgressBar()
     try:
@@ -100,7 +112,14 @@ def run_train(fields: dict[str, Any]) -> int:
         options = TrainOptions.from_settings(settings, spec.device)
         try:
             result = train(
-                spec, job_id=job_id, data=data, store=store, options=options, callbacks=bar
+                spec,
+                job_id=job_id,
+                data=data,
+                store=store,
+                options=options,
+                callbacks=bar,
+                init_from=lineage.parent,
+                epoch_offset=lineage.epoch_offset,
             )
         except KeyboardInterrupt:
             bar.close()

@@ -56,7 +56,14 @@ def test_get_job_has_the_contract_fields(client: TestClient, store: JobStore) ->
     job = r.json()
     assert set(job) >= CONTRACT_FIELDS
     assert job["metrics"] == [
-        {"epoch": 1, "train_loss": 2.3, "val_loss": 2.2, "val_acc": 0.2, "seconds": 3.5}
+        {
+            "epoch": 1,
+            "train_loss": 2.3,
+            "val_loss": 2.2,
+            "val_acc": 0.2,
+            "seconds": 3.5,
+            "confusion_matrix": None,  # none given here; the engine keeps one per epoch
+        }
     ]
     assert set(job["progress"]) >= {"epoch", "epochs", "batch", "batches", "images_per_s", "eta_s"}
 
