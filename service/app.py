@@ -20,7 +20,19 @@ from service.auth import log_auth_mode
 from service.errors import problemize_openapi, register_exception_handlers
 from service.limits import BodySizeLimitMiddleware
 from service.metrics import RequestMetricsMiddleware
-from service.routes import checkpoints, explain, health, job_events, jobs, ops, predict, v2
+from service.routes import (
+    checkpoints,
+    compare,
+    evaluation,
+    explain,
+    health,
+    job_events,
+    jobs,
+    ops,
+    predict,
+    sweeps,
+    v2,
+)
 from service.routes import models as models_routes
 from service.routes.health import WorkerPingCache
 from workers.celery_app import make_celery
@@ -43,7 +55,9 @@ classification from them.
 
 * **models**: the zoo, default recipes and layer-by-layer shape summaries.
 * **ops**: the book's primitives: cross-correlation, pooling, output-size arithmetic.
-* **jobs**: submit training jobs, follow them live (Server-Sent Events), plot their curves.
+* **jobs**: submit training jobs (or fine-tune from a checkpoint), follow them live (Server-Sent
+  Events), plot their curves, compare several.
+* **sweeps**: a grid or random search over a spec, with a live leaderboard.
 * **checkpoints**: list, download (weights, ONNX), delete, classify images with a trained
   checkpoint and explain its predictions.
 * **v2**: the Open Inference Protocol (KServe V2), as Triton's clients speak it.
@@ -58,6 +72,10 @@ TAGS: list[dict[str, Any]] = [
     {
         "name": "jobs",
         "description": "Training jobs: submit, list, cancel, live events and training curves.",
+    },
+    {
+        "name": "sweeps",
+        "description": "Many jobs from one spec and a grid or random search, ranked.",
     },
     {
         "name": "checkpoints",
@@ -208,7 +226,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     register_exception_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware)
-    for module in (models_routes, ops, jobs, job_events, checkpoints, predict, explain):
+    # compare before jobs: `/v1/jobs/compare` must not be read as a job id
+    routers = (models_routes, ops, compare, jobs, job_events, sweeps, checkpoints, predict)
+    for module in (*routers, explain, evaluation):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(v2.router)
     app.include_router(health.router)

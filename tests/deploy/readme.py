@@ -32,10 +32,10 @@ class Step:
     expected: str | None
 
 
-def walkthrough_steps() -> list[Step]:
-    """The walkthrough's commands in order, each with the output the README promises."""
+def walkthrough_steps(heading: str = "Walkthrough") -> list[Step]:
+    """A walkthrough's commands in order, each with the output the README promises."""
     steps: list[Step] = []
-    for lang, content in blocks(section("Walkthrough")):
+    for lang, content in blocks(section(heading)):
         if lang == "sh":
             steps.append(Step(content, None))
         elif lang == "text" and steps and steps[-1].expected is None:

@@ -28,6 +28,7 @@ def _adapt(command: str, port: int) -> str:
     return (
         command.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
         .replace(".venv/bin/python", sys.executable)
+        .replace(".venv/bin/cnnserve", str(Path(sys.executable).with_name("cnnserve")))
         .replace("/usr/share/datasets/fashion-mnist", FASHION_MNIST_DIR)
     )
 
@@ -54,8 +55,9 @@ def _check_beyond_the_text(command: str, stdout: str, workdir: Path) -> None:
     if "/events" in command:
         assert stdout.count("event: epoch") == 2
         assert stdout.rstrip().splitlines()[-1].startswith('data: {"status": "succeeded"')
-    if "curves.png" in command:
-        assert (workdir / "curves.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    for picture in ("curves.png", "compare.png", "confusion.png", "why.png"):
+        if f"-o {picture}" in command:
+            assert (workdir / picture).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     if "/predict" in command:
         answer = json.loads(stdout)
         assert len(answer["predictions"]) == 1
@@ -69,7 +71,8 @@ def _check_beyond_the_text(command: str, stdout: str, workdir: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
-    steps = walkthrough_steps()
+    # the comparison continues on the walkthrough's stack, as the README says
+    steps = walkthrough_steps() + walkthrough_steps("Compare the book's networks")
     assert steps, "README.md's walkthrough has no ```sh blocks"
     port = free_port()
     workdir = tmp_path / "work"

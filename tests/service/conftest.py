@@ -18,6 +18,11 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.stack import free_port
+from tests.workers.conftest import (  # noqa: F401  (a real worker for the end-to-end tests)
+    celery_app,
+    start_worker,
+    worker_env,
+)
 from workers.jobs import JobStore
 from workers.settings import Settings
 

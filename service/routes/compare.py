@@ -1,0 +1,173 @@
+"""`/v1/jobs/compare`: one metric of several jobs side by side, as JSON or on one plot.
+
+Registered before `/v1/jobs/{job_id}`, so `compare` is never read as a job id.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Response
+from pydantic import BaseModel, Field
+
+from service.curves import MEDIA_TYPES, CurveFormat, render_comparison
+from service.deps import JOB_ID_RE, JobStoreDep
+from service.errors import BadRequestError, problem_responses
+from service.routes.sweeps import SweepNotFoundError, SweepStoreDep
+from workers.contracts import JobSpec
+from workers.jobs import JobNotFoundError, JobRecord, JobStore
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+MAX_COMPARED = 64
+Metric = Literal["val_acc", "val_loss", "train_loss", "seconds"]
+
+
+class Series(BaseModel):
+    """One job's metric, epoch by epoch."""
+
+    id: str
+    label: str = Field(description="The job's values of the fields that differ, for a legend.")
+    differs: dict[str, Any] = Field(description="Those fields and this job's values.")
+    spec: JobSpec
+    status: str
+    points: list[tuple[int, float]] = Field(description="(epoch, value) pairs.")
+
+
+class Comparison(BaseModel):
+    """Several jobs' metric side by side, and the spec fields in which they differ."""
+
+    metric: str
+    differing_fields: list[str]
+    jobs: list[Series]
+
+
+Ids = Annotated[
+    str | None,
+    Query(
+        description=f"Comma-separated job ids (at most {MAX_COMPARED}).",
+        max_length=MAX_COMPARED * 17,
+        examples=["0123456789abcdef,fedcba9876543210"],
+    ),
+]
+Sweep = Annotated[
+    str | None,
+    Query(pattern=r"^[0-9a-f]{16}$", description="Compare every job of this sweep instead."),
+]
+MetricQuery = Annotated[Metric, Query(description="Which per-epoch number to compare.")]
+
+
+def _records(store: JobStore, sweeps: Any, ids: str | None, sweep: str | None) -> list[JobRecord]:
+    if (ids is None) == (sweep is None):
+        raise BadRequestError("give ids=<id>,<id>,... or sweep=<id>, one of the two")
+    if sweep is not None:
+        record = sweeps.get(sweep)
+        if record is None:
+            raise SweepNotFoundError(f"no sweep with id {sweep!r}")
+        wanted = list(record.job_ids)
+    else:
+        wanted = [i.strip() for i in (ids or "").split(",") if i.strip()]
+        if not wanted:
+            raise BadRequestError("ids is empty; list the jobs to compare, comma-separated")
+        if len(wanted) > MAX_COMPARED:
+            raise BadRequestError(f"{len(wanted)} jobs; compare at most {MAX_COMPARED} at once")
+        bad = [i for i in wanted if not JOB_ID_RE.fullmatch(i)]
+        if bad:
+            raise BadRequestError(f"{bad[0]!r} is not a job id (16 hex digits)")
+    records = store.get_many(list(dict.fromkeys(wanted)))
+    missing = [i for i, r in zip(dict.fromkeys(wanted), records, strict=True) if r is None]
+    if missing and sweep is None:
+        raise JobNotFoundError(missing[0])
+    return [r for r in records if r is not None]
+
+
+def _comparison(records: list[JobRecord], metric: Metric) -> Comparison:
+    specs = [r.spec.model_dump(mode="json", exclude={"device"}) for r in records]
+    fields = list(specs[0]) if specs else []
+    differing = [f for f in fields if len({repr(s[f]) for s in specs}) > 1]
+    series = []
+    for record, spec in zip(records, specs, strict=True):
+        differs = {f: spec[f] for f in differing}
+        label = ", ".join(f"{f}={v}" for f, v in differs.items()) or record.id
+        series.append(
+            Series(
+                id=record.id,
+                label=label if len(records) > 1 or differing else record.id,
+                differs=differs,
+                spec=record.spec,
+                status=record.status.value,
+                points=[(m.epoch, float(getattr(m, metric))) for m in record.metrics],
+            )
+        )
+    return Comparison(metric=metric, differing_fields=differing, jobs=series)
+
+
+_DESCRIPTION = (
+    "The chosen per-epoch metric of several jobs (`ids`, or every job of a `sweep`), with the "
+    "spec fields in which they differ: each job is labelled by its values of those."
+)
+
+
+@router.get(
+    "/compare",
+    summary="Compare jobs",
+    description=_DESCRIPTION,
+    response_model=Comparison,
+    responses=problem_responses(404, 422),
+)
+def compare(
+    store: JobStoreDep,
+    sweeps: SweepStoreDep,
+    ids: Ids = None,
+    sweep: Sweep = None,
+    metric: MetricQuery = "val_acc",
+) -> Comparison:
+    return _comparison(_records(store, sweeps, ids, sweep), metric)
+
+
+def _plot(comparison: Comparison, fmt: CurveFormat) -> Response:
+    title = f"{comparison.metric.replace('_', ' ')} of {len(comparison.jobs)} jobs"
+    body = render_comparison(
+        [(s.label, s.points) for s in comparison.jobs], comparison.metric, fmt, title=title
+    )
+    return Response(body, media_type=MEDIA_TYPES[fmt], headers={"Cache-Control": "no-store"})
+
+
+@router.get(
+    "/compare.png",
+    summary="Plot jobs side by side as PNG",
+    description=f"{_DESCRIPTION} One line per job, a legend of the differing fields.",
+    response_class=Response,
+    responses={
+        200: {"description": "A PNG image.", "content": {"image/png": {}}},
+        **problem_responses(404, 422),
+    },
+)
+def compare_png(
+    store: JobStoreDep,
+    sweeps: SweepStoreDep,
+    ids: Ids = None,
+    sweep: Sweep = None,
+    metric: MetricQuery = "val_acc",
+) -> Response:
+    return _plot(_comparison(_records(store, sweeps, ids, sweep), metric), "png")
+
+
+@router.get(
+    "/compare.svg",
+    summary="Plot jobs side by side as SVG",
+    description=f"{_DESCRIPTION} One line per job, a legend of the differing fields.",
+    response_class=Response,
+    responses={
+        200: {"description": "An SVG image.", "content": {"image/svg+xml": {}}},
+        **problem_responses(404, 422),
+    },
+)
+def compare_svg(
+    store: JobStoreDep,
+    sweeps: SweepStoreDep,
+    ids: Ids = None,
+    sweep: Sweep = None,
+    metric: MetricQuery = "val_acc",
+) -> Response:
+    return _plot(_comparison(_records(store, sweeps, ids, sweep), metric), "svg")
