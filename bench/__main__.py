@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, str] = {
     "infer": "bench.infer",  # batch-1 latency and batched throughput, eager vs served path
     "http": "bench.http",  # concurrent single-image predictions against `cnnserve api`
     "photos": "bench.photos",  # catalogue-style photos vs raw test PNGs, same checkpoint
+    "confusion": "bench.confusion",  # what the confusion matrix costs a validation pass
     "api": "bench.api",  # request cost against the size of the history (10 to 100,000 jobs)
     "train": "bench.train",  # d2l way vs cnnserve's engine (its owner adds bench/train.py)
 }
