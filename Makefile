@@ -10,7 +10,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cnnserve-pyproject.sha256
-APT_PACKAGES := dataset-fashion-mnist redis-server chromium docker-compose
+APT_PACKAGES := dataset-fashion-mnist redis-server chromium chromium-driver docker-compose
 REDIS_HOST := 127.0.0.1
 REDIS_PORT := 6379
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -22,11 +22,11 @@ from service.limits import BodySizeLimitMiddleware
 from service.metrics import RequestMetricsMiddleware
 from service.routes import (
     checkpoints,
-    compare,
     evaluation,
     explain,
     health,
     job_events,
+    job_views,
     jobs,
     ops,
     predict,
@@ -47,6 +47,7 @@ API_PREFIX = "/v1"
 #: Finished jobs past their retention are looked for at least this often (seconds).
 RETENTION_CHECK_MAX_S = 60.0
 STATIC_URL = "/static-docs"
+UI_URL = "/ui"
 
 DESCRIPTION = """\
 Train the convolutional networks of *Dive into Deep Learning* (LeNet, VGG, ResNet18) on
@@ -154,6 +155,17 @@ async def _purge_expired_jobs(store: JobStore, settings: Settings) -> None:
         await anyio.sleep(every_s)
 
 
+def _add_dashboard(app: FastAPI) -> None:
+    """The dashboard at `/`: static files from the package, no CDN, no build step."""
+    ui = resources.files("service") / "ui"
+    app.mount(UI_URL, StaticFiles(directory=str(ui)), name="ui")
+    page = (ui / "index.html").read_text()
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+
 def _add_docs(app: FastAPI) -> None:
     """Swagger UI and ReDoc served from local files, so /docs works without a network."""
     static = resources.files("fastapi_offline") / "static"
@@ -226,12 +238,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     register_exception_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware)
-    # compare before jobs: `/v1/jobs/compare` must not be read as a job id
-    routers = (models_routes, ops, compare, jobs, job_events, sweeps, checkpoints, predict)
+    # job_views before jobs: `/v1/jobs/compare` and `/v1/jobs/events` are not job ids
+    routers = (models_routes, ops, job_views, jobs, job_events, sweeps, checkpoints, predict)
     for module in (*routers, explain, evaluation):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(v2.router)
     app.include_router(health.router)
     _add_docs(app)
+    _add_dashboard(app)
     app.openapi = _custom_openapi(app)  # type: ignore[method-assign]
     return app

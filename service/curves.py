@@ -42,6 +42,7 @@ def render_curves(
         ys = [float(getattr(m, field)) for m in metrics]
         ax.plot(xs, ys, style, label=label, color=color, marker="o" if len(xs) == 1 else None)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     first = min(xs, default=1)  # after a parent's epochs, with continue_epochs
     last = max([*xs, epochs or 0, 1])
     ax.set_xlim(first, max(last, first + 1))

@@ -190,10 +190,11 @@ class LocalStack:
         redis_note = f"private, AOF in {data_dir / 'redis'}" if private else "already running"
         sys.stdout.write(
             "\ncnnserve is up\n"
-            f"  API    {base}/v1\n"
-            f"  docs   {base}/docs\n"
-            f"  Redis  {redis_url} ({redis_note})\n"
-            f"  worker device {self.device}; data in {data_dir}\n"
+            f"  dashboard {base}/\n"
+            f"  API       {base}/v1\n"
+            f"  docs      {base}/docs\n"
+            f"  Redis     {redis_url} ({redis_note})\n"
+            f"  worker    device {self.device}; data in {data_dir}\n"
             "Ctrl-C stops everything.\n\n"
         )
         sys.stdout.flush()

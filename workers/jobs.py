@@ -342,18 +342,21 @@ class JobStore:
             for job_id, last in zip(job_ids, pipe.execute(), strict=True)
         }
 
-    def wait_for_events(
+    def follow_events(
         self, cursors: dict[str, str], block_ms: int
-    ) -> tuple[dict[str, str], bool]:
-        """Wait up to `block_ms` for any of these jobs' next event (one XREAD over all their
-        streams); the cursors moved past what arrived, and whether anything did."""
+    ) -> tuple[dict[str, str], list[tuple[str, str, str, dict[str, Any]]]]:
+        """Wait up to `block_ms` for these jobs' next events (one XREAD over all their
+        streams): the cursors moved past what arrived, and it as (job, id, kind, data)."""
         streams = {f"{self._key(job_id)}:events": after for job_id, after in cursors.items()}
         res = self.r.xread(streams, count=1000, block=block_ms) if streams else None
         moved = dict(cursors)
+        events = []
         for name, entries in res or []:
-            if entries:
-                moved[name.removeprefix(PREFIX + "job:").removesuffix(":events")] = entries[-1][0]
-        return moved, bool(res)
+            job_id = name.removeprefix(PREFIX + "job:").removesuffix(":events")
+            for eid, fields in entries:
+                events.append((job_id, eid, fields["event"], json.loads(fields["data"])))
+                moved[job_id] = eid
+        return moved, events
 
     # cancel
     def request_cancel(self, job_id: str) -> None:

@@ -27,7 +27,7 @@ from service.routes.predict import (
     Preprocess,
     TooManyImagesError,
     predict_manifest,
-    request_batch,
+    request_images,
 )
 from workers.checkpoints import Manifest
 
@@ -113,7 +113,8 @@ async def explain(
 ) -> Any:
     settings = inference.settings
     started = time.monotonic()
-    batch = await request_batch(request, settings, Preparation(manifest, invert, mode))
+    how = Preparation(manifest, invert, mode)
+    batch = how.model_input(await request_images(request, settings, how))
     limit = settings.explain_max_images
     if len(batch) > limit:
         raise TooManyImagesError(

@@ -29,7 +29,8 @@ from service.images import (
     declared_pixels,
     decode_image,
     pixels_to_array,
-    preprocess,
+    scale_batch,
+    to_native,
 )
 from service.inference import InferenceDep
 from service.routes.checkpoints import EXAMPLE_ID, RefPath, resolve_manifest
@@ -72,6 +73,11 @@ class Prediction(ClassScore):
     """The most likely class of one image, and the `top_k` most likely."""
 
     top_k: list[ClassScore] = Field(description="The top_k classes, most likely first.")
+    input: list[list[int]] | None = Field(
+        None,
+        description="With return_input=true: the 28×28 grayscale image (0–255) the network saw "
+        "after preprocessing, rows top to bottom.",
+    )
 
 
 class PredictResponse(BaseModel):
@@ -241,10 +247,14 @@ class Preparation:
     invert: InvertMode = "auto"
     mode: PreprocessMode = "auto"
 
-    def batch(self, arrays: list[np.ndarray]) -> np.ndarray:
-        """Decoded images as the model's N×1×28×28 float32 input."""
+    def native(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """Decoded images as the 28×28 uint8 images the network sees (N×28×28)."""
         prep = self.manifest.preprocessing
-        return np.stack([preprocess(a, prep, self.invert, self.mode) for a in arrays])
+        return np.stack([to_native(a, prep, self.invert, self.mode) for a in arrays])
+
+    def model_input(self, native: np.ndarray) -> np.ndarray:
+        """Those images as the model's N×1×28×28 float32 input."""
+        return scale_batch(native, self.manifest.preprocessing)
 
 
 def decode_files(blobs: list[bytes], settings: Settings) -> list[np.ndarray]:
@@ -254,11 +264,11 @@ def decode_files(blobs: list[bytes], settings: Settings) -> list[np.ndarray]:
 
 
 def _prepare_files(blobs: list[bytes], settings: Settings, how: Preparation) -> np.ndarray:
-    return how.batch(decode_files(blobs, settings))
+    return how.native(decode_files(blobs, settings))
 
 
 def _prepare_json(body: bytes, settings: Settings, how: Preparation) -> np.ndarray:
-    return how.batch(_arrays_from_json(body, settings))
+    return how.native(_arrays_from_json(body, settings))
 
 
 def _predictions(probs: np.ndarray, classes: list[str], top_k: int) -> list[Prediction]:
@@ -349,8 +359,9 @@ Preprocess = Annotated[
 ]
 
 
-async def request_batch(request: Request, settings: Settings, how: Preparation) -> np.ndarray:
-    """The images of a predict-style body (multipart files or JSON) as the model's input."""
+async def request_images(request: Request, settings: Settings, how: Preparation) -> np.ndarray:
+    """The images of a predict-style body (multipart files or JSON) as the 28×28 images the
+    network sees (N×28×28 uint8; `how.model_input` scales them)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         blobs = await _images_from_multipart(request, settings)
@@ -374,6 +385,7 @@ async def request_batch(request: Request, settings: Settings, how: Preparation) 
 
 @router.post(
     "/{ref}/predict",
+    response_model_exclude_none=True,
     summary="Classify images with a checkpoint",
     description="Top-k Fashion-MNIST classes with probabilities, one prediction per image in "
     f"the order sent. {PREPROCESSING_DESCRIPTION} Concurrent requests for one checkpoint are "
@@ -398,12 +410,16 @@ async def predict(
     top_k: TopK = 1,
     invert: Invert = "auto",
     mode: Preprocess = "auto",
+    return_input: Annotated[
+        bool,
+        Query(description="Also answer each image as the network saw it: 28×28 values 0–255."),
+    ] = False,
 ) -> PredictResponse:
     how = Preparation(manifest, invert, mode)
-    batch = await request_batch(request, inference.settings, how)
-    loaded, probs = await inference.predict(manifest, batch)
-    return PredictResponse(
-        checkpoint=manifest.id,
-        model=manifest.model,
-        predictions=_predictions(probs, loaded.manifest.classes, top_k),
-    )
+    native = await request_images(request, inference.settings, how)
+    loaded, probs = await inference.predict(manifest, how.model_input(native))
+    predictions = _predictions(probs, loaded.manifest.classes, top_k)
+    if return_input:
+        for prediction, image in zip(predictions, native, strict=True):
+            prediction.input = image.tolist()
+    return PredictResponse(checkpoint=manifest.id, model=manifest.model, predictions=predictions)

@@ -312,8 +312,9 @@ async def _follow(
         while not changed:
             if await request.is_disconnected():
                 return
-            cursors, changed = await to_thread.run_sync(
-                store.wait_for_events, cursors, 1000, abandon_on_cancel=True
+            cursors, events = await to_thread.run_sync(
+                store.follow_events, cursors, 1000, abandon_on_cancel=True
             )
+            changed = bool(events)
         await asyncio.sleep(max(0.0, SWEEP_EVENT_EVERY_S - (time.monotonic() - started)))
         sweep, jobs = await to_thread.run_sync(read_sweep, store, sweeps, sweep_id)

@@ -391,7 +391,8 @@ def _pixels(tensor: Tensor, max_images: int) -> np.ndarray:
 
 def _images(tensor: Tensor, inference: InferenceService, how: Preparation) -> np.ndarray:
     """BYTES images decoded and preprocessed exactly as `/v1` predict does."""
-    return how.batch(decode_files(list(tensor.data.reshape(-1)), inference.settings))
+    arrays = decode_files(list(tensor.data.reshape(-1)), inference.settings)
+    return how.model_input(how.native(arrays))
 
 
 def _choice(params: dict[str, Any], name: str, allowed: tuple[str, ...]) -> Any:

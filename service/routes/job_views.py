@@ -1,20 +1,25 @@
-"""`/v1/jobs/compare`: one metric of several jobs side by side, as JSON or on one plot.
+"""Views over several jobs at once: `/v1/jobs/compare` (one metric side by side, as JSON or
+on one plot) and `/v1/jobs/events` (their events in one stream, for a table of jobs).
 
-Registered before `/v1/jobs/{job_id}`, so `compare` is never read as a job id.
+Registered before `/v1/jobs/{job_id}`, so `compare` and `events` are never read as job ids.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Response
+from anyio import to_thread
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.curves import MEDIA_TYPES, CurveFormat, render_comparison
 from service.deps import JOB_ID_RE, JobStoreDep
 from service.errors import BadRequestError, problem_responses
 from service.routes.sweeps import SweepNotFoundError, SweepStoreDep
-from workers.contracts import JobSpec
+from workers.contracts import JobSpec, JobStatus
 from workers.jobs import JobNotFoundError, JobRecord, JobStore
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -171,3 +176,62 @@ def compare_svg(
     metric: MetricQuery = "val_acc",
 ) -> Response:
     return _plot(_comparison(_records(store, sweeps, ids, sweep), metric), "svg")
+
+
+FOLLOWED = 50
+_FINISHED = {s.value for s in JobStatus if s.finished}
+
+
+@router.get(
+    "/events",
+    summary="Follow several jobs",
+    description="Server-Sent Events of up to 50 jobs in one stream, from now on: each job's "
+    "`status`, `progress` and `epoch` events as `/v1/jobs/{id}/events` sends them, with the "
+    "job's id added to the data (`job`). Ends when every one of them has finished.",
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "description": "An event stream; each event's data has the job's id.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **problem_responses(422),
+    },
+)
+async def follow_jobs(
+    request: Request,
+    store: JobStoreDep,
+    ids: Annotated[
+        str,
+        Query(
+            description=f"Comma-separated job ids (at most {FOLLOWED}).",
+            max_length=FOLLOWED * 17,
+            examples=["0123456789abcdef,fedcba9876543210"],
+        ),
+    ],
+) -> EventSourceResponse:
+    wanted = list(dict.fromkeys(i.strip() for i in ids.split(",") if i.strip()))
+    if not wanted or len(wanted) > FOLLOWED:
+        raise BadRequestError(f"list 1 to {FOLLOWED} job ids to follow, comma-separated")
+    bad = [i for i in wanted if not JOB_ID_RE.fullmatch(i)]
+    if bad:
+        raise BadRequestError(f"{bad[0]!r} is not a job id (16 hex digits)")
+    records = await to_thread.run_sync(store.get_many, wanted)
+    live = [r.id for r in records if r is not None and not r.status.finished]
+    return EventSourceResponse(_follow(request, store, live), ping=15)
+
+
+async def _follow(
+    request: Request, store: JobStore, job_ids: list[str]
+) -> AsyncIterator[ServerSentEvent]:
+    cursors = await to_thread.run_sync(store.stream_tails, job_ids)
+    unfinished = set(job_ids)
+    while unfinished:
+        cursors, events = await to_thread.run_sync(
+            store.follow_events, cursors, 1000, abandon_on_cancel=True
+        )
+        for job_id, event_id, kind, data in events:
+            yield ServerSentEvent(data=json.dumps({"job": job_id, **data}), event=kind, id=event_id)
+            if kind == "status" and data.get("status") in _FINISHED:
+                unfinished.discard(job_id)
+        if not events and await request.is_disconnected():
+            return
