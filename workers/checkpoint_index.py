@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.sqlite3"
 #: Bump when the schema changes; a store indexed by another version is indexed again.
-INDEX_VERSION = "1"
+INDEX_VERSION = "2"  # 2: the owner column
 #: Fields of a manifest the listing shows (the rest is one file read away).
 SUMMARY_FIELDS = (
     "id",
@@ -40,6 +40,7 @@ SUMMARY_FIELDS = (
     "metrics",
     "weights_sha256",
     "created_at",
+    "owner",
 )
 
 _SCHEMA = """
@@ -50,12 +51,20 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     epoch INTEGER NOT NULL,
     val_acc REAL NOT NULL,
     created REAL NOT NULL,
-    summary TEXT NOT NULL
+    summary TEXT NOT NULL,
+    owner TEXT
 );
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+#: Made after an older table has been given its owner column.
+_INDEXES = """
 CREATE INDEX IF NOT EXISTS checkpoints_best ON checkpoints (model, val_acc DESC, created DESC);
 CREATE INDEX IF NOT EXISTS checkpoints_job ON checkpoints (job_id, epoch);
 CREATE INDEX IF NOT EXISTS checkpoints_newest ON checkpoints (created DESC, epoch DESC);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS checkpoints_owner_best
+    ON checkpoints (owner, model, val_acc DESC, created DESC);
+CREATE INDEX IF NOT EXISTS checkpoints_owner_newest
+    ON checkpoints (owner, created DESC, epoch DESC);
 """
 
 
@@ -66,10 +75,24 @@ def _created(iso: str) -> float:
         return 0.0
 
 
-def _row(m: Manifest) -> tuple[str, str, str, int, float, float, str]:
+_INSERT = (
+    "INSERT OR REPLACE INTO checkpoints (id, job_id, model, epoch, val_acc, created, summary, "
+    "owner) VALUES (?,?,?,?,?,?,?,?)"
+)
+
+
+def _row(m: Manifest) -> tuple[str, str, str, int, float, float, str, str | None]:
     summary = {name: getattr(m, name) for name in SUMMARY_FIELDS}
     val_acc = float(m.metrics.get("val_acc", -1.0))
-    return (m.id, m.job_id, m.model, m.epoch, val_acc, _created(m.created_at), json.dumps(summary))
+    created = _created(m.created_at)
+    return (m.id, m.job_id, m.model, m.epoch, val_acc, created, json.dumps(summary), m.owner)
+
+
+def _owner_clause(within: str | None, where: list[str], args: list[Any]) -> None:
+    """Restrict a query to one owner's checkpoints (None: everyone's)."""
+    if within is not None:
+        where.append("owner = ?")
+        args.append(within)
 
 
 class CheckpointIndex:
@@ -108,11 +131,17 @@ class CheckpointIndex:
         conn.executescript(_SCHEMA)
         conn.execute("BEGIN IMMEDIATE")  # one process indexes an older store; others wait
         try:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(checkpoints)")}
+            if "owner" not in columns:  # a version 1 index: rebuilt below
+                conn.execute("ALTER TABLE checkpoints ADD COLUMN owner TEXT")
+            for statement in _INDEXES.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
             built = conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
             if built is None or built[0] != INDEX_VERSION:
                 conn.execute("DELETE FROM checkpoints")
                 rows = [_row(m) for m in self._scan()]
-                conn.executemany("INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?,?,?,?)", rows)
+                conn.executemany(_INSERT, rows)
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('version', ?)", (INDEX_VERSION,))
                 if rows:
                     log.info("checkpoint index built: %d checkpoint(s) in %s", len(rows), self.path)
@@ -127,7 +156,7 @@ class CheckpointIndex:
     def add(self, manifest: Manifest) -> None:
         with self._db(write=True) as db:
             assert db is not None
-            db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?,?,?,?)", _row(manifest))
+            db.execute(_INSERT, _row(manifest))
 
     def remove(self, ckpt_ids: Iterable[str]) -> None:
         ids = [(i,) for i in ckpt_ids]
@@ -142,14 +171,22 @@ class CheckpointIndex:
         with self._db() as db:
             return [] if db is None else db.execute(sql, args).fetchall()
 
-    def best(self, model: str) -> list[str]:
-        """Checkpoint ids of `model`, best validation accuracy first (newest among equals)."""
+    def best(self, model: str, within: str | None = None) -> list[str]:
+        """Checkpoint ids of `model` (of one owner's, with `within`), best validation accuracy
+        first (newest among equals)."""
+        where, args = ["model = ?"], [model]
+        _owner_clause(within, where, args)
         rows = self._query(
-            "SELECT id FROM checkpoints WHERE model = ? ORDER BY val_acc DESC, created DESC "
-            "LIMIT 8",
-            (model,),
+            f"SELECT id FROM checkpoints WHERE {' AND '.join(where)} "
+            "ORDER BY val_acc DESC, created DESC LIMIT 8",
+            tuple(args),
         )
         return [r[0] for r in rows]
+
+    def owner(self, ckpt_id: str) -> tuple[bool, str | None]:
+        """Whether the index has the checkpoint, and its owner (None: none recorded)."""
+        rows = self._query("SELECT owner FROM checkpoints WHERE id = ?", (ckpt_id,))
+        return (True, rows[0][0]) if rows else (False, None)
 
     def val_acc(self, ckpt_id: str) -> float | None:
         rows = self._query("SELECT val_acc FROM checkpoints WHERE id = ?", (ckpt_id,))
@@ -163,11 +200,18 @@ class CheckpointIndex:
         return [(r[0], float(r[1])) for r in rows]
 
     def summaries(
-        self, *, job_id: str | None = None, model: str | None = None, limit: int | None = None
+        self,
+        *,
+        job_id: str | None = None,
+        model: str | None = None,
+        limit: int | None = None,
+        within: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Summaries of the checkpoints (of a job, of a model), newest first (at most `limit`)."""
+        """Summaries of the checkpoints (of a job, of a model, of one owner), newest first (at
+        most `limit`)."""
         where: list[str] = []
         args: list[Any] = []
+        _owner_clause(within, where, args)
         if job_id is not None:
             where.append("job_id = ?")
             args.append(job_id)

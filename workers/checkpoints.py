@@ -127,6 +127,9 @@ class Manifest(BaseModel):
     parent: str | None = Field(
         None, description="The checkpoint this job started from (`init_from`), if any."
     )
+    owner: str | None = Field(
+        None, description="The principal whose job wrote it (null: a server without keys)."
+    )
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     @property
@@ -166,6 +169,7 @@ class CheckpointSummary(BaseModel):
     metrics: dict[str, float] = Field(description="train_loss, val_loss, val_acc of that epoch.")
     weights_sha256: str = Field(description="sha256 of the safetensors weights file.")
     created_at: str = Field(description="When it was written (ISO 8601, UTC).")
+    owner: str | None = Field(None, description="The principal whose job wrote it.")
 
 
 class StoredEvaluation(BaseModel):
@@ -411,20 +415,44 @@ class CheckpointStore:
                     continue
 
     def list(
-        self, *, job_id: str | None = None, model: str | None = None, limit: int | None = None
+        self,
+        *,
+        job_id: str | None = None,
+        model: str | None = None,
+        limit: int | None = None,
+        within: str | None = None,
     ) -> list[CheckpointSummary]:
-        """Summaries of the checkpoints (of a job, of a model), newest first, from the index.
+        """Summaries of the checkpoints (of a job, of a model, of the owner `within`), newest
+        first, from the index.
 
         A checkpoint whose files were removed by hand is left out, and out of the index.
         """
-        rows = self.index.summaries(job_id=job_id, model=model, limit=limit)
+        rows = self.index.summaries(job_id=job_id, model=model, limit=limit, within=within)
         present = [r for r in rows if (self._dir(r["id"]) / "manifest.json").is_file()]
         if len(present) < len(rows):
             self.index.remove({r["id"] for r in rows} - {r["id"] for r in present})
         return [CheckpointSummary.model_validate(row) for row in present]
 
-    def resolve(self, ref: str) -> str:
-        """A checkpoint id from an id or an alias: `<job>:latest`, `<job>:best`, `<model>:best`."""
+    def owner_of(self, ckpt_id: str) -> str | None:
+        """The principal whose job wrote a checkpoint (from the index, else its manifest)."""
+        indexed, owner = self.index.owner(ckpt_id)
+        return owner if indexed else self.manifest(ckpt_id).owner
+
+    def resolve(self, ref: str, within: str | None = None) -> str:
+        """A checkpoint id from an id or an alias: `<job>:latest`, `<job>:best`, `<model>:best`.
+
+        With `within`, only that owner's checkpoints answer (`<model>:best` is its best); any
+        other is not found, exactly as one that does not exist.
+        """
+        found = self._resolve(ref, within)
+        if within is not None and self.owner_of(found) != within:
+            if CHECKPOINT_ID_RE.match(ref):
+                raise CheckpointNotFoundError(ref)
+            head, _, alias = ref.partition(":")
+            raise CheckpointNotFoundError(ref, f"job {head} has no {alias} checkpoint")
+        return found
+
+    def _resolve(self, ref: str, within: str | None) -> str:
         if CHECKPOINT_ID_RE.match(ref):
             if not (self._dir(ref) / "manifest.json").is_file():
                 raise CheckpointNotFoundError(ref)
@@ -442,13 +470,14 @@ class CheckpointStore:
                 raise CheckpointNotFoundError(ref, f"job {head} has no {alias} checkpoint")
             return target
         if alias == "best" and MODEL_NAME_RE.match(head):
-            return self._best_of_model(ref, head)
+            return self._best_of_model(ref, head, within)
         raise CheckpointNotFoundError(ref, f"no checkpoint answers to {ref!r}")
 
-    def _best_of_model(self, ref: str, model: str) -> str:
-        """The best checkpoint of `model` by validation accuracy (newest among equals)."""
+    def _best_of_model(self, ref: str, model: str, within: str | None) -> str:
+        """The best checkpoint of `model` (of one owner's) by validation accuracy (newest
+        among equals)."""
         while True:
-            ranked = self.index.best(model)
+            ranked = self.index.best(model, within)
             if not ranked:
                 raise CheckpointNotFoundError(ref, f"no checkpoint of model {model!r} exists")
             present = [c for c in ranked if (self._dir(c) / "manifest.json").is_file()]
@@ -465,13 +494,15 @@ class CheckpointStore:
         arch: ManifestArch,
         input_size: int,
         continue_epochs: bool = False,
+        within: str | None = None,
     ) -> Lineage:
-        """Resolve a job's `init_from` to a checkpoint of the same network (model, resolved
-        arch and input size), or a `LineageError` that names what differs."""
+        """Resolve a job's `init_from` (among the checkpoints of `within`) to a checkpoint of
+        the same network (model, resolved arch and input size), or a `LineageError` that names
+        what differs."""
         if init_from is None:
             return Lineage()
         try:
-            parent = self.manifest(self.resolve(init_from))
+            parent = self.manifest(self.resolve(init_from, within))
         except CheckpointError as exc:
             raise LineageError(
                 f"{exc}; name a checkpoint that exists (GET /v1/checkpoints)"

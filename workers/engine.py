@@ -219,6 +219,8 @@ class _Run:
         #: Epochs are numbered after a parent's (`init_from` with `continue_epochs`).
         self.last_epoch = spec.epochs
         self.parent: str | None = None
+        #: The principal whose job this is; its checkpoints record it (tenancy).
+        self.owner: str | None = None
         self.resumed_from: str | None = None
         self.latest: str | None = None
         self.next_check = 0.0
@@ -456,6 +458,7 @@ class _Run:
             "dataset": dataset,
             "confusion_matrix": metrics.confusion_matrix,
             "parent": self.parent,
+            "owner": self.owner,
         }
         return self.store.save(
             job_id=self.job_id,
@@ -533,13 +536,15 @@ def train(
     resume_from: str | None = None,
     init_from: str | None = None,
     epoch_offset: int = 0,
+    owner: str | None = None,
 ) -> TrainResult:
     """Train `spec` as job `job_id`, checkpointing every epoch into `store`.
 
     With `init_from` (any checkpoint id) training starts from its weights with a fresh
     optimizer; epochs are numbered after `epoch_offset`. With `resume_from` (a checkpoint id of
     this job) it continues after that epoch with the saved weights, optimizer, RNG and shuffle
-    state (and keeps its parent in the manifest). Raises a `TrainingError` subclass with an
+    state (and keeps its parent in the manifest). Checkpoints record `owner` (the principal
+    that submitted the job). Raises a `TrainingError` subclass with an
     actionable message for a missing device, a damaged checkpoint or CUDA running out of memory.
     """
     options = options or TrainOptions()
@@ -553,6 +558,7 @@ def train(
             spec, job_id, data, store, options, callbacks or NullCallbacks(), device, amp_dtype
         )
         run.number_after(epoch_offset)
+        run.owner = owner
         if resume_from is not None:
             run.resume(resume_from)
         elif init_from is not None:

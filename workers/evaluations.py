@@ -64,6 +64,7 @@ class EvaluationRecord(BaseModel):
     error: str | None = None
     accuracy: float | None = Field(None, description="On the evaluated images, when done.")
     images: int | None = None
+    owner: str | None = Field(None, description="The principal that asked for it.")
 
 
 def new_evaluation_id() -> str:

@@ -11,6 +11,9 @@ Keys (prefix `cnnserve:`):
 - `jobs:model:{model}`                the jobs of one model
 - `jobs:status:{status}:model:{model}` both filters at once
 - `jobs:finished`                     finished jobs scored by when they finished (retention)
+- `owner:{owner}:jobs...`             the four above again for the jobs one principal
+                                      submitted (`JobRecord.owner`): a tenant's listing and
+                                      its count of queued and running jobs (the quota)
 - `schema`                            `2` once the records of an earlier version are indexed
 """
 
@@ -59,30 +62,44 @@ def status_model_key(status: JobStatus | str, model: str) -> str:
     return f"{status_key(status)}:model:{model}"
 
 
-def listing_key(status: JobStatus | None, model: str | None) -> str:
-    """The index that holds exactly the jobs a listing with these filters shows."""
+def owner_prefix(owner: str | None) -> str:
+    """Where one principal's job indexes live (`PREFIX` itself for everyone's)."""
+    return PREFIX if owner is None else f"{PREFIX}owner:{owner}:"
+
+
+def listing_key(status: JobStatus | None, model: str | None, owner: str | None = None) -> str:
+    """The index that holds exactly the jobs a listing with these filters shows (of one
+    owner's jobs, with `owner`)."""
+    base = owner_prefix(owner)
     if status is not None and model is not None:
-        return status_model_key(status, model)
+        return f"{base}jobs:status:{JobStatus(status).value}:model:{model}"
     if status is not None:
-        return status_key(status)
+        return f"{base}jobs:status:{JobStatus(status).value}"
     if model is not None:
-        return model_key(model)
-    return ALL_JOBS
+        return f"{base}jobs:model:{model}"
+    return f"{base}jobs"
 
 
-#: Lua: file one job under its status and model, and nowhere else (idempotent). The score is
-#: the job's in `jobs` if it has one (its creation time), else the one given; Redis orders
-#: these string scores as doubles, so they are never turned into Lua numbers.
+def active_keys(owner: str) -> tuple[str, str]:
+    """One owner's queued and running indexes (what its job quota counts)."""
+    return (
+        listing_key(JobStatus.queued, None, owner),
+        listing_key(JobStatus.running, None, owner),
+    )
+
+
+#: Lua: file one job under its status and model (and its owner's, when it has one), and
+#: nowhere else (idempotent). The score is the job's in `jobs` if it has one (its creation
+#: time), else the one given; Redis orders these string scores as doubles, so they are never
+#: turned into Lua numbers.
 _INDEX_FN = """
 local STATUSES = {'queued', 'running', 'succeeded', 'failed', 'cancelled'}
 local DONE = {succeeded = true, failed = true, cancelled = true}
-local function index_job(prefix, id, score, status, model, finished)
-  local jobs = prefix .. 'jobs'
-  score = redis.call('ZSCORE', jobs, id) or score
-  redis.call('ZADD', jobs, score, id)
-  redis.call('ZADD', prefix .. 'jobs:model:' .. model, score, id)
+local function file_under(base, id, score, status, model)
+  redis.call('ZADD', base .. 'jobs', score, id)
+  redis.call('ZADD', base .. 'jobs:model:' .. model, score, id)
   for _, s in ipairs(STATUSES) do
-    local key = prefix .. 'jobs:status:' .. s
+    local key = base .. 'jobs:status:' .. s
     if s == status then
       redis.call('ZADD', key, score, id)
       redis.call('ZADD', key .. ':model:' .. model, score, id)
@@ -90,6 +107,13 @@ local function index_job(prefix, id, score, status, model, finished)
       redis.call('ZREM', key, id)
       redis.call('ZREM', key .. ':model:' .. model, id)
     end
+  end
+end
+local function index_job(prefix, id, score, status, model, finished, owner)
+  score = redis.call('ZSCORE', prefix .. 'jobs', id) or score
+  file_under(prefix, id, score, status, model)
+  if owner and owner ~= '' then
+    file_under(prefix .. 'owner:' .. owner .. ':', id, score, status, model)
   end
   if DONE[status] then
     redis.call('ZADD', prefix .. 'jobs:finished', finished or score, id)
@@ -102,31 +126,39 @@ end
 INDEX_ONE = (
     _INDEX_FN
     + """
-index_job(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+index_job(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
 return 1
 """
 )
 
 #: Lua: record new queued jobs (each record, its indexes and first event) unless they would
-#: take the queue past `max_queued`; one atomic step, so concurrent submits (or a sweep's
-#: children) cannot overshoot the limit, and a sweep is recorded whole or not at all.
-#: ARGV: prefix, score, max queued ('' for none), event data, maxlen, then per job its id,
-#: model and record JSON. Returns {1 if created else 0, jobs queued before}.
+#: take the queue past `max_queued`, or their owner's queued and running jobs past
+#: `max_active`; one atomic step, so concurrent submits (or a sweep's children), from any
+#: number of API processes, cannot overshoot either limit, and a sweep is recorded whole or
+#: not at all. ARGV: prefix, score, max queued ('' for none), event data, maxlen, owner ('' for
+#: none), max active ('' for none), then per job its id, model and record JSON.
+#: Returns {1 if created else 0, jobs queued (or the owner's active jobs) before, 'queue' or
+#: 'active': which limit refused}.
 CREATE = (
     _INDEX_FN
     + """
-local prefix, score, max = ARGV[1], ARGV[2], ARGV[3]
+local prefix, score, max, owner, max_active = ARGV[1], ARGV[2], ARGV[3], ARGV[6], ARGV[7]
 local queued = redis.call('ZCARD', prefix .. 'jobs:status:queued')
-local count = (#ARGV - 5) / 3
-if max ~= '' and queued + count > tonumber(max) then return {0, queued} end
-for i = 6, #ARGV, 3 do
+local count = (#ARGV - 7) / 3
+if max ~= '' and queued + count > tonumber(max) then return {0, queued, 'queue'} end
+if owner ~= '' and max_active ~= '' then
+  local base = prefix .. 'owner:' .. owner .. ':jobs:status:'
+  local active = redis.call('ZCARD', base .. 'queued') + redis.call('ZCARD', base .. 'running')
+  if active + count > tonumber(max_active) then return {0, active, 'active'} end
+end
+for i = 8, #ARGV, 3 do
   local id = ARGV[i]
   redis.call('SET', prefix .. 'job:' .. id, ARGV[i + 2])
-  index_job(prefix, id, score, 'queued', ARGV[i + 1], nil)
+  index_job(prefix, id, score, 'queued', ARGV[i + 1], nil, owner)
   redis.call('XADD', prefix .. 'job:' .. id .. ':events', 'MAXLEN', '~', ARGV[5], '*',
              'event', 'status', 'data', ARGV[4])
 end
-return {1, queued}
+return {1, queued, ''}
 """
 )
 
@@ -160,7 +192,8 @@ for i = 2, #ARGV do
     if type(spec) == 'table' and type(spec.model) == 'string'
         and (rec.status == 'queued' or rec.status == 'running' or DONE[rec.status]) then
       local finished = type(rec.finished_at) == 'string' and epoch(rec.finished_at) or nil
-      index_job(prefix, id, '0', rec.status, spec.model, finished)
+      local owner = type(rec.owner) == 'string' and rec.owner or nil
+      index_job(prefix, id, '0', rec.status, spec.model, finished, owner)
       indexed = indexed + 1
     else
       unreadable = unreadable + 1
@@ -179,26 +212,39 @@ def index_job(
     status: JobStatus,
     model: str,
     finished_at: float | None = None,
+    owner: str | None = None,
 ) -> None:
-    """Queue the script that files `job_id` under `status` and `model` (and only there).
+    """Queue the script that files `job_id` under `status` and `model` (and only there), in
+    everyone's indexes and in its `owner`'s.
 
     Idempotent: run again for the same job, or with a new status, it moves the job's entries;
     a job already listed keeps its creation time as its score.
     """
     finished = finished_at if finished_at is not None else time.time()
-    pipe.eval(INDEX_ONE, 0, PREFIX, job_id, repr(score), status.value, model, repr(finished))
+    pipe.eval(
+        INDEX_ONE,
+        0,
+        PREFIX,
+        job_id,
+        repr(score),
+        status.value,
+        model,
+        repr(finished),
+        owner or "",
+    )
 
 
-def unindex_job(pipe: Any, job_id: str, model: str | None) -> None:
+def unindex_job(pipe: Any, job_id: str, model: str | None, owner: str | None = None) -> None:
     """Queue the commands that remove `job_id` from every index."""
-    pipe.zrem(ALL_JOBS, job_id)
     pipe.zrem(FINISHED, job_id)
-    for status in JobStatus:
-        pipe.zrem(status_key(status), job_id)
+    for who in (None, owner) if owner else (None,):
+        pipe.zrem(listing_key(None, None, who), job_id)
+        for status in JobStatus:
+            pipe.zrem(listing_key(status, None, who), job_id)
+            if model is not None:
+                pipe.zrem(listing_key(status, model, who), job_id)
         if model is not None:
-            pipe.zrem(status_model_key(status, model), job_id)
-    if model is not None:
-        pipe.zrem(model_key(model), job_id)
+            pipe.zrem(listing_key(None, model, who), job_id)
 
 
 def format_cursor(cursor: Cursor) -> str:

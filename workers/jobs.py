@@ -15,6 +15,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from workers import job_index as index
 from workers.contracts import TRUSTED, JobSpec, JobStatus
 from workers.job_index import PREFIX, Cursor, record_key
+from workers.settings import OWNER_PATTERN
 
 __all__ = [
     "PREFIX",
@@ -122,6 +124,12 @@ class JobRecord(BaseModel):
         0, description="Epochs are numbered after this (the parent's, with continue_epochs)."
     )
     sweep_id: str | None = Field(None, description="The sweep this job belongs to, if any.")
+    owner: str | None = Field(
+        None,
+        pattern=OWNER_PATTERN,
+        description="The principal (API key holder) that submitted the job; null when the "
+        "server had no keys. Only it and admins see the job.",
+    )
 
 
 class JobNotFoundError(LookupError):
@@ -142,12 +150,38 @@ class QueueFullError(Exception):
         super().__init__(f"{queued} jobs are queued{more}, the limit is {limit}")
 
 
-def _model_of(raw: str | None) -> str | None:
-    """The model a raw record names (None when there is no readable record)."""
+class ActiveJobsLimitError(Exception):
+    """The jobs asked for would take their owner past its queued + running jobs quota."""
+
+    def __init__(self, owner: str, active: int, limit: int, adding: int = 1) -> None:
+        self.owner = owner
+        self.active = active
+        self.limit = limit
+        more = f" and this request adds {adding}" if adding > 1 else ""
+        super().__init__(
+            f"{owner} has {active} jobs queued or running{more}; its limit "
+            f"(max_active_jobs) is {limit}"
+        )
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Whose jobs these are, and how many of theirs may be queued or running at once."""
+
+    owner: str | None
+    max_active: int | None = None
+
+
+def _model_and_owner(raw: str | None) -> tuple[str | None, str | None]:
+    """The model and owner a raw record names (None when there is no readable record)."""
     try:
-        return str(json.loads(raw)["spec"]["model"]) if raw is not None else None
+        record = json.loads(raw) if raw is not None else None
+        if not isinstance(record, dict):
+            return None, None
+        owner = record.get("owner")
+        return str(record["spec"]["model"]), owner if isinstance(owner, str) else None
     except (ValueError, KeyError, TypeError):
-        return None
+        return None, None
 
 
 def new_job_id() -> str:
@@ -202,12 +236,24 @@ class JobStore:
         self.create_many([record], max_queued=max_queued)
         return record
 
-    def create_many(self, records: list[JobRecord], *, max_queued: int | None = None) -> None:
-        """Record new queued jobs all at once, or none (`QueueFullError`) when they would take
-        the queue past `max_queued`; created at the same instant, listed by id among themselves.
+    def create_many(
+        self,
+        records: list[JobRecord],
+        *,
+        max_queued: int | None = None,
+        quota: Quota | None = None,
+    ) -> None:
+        """Record new queued jobs all at once, or none when they would take the queue past
+        `max_queued` (`QueueFullError`) or their owner past its quota (`ActiveJobsLimitError`);
+        created at the same instant, listed by id among themselves.
+
+        Every record must have `quota.owner` as its owner (None: no owner, no quota).
         """
+        quota = quota or Quota(None)
+        if any(r.owner != quota.owner for r in records):
+            raise ValueError("every job recorded at once has the quota's owner")
         jobs = [x for r in records for x in (r.id, r.spec.model, r.model_dump_json())]
-        created, queued = self.r.eval(
+        created, before, refused_by = self.r.eval(
             index.CREATE,
             0,
             PREFIX,
@@ -215,10 +261,23 @@ class JobStore:
             "" if max_queued is None else str(max_queued),
             json.dumps({"status": JobStatus.queued.value}),
             EVENTS_MAXLEN,
+            quota.owner or "",
+            "" if quota.max_active is None else str(quota.max_active),
             *jobs,
         )
-        if not created:
-            raise QueueFullError(int(queued), int(max_queued or 0), len(records))
+        if created:
+            return
+        if refused_by == "active":
+            assert quota.owner is not None and quota.max_active is not None
+            raise ActiveJobsLimitError(quota.owner, int(before), quota.max_active, len(records))
+        raise QueueFullError(int(before), int(max_queued or 0), len(records))
+
+    def count_active(self, owner: str) -> int:
+        """How many of `owner`'s jobs are queued or running (two ZCARDs)."""
+        pipe = self.r.pipeline(transaction=False)
+        for key in index.active_keys(owner):
+            pipe.zcard(key)
+        return sum(int(n) for n in pipe.execute())
 
     def get(self, job_id: str) -> JobRecord:
         raw = self.r.get(self._key(job_id))
@@ -264,7 +323,14 @@ class JobStore:
                     pipe.multi()
                     pipe.set(key, record.model_dump_json())
                     if record.status != before:  # the job keeps its creation time as its score
-                        index.index_job(pipe, job_id, time.time(), record.status, record.spec.model)
+                        index.index_job(
+                            pipe,
+                            job_id,
+                            time.time(),
+                            record.status,
+                            record.spec.model,
+                            owner=record.owner,
+                        )
                     if emit is not None:
                         self._queue_event(pipe, job_id, *emit)
                     pipe.execute()
@@ -279,13 +345,16 @@ class JobStore:
         model: str | None = None,
         limit: int = 50,
         cursor: Cursor | None = None,
+        owner: str | None = None,
     ) -> tuple[list[JobRecord], Cursor | None]:
-        """Jobs newest first, filtered; returns a page and the cursor of the next one.
+        """Jobs newest first, filtered (to one owner's with `owner`); returns a page and the
+        cursor of the next one.
 
         Reads only the page's ids from the index that matches the filters, and their records.
         """
         self.ensure_indexed()
-        ids, next_cursor = index.page(self.r, index.listing_key(status, model), limit, cursor)
+        key = index.listing_key(status, model, owner)
+        ids, next_cursor = index.page(self.r, key, limit, cursor)
         raws = self.r.mget([self._key(j) for j in ids]) if ids else []
         return [self._load(raw) for raw in raws if raw is not None], next_cursor
 
@@ -406,15 +475,21 @@ class JobStore:
         return bool(self.r.set(key, "1", nx=True, ex=max(2, int(ttl_s))))
 
     # idempotency
+    @staticmethod
+    def _idem_key(key: str, owner: str | None) -> str:
+        # each principal has its own keys: another's replay must not hand back its job
+        return f"{PREFIX}idem:{key}" if owner is None else f"{PREFIX}idem:{owner}:{key}"
+
     def idempotent_job(
-        self, key: str, body_hash: str, job_id: str, ttl_s: int = 86400
+        self, key: str, body_hash: str, job_id: str, ttl_s: int = 86400, owner: str | None = None
     ) -> str | None:
-        """Claim `key` for `job_id`; returns the earlier job's id when the key was used before.
+        """Claim `key` (of `owner`) for `job_id`; returns the earlier job's id when the key was
+        used before.
 
         Raises ValueError when the key was used with a different body. A key whose job is
         gone (removed by retention) is claimed afresh.
         """
-        rkey = f"{PREFIX}idem:{key}"
+        rkey = self._idem_key(key, owner)
         value = json.dumps({"job_id": job_id, "body": body_hash, "at": time.time()})
         while True:
             with self.r.pipeline() as pipe:
@@ -452,10 +527,10 @@ class JobStore:
         raws = self.r.mget([self._key(j) for j in job_ids])
         pipe = self.r.pipeline()
         for job_id, raw in zip(job_ids, raws, strict=True):
-            model = _model_of(raw)
+            model, owner = _model_and_owner(raw)
             key = self._key(job_id)
             pipe.delete(key, f"{key}:events", f"{key}:cancel", f"{key}:lease", f"{key}:requeue")
-            index.unindex_job(pipe, job_id, model)
+            index.unindex_job(pipe, job_id, model, owner)
         pipe.execute()
 
     def purge_finished(self, older_than_s: float, batch: int = 500) -> int:
@@ -475,6 +550,6 @@ class JobStore:
         "else return 0 end"
     )
 
-    def forget_idempotency_key(self, key: str, job_id: str) -> None:
+    def forget_idempotency_key(self, key: str, job_id: str, owner: str | None = None) -> None:
         """Release an Idempotency-Key claimed for `job_id` (when that job was never made)."""
-        self.r.eval(self._FORGET_IDEM, 1, f"{PREFIX}idem:{key}", job_id)
+        self.r.eval(self._FORGET_IDEM, 1, self._idem_key(key, owner), job_id)

@@ -353,6 +353,7 @@ def _run_leased(
             resume_from=attempt.resume_from,
             init_from=record.parent_checkpoint,
             epoch_offset=record.epoch_offset,
+            owner=record.owner,
         )
     except TrainingError as exc:
         log.error("job %s failed: %s", job_id, exc)

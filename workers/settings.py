@@ -7,11 +7,24 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+import limits
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: A device a job or worker may name: `auto`, `cpu`, `cuda` or `cuda:N`.
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:[0-9]{1,2})$"
+#: What a principal's name (the `owner` of jobs, sweeps, checkpoints) may look like: it
+#: becomes part of Redis keys.
+OWNER_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+
+
+def check_rate(rate: str) -> str:
+    """A rate limit as `limits` reads it ("20/second", "600 per minute"); ValueError if not."""
+    try:
+        limits.parse(rate)
+    except ValueError:
+        raise ValueError(f"{rate!r} is not a rate: write N/second, N/minute or N/hour") from None
+    return rate
 
 
 class Settings(BaseSettings):
@@ -29,7 +42,38 @@ class Settings(BaseSettings):
         False, description="Let torchvision download Fashion-MNIST when the files are missing."
     )
     api_keys: str = Field(
-        "", description="Comma-separated API keys; none set means the API is open."
+        "",
+        description="Comma-separated API keys, each an admin's (principal `admin`); with "
+        "neither these nor a keys file the API is open.",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="The keys file (TOML, or JSON by its name): principals, their scopes, "
+        "limits and key hashes; `cnnserve keys add` writes it.",
+    )
+    api_keys_reload_s: float = Field(
+        2.0, ge=0, description="How often the API looks for a changed keys file (SIGHUP: now)."
+    )
+    public_read: bool = Field(
+        False, description="With keys: let anyone read (jobs, checkpoints, ...) without one."
+    )
+    public_predict: bool = Field(
+        False, description="With keys: let anyone classify (predict, explain, V2) without one."
+    )
+    metrics_scope: Literal["", "read", "admin"] = Field(
+        "", description="The scope /metrics needs with keys; empty leaves it open (scrapers)."
+    )
+    max_active_jobs: int | None = Field(
+        None, ge=0, description="Queued + running jobs per principal; unset: no limit."
+    )
+    max_sweep_jobs: int = Field(64, ge=1, le=64, description="Jobs in one sweep, per principal.")
+    predict_rate: str | None = Field(
+        None,
+        description="Predict, explain and V2 infer calls per principal, e.g. 20/second; "
+        "unset: no limit. Kept in Redis, shared by every API process.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per log line, for log collectors."
     )
     # jobs
     max_queued_jobs: int = Field(100, ge=1, description="Queued jobs beyond this get a 429.")
@@ -89,6 +133,21 @@ class Settings(BaseSettings):
     def api_key_list(self) -> list[str]:
         """The configured API keys, blanks dropped."""
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @field_validator("predict_rate", "api_keys_file", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("predict_rate")
+    @classmethod
+    def _rate(cls, v: str | None) -> str | None:
+        return check_rate(v) if v is not None else None
+
+    @field_validator("max_active_jobs", mode="before")
+    @classmethod
+    def _blank_int(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
 
     @field_validator("job_retention", mode="before")
     @classmethod

@@ -78,8 +78,10 @@ def save(
     name: str = "lenet",
     input_size: int = 28,
     val_acc: float = 0.7,
+    owner: str | None = None,
 ) -> Manifest:
-    """Save a checkpoint as the training engine does (manifest with preprocessing)."""
+    """Save a checkpoint as the training engine does (manifest with preprocessing), as a job
+    of `owner`'s (a principal) would."""
     saved = store.save(
         job_id=job_id,
         epoch=epoch,
@@ -90,6 +92,7 @@ def save(
             "preprocessing": Preprocessing(resize=input_size),
             "metrics": {"train_loss": 0.8, "val_loss": 0.7, "val_acc": val_acc},
             "spec": {"model": name, "epochs": epoch},
+            "owner": owner,
         },
         keep=10,
     )
