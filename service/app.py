@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -16,11 +18,15 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from service.auth import log_auth_mode
+from service.audit import AuditMiddleware
+from service.auth import PredictLimiter, log_auth_mode
 from service.errors import problemize_openapi, register_exception_handlers
+from service.keys import KeyRing
 from service.limits import BodySizeLimitMiddleware
+from service.logs import configure_logging
 from service.metrics import RequestMetricsMiddleware
 from service.routes import (
+    access,
     checkpoints,
     evaluation,
     explain,
@@ -64,7 +70,10 @@ classification from them.
 * **v2**: the Open Inference Protocol (KServe V2), as Triton's clients speak it.
 
 Errors are [RFC 9457](https://www.rfc-editor.org/rfc/rfc9457) `application/problem+json`.
-State-changing calls need `Authorization: Bearer <key>` when the server has API keys.
+When the server has API keys, calls need `Authorization: Bearer <key>` with the scope each
+operation lists (`read`, `predict`, `train` or `admin`; the lock icon and "Authorize" above),
+and a key's holder sees only its own jobs, sweeps and checkpoints (admins: everyone's).
+`GET /v1/whoami` says what a key may do.
 """
 
 TAGS: list[dict[str, Any]] = [
@@ -109,7 +118,10 @@ def _lifespan(settings: Settings) -> Any:
         app.state.celery = make_celery(settings)
         app.state.worker_ping_cache = WorkerPingCache()
         app.state.sse_threads = anyio.CapacityLimiter(job_events.SSE_THREADS)
-        log_auth_mode(settings)
+        app.state.predict_limiter = PredictLimiter(settings.redis_url)
+        ring: KeyRing = app.state.key_ring
+        reload_on_hup = _reload_keys_on_sighup(ring)
+        log_auth_mode(settings, ring)
         await _index_job_store(app.state.job_store)
         logger.info("cnnserve API ready (Redis %s)", settings.redis_url.rsplit("@", 1)[-1])
         try:
@@ -120,6 +132,8 @@ def _lifespan(settings: Settings) -> Any:
                 yield
                 tasks.cancel_scope.cancel()
         finally:
+            if reload_on_hup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             inference = getattr(app.state, "inference", None)
             if inference is not None and hasattr(inference, "close"):
                 inference.close()
@@ -127,6 +141,19 @@ def _lifespan(settings: Settings) -> Any:
             client.close()
 
     return lifespan
+
+
+def _reload_keys_on_sighup(ring: KeyRing) -> bool:
+    """Re-read the keys file on SIGHUP (where this process's loop may take signals)."""
+    if ring.path is None:
+        return False
+    try:
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, lambda: ring.reload(force=True)
+        )
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
+        return False
+    return True
 
 
 async def _index_job_store(store: JobStore) -> None:
@@ -217,6 +244,7 @@ def _custom_openapi(app: FastAPI) -> Any:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the cnnserve API for `settings` (default: the process's `get_settings()`)."""
     settings = settings or get_settings()
+    configure_logging(settings)
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -235,11 +263,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     # state is also set here so code that runs before the lifespan (tests) sees the settings
     app.state.settings = settings
+    app.state.key_ring = KeyRing(settings)
     register_exception_handlers(app)
+    app.add_middleware(AuditMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware)
     # job_views before jobs: `/v1/jobs/compare` and `/v1/jobs/events` are not job ids
-    routers = (models_routes, ops, job_views, jobs, job_events, sweeps, checkpoints, predict)
+    routers = (
+        access,
+        models_routes,
+        ops,
+        job_views,
+        jobs,
+        job_events,
+        sweeps,
+        checkpoints,
+        predict,
+    )
     for module in (*routers, explain, evaluation):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(v2.router)

@@ -1,4 +1,4 @@
-"""The `cnnserve` command: `up`, `api`, `worker`, `train`, `sweep`.
+"""The `cnnserve` command: `up`, `api`, `worker`, `train`, `sweep`, `keys`.
 
 Each subcommand imports its own side lazily, so `cnnserve api` never loads the training
 engine and `cnnserve worker` never loads FastAPI.
@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--name", help="a label for listings")
     sweep.add_argument("--sort", default="best_val_acc", help="the leaderboard's order")
     sweep.add_argument("--follow", metavar="SWEEP_ID", help="watch an existing sweep instead")
+
+    from service.keys_cli import add_parser
+
+    add_parser(sub)
     return parser
 
 
@@ -85,6 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.command in ("api", "worker", "up"):
+        from service.logs import configure_logging
+        from workers.settings import get_settings
+
+        configure_logging(get_settings())
     if args.command == "up":
         from service.stack import run_stack
 
@@ -110,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from service.sweep_cli import run_sweep
 
         return run_sweep(args)
+    if args.command == "keys":
+        from service.keys_cli import run_keys
+
+        return run_keys(args)
     return 2
 
 

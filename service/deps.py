@@ -12,6 +12,7 @@ from typing import Annotated
 from celery import Celery
 from fastapi import Depends, Path, Request
 
+from service.auth import CallerDep
 from workers.checkpoints import CheckpointStore
 from workers.jobs import JobNotFoundError, JobRecord, JobStore
 from workers.settings import Settings
@@ -64,9 +65,15 @@ async def valid_job_id(job_id: JobIdPath) -> str:
     return job_id
 
 
-def valid_job(job_id: Annotated[str, Depends(valid_job_id)], store: JobStoreDep) -> JobRecord:
-    """The job record the path names; a 404 problem when there is none."""
-    return store.get(job_id)
+def valid_job(
+    job_id: Annotated[str, Depends(valid_job_id)], store: JobStoreDep, caller: CallerDep
+) -> JobRecord:
+    """The job record the path names; a 404 problem when there is none, or it is another
+    tenant's (the same answer: ids cannot be probed)."""
+    record = store.get(job_id)
+    if not caller.sees(record.owner):
+        raise JobNotFoundError(job_id)
+    return record
 
 
 ValidJobId = Annotated[str, Depends(valid_job_id)]

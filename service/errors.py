@@ -83,11 +83,37 @@ class InputTooLargeError(ProblemError):
 
 
 class UnauthorizedError(ProblemError):
-    """A state-changing call without a valid API key."""
+    """A call that needs an API key, without a valid one."""
 
     status = 401
     slug = "unauthorized"
     title = "Unauthorized"
+
+
+class ForbiddenError(ProblemError):
+    """A valid API key without the scope the call needs."""
+
+    status = 403
+    slug = "forbidden"
+    title = "Forbidden"
+    #: Who was refused (for the audit log; never in the response).
+    principal: Any = None
+
+
+class RateLimitedError(ProblemError):
+    """A principal past its predict rate."""
+
+    status = 429
+    slug = "rate-limited"
+    title = "Too many requests"
+
+
+class ActiveJobsLimitError(ProblemError):
+    """A principal past its quota of queued and running jobs."""
+
+    status = 429
+    slug = "too-many-active-jobs"
+    title = "Too many active jobs"
 
 
 class JobFinishedError(ProblemError):

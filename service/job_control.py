@@ -20,7 +20,9 @@ from celery import Celery
 from kombu.exceptions import KombuError
 from pydantic import BaseModel
 
+from service.auth import Caller
 from service.errors import (
+    ActiveJobsLimitError,
     BadRequestError,
     IdempotencyConflictError,
     IdempotencyInFlightError,
@@ -30,7 +32,8 @@ from service.errors import (
 from workers.celery_app import enqueue_job
 from workers.checkpoints import CheckpointStore, Lineage, LineageError
 from workers.contracts import JobSpec, JobStatus
-from workers.jobs import JobRecord, JobStore, new_job_id, now_iso
+from workers.jobs import ActiveJobsLimitError as ActiveJobsLimit
+from workers.jobs import JobRecord, JobStore, Quota, new_job_id, now_iso
 from workers.jobs import QueueFullError as QueueFull
 from workers.settings import Settings
 
@@ -46,12 +49,15 @@ def body_hash(body: BaseModel) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def claim_key(store: JobStore, key: str, fingerprint: str, new_id: str) -> str | None:
-    """Claim an Idempotency-Key for `new_id`; the earlier id when the key was used before."""
+def claim_key(
+    store: JobStore, key: str, fingerprint: str, new_id: str, owner: str | None
+) -> str | None:
+    """Claim `owner`'s Idempotency-Key for `new_id`; the earlier id when the key was used
+    before (by the same owner: each principal's keys are its own)."""
     if not IDEMPOTENCY_KEY_RE.fullmatch(key):
         raise BadRequestError("Idempotency-Key must be 1 to 255 printable ASCII characters")
     try:
-        return store.idempotent_job(key, fingerprint, new_id)
+        return store.idempotent_job(key, fingerprint, new_id, owner=owner)
     except ValueError as exc:
         raise IdempotencyConflictError(
             f"{exc}; use a new key for a new request", idempotency_key=key
@@ -65,18 +71,21 @@ def in_flight() -> IdempotencyInFlightError:
     )
 
 
-def release_key(store: JobStore, key: str | None, new_id: str) -> None:
+def release_key(store: JobStore, key: str | None, new_id: str, owner: str | None) -> None:
     """Give back a key claimed for something that was not made."""
     if key is None:
         return
     try:
-        store.forget_idempotency_key(key, new_id)
+        store.forget_idempotency_key(key, new_id, owner)
     except redis.RedisError:
         logger.warning("could not release the Idempotency-Key of %s", new_id)
 
 
-def lineage(ckpts: CheckpointStore, spec: JobSpec, *, where: str = "init_from") -> Lineage:
-    """Resolve `init_from` to a checkpoint of the same network (a 422 naming what differs)."""
+def lineage(
+    ckpts: CheckpointStore, spec: JobSpec, caller: Caller, *, where: str = "init_from"
+) -> Lineage:
+    """Resolve `init_from` to a checkpoint of the same network among the caller's own (a 422
+    naming what differs)."""
     assert spec.input_size is not None
     try:
         return ckpts.lineage(
@@ -85,19 +94,24 @@ def lineage(ckpts: CheckpointStore, spec: JobSpec, *, where: str = "init_from") 
             arch=spec.network_arch,
             input_size=spec.input_size,
             continue_epochs=spec.continue_epochs,
+            within=caller.within,
         )
     except LineageError as exc:
         raise BadRequestError(f"{where}: {exc}", differs=exc.differs) from None
 
 
 def records(
-    ckpts: CheckpointStore, specs: Sequence[JobSpec], sweep_id: str | None = None
+    ckpts: CheckpointStore,
+    specs: Sequence[JobSpec],
+    caller: Caller,
+    sweep_id: str | None = None,
 ) -> list[JobRecord]:
-    """The new jobs' records, every `init_from` resolved first (nothing is recorded yet)."""
+    """The caller's new jobs' records, every `init_from` resolved first (nothing is recorded
+    yet)."""
     out = []
     for i, spec in enumerate(specs):
         where = "init_from" if sweep_id is None else f"grid point {i}: init_from"
-        line = lineage(ckpts, spec, where=where)
+        line = lineage(ckpts, spec, caller, where=where)
         out.append(
             JobRecord(
                 id=new_job_id(),
@@ -105,19 +119,36 @@ def records(
                 parent_checkpoint=line.parent,
                 epoch_offset=line.epoch_offset,
                 sweep_id=sweep_id,
+                owner=caller.owner,
             )
         )
     return out
 
 
-def submit(store: JobStore, celery: Celery, settings: Settings, jobs: Sequence[JobRecord]) -> None:
-    """Record `jobs` at once (or none: 429 past the queue limit), then enqueue each."""
+def submit(
+    store: JobStore,
+    celery: Celery,
+    settings: Settings,
+    jobs: Sequence[JobRecord],
+    caller: Caller,
+) -> None:
+    """Record the caller's `jobs` at once (or none: 429 past the queue limit or the caller's
+    quota of active jobs), then enqueue each."""
+    quota = Quota(caller.owner, caller.principal.max_active_jobs if caller.owner else None)
     try:
-        store.create_many(list(jobs), max_queued=settings.max_queued_jobs)
+        store.create_many(list(jobs), max_queued=settings.max_queued_jobs, quota=quota)
     except QueueFull as full:
         raise QueueFullError(
             f"{full}; retry in {QUEUE_FULL_RETRY_S} s or cancel queued jobs",
             headers={"Retry-After": str(QUEUE_FULL_RETRY_S)},
+        ) from None
+    except ActiveJobsLimit as limit:
+        raise ActiveJobsLimitError(
+            f"{limit}; retry in {QUEUE_FULL_RETRY_S} s, when one has finished, or cancel one",
+            headers={"Retry-After": str(QUEUE_FULL_RETRY_S)},
+            limit="max_active_jobs",
+            max_active_jobs=limit.limit,
+            active_jobs=limit.active,
         ) from None
     sent: list[str] = []
     try:

@@ -138,7 +138,12 @@ _EXAMPLES: dict[int, tuple[str, str, str]] = {
     401: (
         "unauthorized",
         "Unauthorized",
-        "this call changes state and needs an API key: send 'Authorization: Bearer <key>'",
+        "this call needs an API key with the read scope: send 'Authorization: Bearer <key>'",
+    ),
+    403: (
+        "forbidden",
+        "Forbidden",
+        "principal carol may read; this call needs the train scope",
     ),
     404: ("not-found", "Not Found", "no job with id '0123456789abcdef'"),
     405: ("method-not-allowed", "Method Not Allowed", "PUT is not allowed on /v1/jobs"),
@@ -158,6 +163,7 @@ _EXAMPLES: dict[int, tuple[str, str, str]] = {
 _DESCRIPTIONS = {
     400: "Bad request",
     401: "Missing or wrong API key",
+    403: "The key lacks the scope this call needs",
     404: "Not found",
     405: "Method not allowed",
     409: "Conflict with the resource's state",
@@ -199,6 +205,20 @@ def problem_responses(*statuses: int, **details: str) -> dict[int | str, dict[st
     return out
 
 
+def _document_refusals(operation: dict[str, Any]) -> None:
+    """What a key-guarded operation answers a caller it refuses, documented wherever the
+    operation declares the key (so no route can forget it): 401 without a valid key, 403 for
+    a key without the scope. Where the key is optional (`{}`), only a wrong key is refused."""
+    security = operation.get("security")
+    if not security:
+        return
+    responses = operation.setdefault("responses", {})
+    statuses = (401,) if {} in security else (401, 403)
+    for status in statuses:
+        if str(status) not in responses and status not in responses:
+            responses[str(status)] = {"description": _DESCRIPTIONS.get(status, "Error")}
+
+
 def problemize_openapi(schema: dict[str, Any]) -> dict[str, Any]:
     """Rewrite every 4xx/5xx response of an OpenAPI document as `application/problem+json`."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
@@ -210,6 +230,7 @@ def problemize_openapi(schema: dict[str, Any]) -> dict[str, Any]:
         for operation in path_item.values():
             if not isinstance(operation, dict):
                 continue
+            _document_refusals(operation)
             for code, response in operation.get("responses", {}).items():
                 if str(code)[:1] not in ("4", "5"):
                     continue

@@ -5,6 +5,10 @@ from __future__ import annotations
 import logging
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
+
+from service.logs import uvicorn_log_config
+from workers.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -17,8 +21,10 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> int:
     if workers > 1:
         # each process has its own Prometheus registry: /metrics shows one process's numbers
         logger.warning("%d worker processes: /metrics reports the one that answers", workers)
+    log_config = uvicorn_log_config(get_settings()) or LOGGING_CONFIG
     uvicorn.run(
         "service.app:create_app",
+        log_config=log_config,
         factory=True,
         host=host,
         port=port,

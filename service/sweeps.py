@@ -7,7 +7,7 @@ keeps the request, the points and the job ids; its status and leaderboard are re
 jobs' records (one MGET), so a sweep of 64 costs no more than 64 jobs.
 
 Keys (prefix `cnnserve:`): `sweep:{id}` the JSON of a `SweepRecord`; `sweeps` the sweep ids by
-creation time (listing).
+creation time (listing); `owner:{owner}:sweeps` the same for one principal's sweeps.
 """
 
 from __future__ import annotations
@@ -189,6 +189,7 @@ class SweepRecord(BaseModel):
     points: list[dict[str, Any]]
     job_ids: list[str]
     cancel_requested: bool = False
+    owner: str | None = Field(None, description="The principal that started the sweep.")
 
 
 def new_sweep_id() -> str:
@@ -205,26 +206,38 @@ class SweepStore:
     def _key(sweep_id: str) -> str:
         return f"{PREFIX}sweep:{sweep_id}"
 
+    @staticmethod
+    def _listing(owner: str | None) -> str:
+        return SWEEPS if owner is None else f"{job_index.owner_prefix(owner)}sweeps"
+
     def put(self, record: SweepRecord, *, new: bool = False) -> None:
         pipe = self.r.pipeline()
         pipe.set(self._key(record.id), record.model_dump_json())
         if new:
-            pipe.zadd(SWEEPS, {record.id: time.time()})
+            now = time.time()
+            pipe.zadd(SWEEPS, {record.id: now})
+            if record.owner is not None:
+                pipe.zadd(self._listing(record.owner), {record.id: now})
         pipe.execute()
 
     def get(self, sweep_id: str) -> SweepRecord | None:
         raw = self.r.get(self._key(sweep_id))
         return SweepRecord.model_validate_json(raw) if raw is not None else None
 
-    def delete(self, sweep_id: str) -> None:
+    def delete(self, sweep_id: str, owner: str | None = None) -> None:
         pipe = self.r.pipeline()
         pipe.delete(self._key(sweep_id))
         pipe.zrem(SWEEPS, sweep_id)
+        if owner is not None:
+            pipe.zrem(self._listing(owner), sweep_id)
         pipe.execute()
 
-    def page(self, limit: int, cursor: Cursor | None) -> tuple[list[SweepRecord], Cursor | None]:
-        """Sweeps newest first, a page at a time (the job listing's cursors)."""
-        ids, after = job_index.page(self.r, SWEEPS, limit, cursor)
+    def page(
+        self, limit: int, cursor: Cursor | None, owner: str | None = None
+    ) -> tuple[list[SweepRecord], Cursor | None]:
+        """Sweeps (of one owner's, with `owner`) newest first, a page at a time (the job
+        listing's cursors)."""
+        ids, after = job_index.page(self.r, self._listing(owner), limit, cursor)
         raws = self.r.mget([self._key(i) for i in ids]) if ids else []
         return [SweepRecord.model_validate_json(r) for r in raws if r is not None], after
 

@@ -15,7 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
-from service.auth import RequireKey
+from service.auth import Allow, CallerDep
 from service.deps import CheckpointStoreDep
 from service.errors import problem_responses
 from service.inference import InferenceDep
@@ -50,14 +50,16 @@ class CheckpointList(BaseModel):
 # --- helpers -------------------------------------------------------------------------------
 
 
-def resolve_manifest(store: CheckpointStore, ref: str) -> Manifest:
-    """The manifest of the checkpoint an id or alias names (blocking: file reads)."""
-    return store.manifest(store.resolve(ref))
+def resolve_manifest(store: CheckpointStore, ref: str, within: str | None) -> Manifest:
+    """The manifest of the checkpoint an id or alias names among `within`'s (None: anyone's)
+    checkpoints (blocking: file reads)."""
+    return store.manifest(store.resolve(ref, within))
 
 
-async def resolved_manifest(ref: RefPath, store: CheckpointStoreDep) -> Manifest:
-    """The manifest of the checkpoint `ref` names; a 404 problem when none does."""
-    return await run_in_threadpool(resolve_manifest, store, ref)
+async def resolved_manifest(ref: RefPath, store: CheckpointStoreDep, caller: CallerDep) -> Manifest:
+    """The manifest of the checkpoint `ref` names; a 404 problem when none does, or it is
+    another tenant's."""
+    return await run_in_threadpool(resolve_manifest, store, ref, caller.within)
 
 
 ResolvedManifest = Annotated[Manifest, Depends(resolved_manifest)]
@@ -70,10 +72,13 @@ ResolvedManifest = Annotated[Manifest, Depends(resolved_manifest)]
     "",
     summary="List checkpoints",
     description="Every readable checkpoint, newest first, optionally only one job's or one "
-    "model's. Each entry is a summary of its manifest; `GET /v1/checkpoints/{ref}` has all.",
-    responses=problem_responses(422),
+    "model's. Each entry is a summary of its manifest; `GET /v1/checkpoints/{ref}` has all. "
+    "A principal that is not an admin lists only its own jobs' checkpoints.",
+    dependencies=[Allow("read")],
+    responses=problem_responses(401, 403, 422),
 )
 def list_checkpoints(
+    caller: CallerDep,
     store: CheckpointStoreDep,
     job_id: Annotated[
         str | None,
@@ -84,7 +89,7 @@ def list_checkpoints(
         Query(pattern=r"^[a-z0-9_]{1,32}$", description="Only checkpoints of this model."),
     ] = None,
 ) -> CheckpointList:
-    return CheckpointList(checkpoints=store.list(job_id=job_id, model=model))
+    return CheckpointList(checkpoints=store.list(job_id=job_id, model=model, within=caller.within))
 
 
 @router.get(
@@ -92,7 +97,8 @@ def list_checkpoints(
     summary="Get a checkpoint's manifest",
     description="The manifest: model, arch, input size, classes, the preprocessing inference "
     "applies, metrics and history, the job spec, data set and weight hashes, versions.",
-    responses=problem_responses(404, 409),
+    dependencies=[Allow("read")],
+    responses=problem_responses(401, 403, 404, 409),
 )
 def get_checkpoint(manifest: ResolvedManifest) -> Manifest:
     return manifest
@@ -109,8 +115,9 @@ def get_checkpoint(manifest: ResolvedManifest) -> Manifest:
             "description": "The safetensors file.",
             "content": {"application/octet-stream": {"schema": {"type": "string"}}},
         },
-        **problem_responses(404, 409),
+        **problem_responses(401, 403, 404, 409),
     },
+    dependencies=[Allow("read")],
 )
 def get_weights(manifest: ResolvedManifest, store: CheckpointStoreDep) -> FileResponse:
     path = store.weights_path(manifest.id)
@@ -137,8 +144,9 @@ def get_weights(manifest: ResolvedManifest, store: CheckpointStoreDep) -> FileRe
             "description": "The ONNX model file.",
             "content": {"application/octet-stream": {"schema": {"type": "string"}}},
         },
-        **problem_responses(404, 409),
+        **problem_responses(401, 403, 404, 409),
     },
+    dependencies=[Allow("read")],
 )
 async def get_onnx(manifest: ResolvedManifest, inference: InferenceDep) -> FileResponse:
     path = await inference.onnx_file(manifest)
@@ -154,10 +162,10 @@ async def get_onnx(manifest: ResolvedManifest, inference: InferenceDep) -> FileR
     "/{ref}",
     summary="Delete a checkpoint",
     description="Removes the checkpoint's files; the job's `latest` and `best` aliases move "
-    "to what is left. Needs an API key when keys are configured.",
+    "to what is left. Needs the train scope (an admin's key for another tenant's).",
     status_code=status.HTTP_204_NO_CONTENT,
-    dependencies=[RequireKey],
-    responses=problem_responses(401, 404),
+    dependencies=[Allow("train", audit_as="checkpoint.delete")],
+    responses=problem_responses(401, 403, 404),
 )
 def delete_checkpoint(
     manifest: ResolvedManifest,

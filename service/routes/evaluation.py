@@ -14,7 +14,8 @@ from kombu.exceptions import KombuError
 from pydantic import BaseModel, ConfigDict, Field
 
 from models import CLASSES
-from service.auth import RequireKey
+from service.audit import audit_target
+from service.auth import Allow, CallerDep
 from service.curves import MEDIA_TYPES, CurveFormat, render_confusion
 from service.deps import CeleryDep, CheckpointStoreDep
 from service.errors import ProblemError, ServiceUnavailableError, problem_responses
@@ -140,7 +141,8 @@ _NO_EVALUATION = "checkpoint 0123456789abcdef-e002 was written before confusion 
     "A checkpoint written before matrices were kept answers from a later `POST .../evaluate`, "
     "or a 404 that says so.",
     response_model=Evaluation,
-    responses=problem_responses(404, 409, s404=_NO_EVALUATION),
+    dependencies=[Allow("read")],
+    responses=problem_responses(401, 403, 404, 409, s404=_NO_EVALUATION),
 )
 def get_evaluation(manifest: ResolvedManifest, store: CheckpointStoreDep) -> Evaluation:
     return _evaluation(store, manifest)
@@ -166,8 +168,9 @@ _HEATMAP_DESCRIPTION = (
     response_class=Response,
     responses={
         200: {"description": "A PNG image.", "content": {"image/png": {}}},
-        **problem_responses(404, 409, s404=_NO_EVALUATION),
+        **problem_responses(401, 403, 404, 409, s404=_NO_EVALUATION),
     },
+    dependencies=[Allow("read")],
 )
 def confusion_png(manifest: ResolvedManifest, store: CheckpointStoreDep) -> Response:
     return _heatmap(store, manifest, "png")
@@ -180,8 +183,9 @@ def confusion_png(manifest: ResolvedManifest, store: CheckpointStoreDep) -> Resp
     response_class=Response,
     responses={
         200: {"description": "An SVG image.", "content": {"image/svg+xml": {}}},
-        **problem_responses(404, 409, s404=_NO_EVALUATION),
+        **problem_responses(401, 403, 404, 409, s404=_NO_EVALUATION),
     },
+    dependencies=[Allow("read")],
 )
 def confusion_svg(manifest: ResolvedManifest, store: CheckpointStoreDep) -> Response:
     return _heatmap(store, manifest, "svg")
@@ -210,20 +214,26 @@ EvaluationsDep = Annotated[EvaluationStore, Depends(_evaluations)]
     summary="Evaluate a checkpoint on the test set",
     description="Queues the evaluation on a training worker (it is GPU work) and answers 202 "
     "with it and its `Location`; poll that until `succeeded`, then "
-    "`GET /v1/checkpoints/{ref}/evaluation` answers from it.",
+    "`GET /v1/checkpoints/{ref}/evaluation` answers from it. Needs the train scope.",
     response_model=EvaluationRecord,
-    dependencies=[RequireKey],
-    responses=problem_responses(401, 404, 409, 422, 503),
+    dependencies=[Allow("train", audit_as="checkpoint.evaluate")],
+    responses=problem_responses(401, 403, 404, 409, 422, 503),
 )
 def evaluate_checkpoint(
+    request: Request,
+    caller: CallerDep,
     manifest: ResolvedManifest,
     celery: CeleryDep,
     evaluations: EvaluationsDep,
     body: EvaluateRequest | None = None,
 ) -> Response:
     record = EvaluationRecord(
-        id=new_evaluation_id(), checkpoint=manifest.id, limit=body.limit if body else None
+        id=new_evaluation_id(),
+        checkpoint=manifest.id,
+        limit=body.limit if body else None,
+        owner=caller.owner,
     )
+    audit_target(request, record.id)
     evaluations.put(record)
     try:
         enqueue(celery, EVALUATE_TASK, record.id)
@@ -257,12 +267,13 @@ EvaluationId = Annotated[
     description="queued, running, then succeeded (with the accuracy on the evaluated images) "
     "or failed (with why). Records are kept 7 days; the result stays with the checkpoint.",
     response_model=EvaluationRecord,
-    responses=problem_responses(404, 422),
+    dependencies=[Allow("read")],
+    responses=problem_responses(401, 403, 404, 422),
 )
 async def get_evaluation_record(
-    evaluation_id: EvaluationId, evaluations: EvaluationsDep
+    evaluation_id: EvaluationId, caller: CallerDep, evaluations: EvaluationsDep
 ) -> EvaluationRecord:
     record = await run_in_threadpool(evaluations.get, evaluation_id)
-    if record is None:
+    if record is None or not caller.sees(record.owner):
         raise EvaluationNotFoundError(f"no evaluation {evaluation_id!r} (records are kept 7 days)")
     return record

@@ -15,6 +15,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.auth import Allow
 from service.errors import problem_responses
 from service.explain import METHOD, attribute, heatmap_png
 from service.inference import InferenceDep
@@ -87,12 +88,15 @@ class ExplainResponse(BaseModel):
     f"the class below. At most `explain_max_images` images per call. {PREPROCESSING_DESCRIPTION}",
     openapi_extra=PREDICT_BODY,
     response_model=ExplainResponse,
+    dependencies=[Allow("predict")],
     responses={
         200: {
             "description": "The explanations (JSON), or a heatmap (PNG) when asked for.",
             "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
         },
         **problem_responses(
+            401,
+            403,
             404,
             409,
             413,

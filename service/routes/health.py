@@ -8,13 +8,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import anyio
 from anyio import to_thread
 from celery import Celery
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.auth import authorize, bearer_scheme
 from service.deps import CeleryDep, JobStoreDep, SettingsDep
 from service.errors import ServiceUnavailableError, problem_responses
 from service.metrics import refresh_job_gauges, render_latest
@@ -182,13 +185,29 @@ async def readyz(
     return Readiness(status="ready", checks=checks)
 
 
+def metrics_access(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> None:
+    """Open, or the scope `CNNSERVE_METRICS_SCOPE` names (when the server has keys)."""
+    settings = request.app.state.settings
+    if settings.metrics_scope:
+        authorize(request.app.state.key_ring, settings, settings.metrics_scope, credentials)
+
+
 @router.get(
     "/metrics",
     summary="Prometheus metrics",
     description="Request counts and latencies by route, jobs by status, queue depth, "
     "inference latency and batch sizes, and model cache hits, in Prometheus text format.",
     response_class=Response,
-    responses={200: {"description": "Prometheus text.", "content": {"text/plain": {}}}},
+    responses={
+        200: {"description": "Prometheus text.", "content": {"text/plain": {}}},
+        **problem_responses(401, 403),
+    },
+    dependencies=[Depends(metrics_access)],
+    # a key only where CNNSERVE_METRICS_SCOPE names a scope: `{}` says it may be left out
+    openapi_extra={"security": [{}]},
 )
 def metrics(store: JobStoreDep) -> Response:
     try:

@@ -12,8 +12,9 @@ from anyio import to_thread
 from fastapi import APIRouter, Header, Query, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from service.auth import Allow
 from service.curves import MEDIA_TYPES, CurveFormat, render_curves
-from service.deps import JobStoreDep, ValidJob, ValidJobId
+from service.deps import JobStoreDep, ValidJob
 from service.errors import BadRequestError, problem_responses
 from workers.contracts import JobStatus
 from workers.jobs import JobNotFoundError, JobRecord, JobStore
@@ -80,12 +81,13 @@ SSE_EVENT_SCHEMA: dict[str, object] = {
                 }
             },
         },
-        **problem_responses(404, 422, s422="Last-Event-ID is not an event id like 1-0"),
+        **problem_responses(401, 403, 404, 422, s422="Last-Event-ID is not an event id like 1-0"),
     },
+    dependencies=[Allow("read")],
 )
 async def job_events(
     request: Request,
-    job_id: ValidJobId,
+    job: ValidJob,
     store: JobStoreDep,
     last_event_id_header: Annotated[
         str | None, Header(alias="Last-Event-ID", description="Resume after this event id.")
@@ -98,8 +100,8 @@ async def job_events(
     after = last_event_id_header or last_event_id
     if after is not None and not EVENT_ID_RE.fullmatch(after):
         raise BadRequestError(f"Last-Event-ID {after!r} is not an event id like 1735733200000-0")
-    await to_thread.run_sync(store.get, job_id)  # 404 before the stream starts
-    return EventSourceResponse(_event_stream(request, store, job_id, after), ping=SSE_PING_S)
+    # a missing (or another tenant's) job was a 404 before the stream started
+    return EventSourceResponse(_event_stream(request, store, job.id, after), ping=SSE_PING_S)
 
 
 async def _event_stream(
@@ -151,8 +153,9 @@ _CURVES_DESCRIPTION = (
     response_class=Response,
     responses={
         200: {"description": "A PNG image.", "content": {"image/png": {}}},
-        **problem_responses(404),
+        **problem_responses(401, 403, 404),
     },
+    dependencies=[Allow("read")],
 )
 def job_curves_png(job: ValidJob) -> Response:
     return _curves(job, "png")
@@ -165,8 +168,9 @@ def job_curves_png(job: ValidJob) -> Response:
     response_class=Response,
     responses={
         200: {"description": "An SVG image.", "content": {"image/svg+xml": {}}},
-        **problem_responses(404),
+        **problem_responses(401, 403, 404),
     },
+    dependencies=[Allow("read")],
 )
 def job_curves_svg(job: ValidJob) -> Response:
     return _curves(job, "svg")

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from service.auth import Allow, Caller, CallerDep
 from service.curves import MEDIA_TYPES, CurveFormat, render_comparison
 from service.deps import JOB_ID_RE, JobStoreDep
 from service.errors import BadRequestError, problem_responses
@@ -62,12 +63,14 @@ Sweep = Annotated[
 MetricQuery = Annotated[Metric, Query(description="Which per-epoch number to compare.")]
 
 
-def _records(store: JobStore, sweeps: Any, ids: str | None, sweep: str | None) -> list[JobRecord]:
+def _records(
+    store: JobStore, sweeps: Any, ids: str | None, sweep: str | None, caller: Caller
+) -> list[JobRecord]:
     if (ids is None) == (sweep is None):
         raise BadRequestError("give ids=<id>,<id>,... or sweep=<id>, one of the two")
     if sweep is not None:
         record = sweeps.get(sweep)
-        if record is None:
+        if record is None or not caller.sees(record.owner):
             raise SweepNotFoundError(f"no sweep with id {sweep!r}")
         wanted = list(record.job_ids)
     else:
@@ -79,7 +82,9 @@ def _records(store: JobStore, sweeps: Any, ids: str | None, sweep: str | None) -
         bad = [i for i in wanted if not JOB_ID_RE.fullmatch(i)]
         if bad:
             raise BadRequestError(f"{bad[0]!r} is not a job id (16 hex digits)")
-    records = store.get_many(list(dict.fromkeys(wanted)))
+    found = store.get_many(list(dict.fromkeys(wanted)))
+    # another tenant's job is missing, as one that does not exist
+    records = [r if r is not None and caller.sees(r.owner) else None for r in found]
     missing = [i for i, r in zip(dict.fromkeys(wanted), records, strict=True) if r is None]
     if missing and sweep is None:
         raise JobNotFoundError(missing[0])
@@ -118,16 +123,18 @@ _DESCRIPTION = (
     summary="Compare jobs",
     description=_DESCRIPTION,
     response_model=Comparison,
-    responses=problem_responses(404, 422),
+    dependencies=[Allow("read")],
+    responses=problem_responses(401, 403, 404, 422),
 )
 def compare(
+    caller: CallerDep,
     store: JobStoreDep,
     sweeps: SweepStoreDep,
     ids: Ids = None,
     sweep: Sweep = None,
     metric: MetricQuery = "val_acc",
 ) -> Comparison:
-    return _comparison(_records(store, sweeps, ids, sweep), metric)
+    return _comparison(_records(store, sweeps, ids, sweep, caller), metric)
 
 
 def _plot(comparison: Comparison, fmt: CurveFormat) -> Response:
@@ -145,17 +152,19 @@ def _plot(comparison: Comparison, fmt: CurveFormat) -> Response:
     response_class=Response,
     responses={
         200: {"description": "A PNG image.", "content": {"image/png": {}}},
-        **problem_responses(404, 422),
+        **problem_responses(401, 403, 404, 422),
     },
+    dependencies=[Allow("read")],
 )
 def compare_png(
+    caller: CallerDep,
     store: JobStoreDep,
     sweeps: SweepStoreDep,
     ids: Ids = None,
     sweep: Sweep = None,
     metric: MetricQuery = "val_acc",
 ) -> Response:
-    return _plot(_comparison(_records(store, sweeps, ids, sweep), metric), "png")
+    return _plot(_comparison(_records(store, sweeps, ids, sweep, caller), metric), "png")
 
 
 @router.get(
@@ -165,17 +174,19 @@ def compare_png(
     response_class=Response,
     responses={
         200: {"description": "An SVG image.", "content": {"image/svg+xml": {}}},
-        **problem_responses(404, 422),
+        **problem_responses(401, 403, 404, 422),
     },
+    dependencies=[Allow("read")],
 )
 def compare_svg(
+    caller: CallerDep,
     store: JobStoreDep,
     sweeps: SweepStoreDep,
     ids: Ids = None,
     sweep: Sweep = None,
     metric: MetricQuery = "val_acc",
 ) -> Response:
-    return _plot(_comparison(_records(store, sweeps, ids, sweep), metric), "svg")
+    return _plot(_comparison(_records(store, sweeps, ids, sweep, caller), metric), "svg")
 
 
 FOLLOWED = 50
@@ -194,11 +205,13 @@ _FINISHED = {s.value for s in JobStatus if s.finished}
             "description": "An event stream; each event's data has the job's id.",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
-        **problem_responses(422),
+        **problem_responses(401, 403, 422),
     },
+    dependencies=[Allow("read")],
 )
 async def follow_jobs(
     request: Request,
+    caller: CallerDep,
     store: JobStoreDep,
     ids: Annotated[
         str,
@@ -216,7 +229,10 @@ async def follow_jobs(
     if bad:
         raise BadRequestError(f"{bad[0]!r} is not a job id (16 hex digits)")
     records = await to_thread.run_sync(store.get_many, wanted)
-    live = [r.id for r in records if r is not None and not r.status.finished]
+    # the missing, the finished and other tenants' jobs are left out alike
+    live = [
+        r.id for r in records if r is not None and not r.status.finished and caller.sees(r.owner)
+    ]
     return EventSourceResponse(_follow(request, store, live), ping=15)
 
 

@@ -12,7 +12,8 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import job_control
-from service.auth import RequireKey
+from service.audit import audit_target
+from service.auth import Allow, CallerDep
 from service.deps import CeleryDep, CheckpointStoreDep, JobStoreDep, SettingsDep, ValidJob
 from service.errors import (
     BadRequestError,
@@ -124,10 +125,11 @@ def decode_cursor(cursor: str) -> Cursor:
     description="Queues a job; omitted spec fields take the seed's recipe for the model. "
     "Answers 202 with the job and its `Location`. With an `Idempotency-Key` header, sending "
     "the same key and body again answers 200 with the same job instead of making a second; "
-    "the same key with another body is a 422. More than `max_queued_jobs` queued jobs is a "
-    "429 with `Retry-After`.",
+    "the same key with another body is a 422. More than `max_queued_jobs` queued jobs, or "
+    "more of the caller's own queued and running jobs than its `max_active_jobs`, is a 429 "
+    "with `Retry-After`.",
     response_model=Job,
-    dependencies=[RequireKey],
+    dependencies=[Allow("train", audit_as="job.submit")],
     responses={
         200: {
             "description": "A replay of an earlier request with the same Idempotency-Key: "
@@ -136,6 +138,7 @@ def decode_cursor(cursor: str) -> Cursor:
         },
         **problem_responses(
             401,
+            403,
             409,
             422,
             429,
@@ -147,7 +150,9 @@ def decode_cursor(cursor: str) -> Cursor:
     },
 )
 def submit_job(
+    request: Request,
     spec: JobSpec,
+    caller: CallerDep,
     store: JobStoreDep,
     celery: CeleryDep,
     settings: SettingsDep,
@@ -161,22 +166,24 @@ def submit_job(
         ),
     ] = None,
 ) -> Response:
-    (record,) = job_control.records(ckpts, [spec])
+    (record,) = job_control.records(ckpts, [spec], caller)
     if idempotency_key is not None:
         earlier = job_control.claim_key(
-            store, idempotency_key, job_control.body_hash(spec), record.id
+            store, idempotency_key, job_control.body_hash(spec), record.id, caller.owner
         )
         if earlier is not None:
             try:
                 replay = store.get(earlier)
             except JobNotFoundError:
                 raise job_control.in_flight() from None
+            audit_target(request, earlier)
             replayed = {"Location": f"/v1/jobs/{earlier}", "Idempotent-Replayed": "true"}
             return _json(replay, 200, replayed)
+    audit_target(request, record.id)
     try:
-        job_control.submit(store, celery, settings, [record])
+        job_control.submit(store, celery, settings, [record], caller)
     except BaseException:
-        job_control.release_key(store, idempotency_key, record.id)
+        job_control.release_key(store, idempotency_key, record.id, caller.owner)
         raise
     return _json(record, 202, {"Location": f"/v1/jobs/{record.id}"})
 
@@ -186,12 +193,15 @@ def submit_job(
     summary="List jobs",
     description="Jobs newest first, filtered by status and model, a page at a time: pass "
     '`next_cursor` (also in the `Link: <...>; rel="next"` header) as `cursor`. Each job as '
-    "`GET /v1/jobs/{id}` has it, but for the per-epoch confusion matrices.",
+    "`GET /v1/jobs/{id}` has it, but for the per-epoch confusion matrices. A principal that is "
+    "not an admin lists only its own jobs.",
     response_model=JobPage,
-    responses=problem_responses(422, s422="cursor is not one this API gave out"),
+    dependencies=[Allow("read")],
+    responses=problem_responses(401, 403, 422, s422="cursor is not one this API gave out"),
 )
 def list_jobs(
     request: Request,
+    caller: CallerDep,
     store: JobStoreDep,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
     model: Annotated[
@@ -203,7 +213,9 @@ def list_jobs(
     ] = None,
 ) -> Response:
     raw_cursor = decode_cursor(cursor) if cursor else None
-    records, after = store.list_jobs(status=status, model=model, limit=limit, cursor=raw_cursor)
+    records, after = store.list_jobs(
+        status=status, model=model, limit=limit, cursor=raw_cursor, owner=caller.within
+    )
     next_cursor = encode_cursor(after) if after else None
     headers = {}
     if next_cursor:
@@ -222,7 +234,8 @@ def list_jobs(
     description="The job's status, spec, live progress, per-epoch metrics (train loss, "
     "validation loss and accuracy, seconds) and checkpoints.",
     response_model=Job,
-    responses=problem_responses(404),
+    dependencies=[Allow("read")],
+    responses=problem_responses(401, 403, 404),
 )
 async def get_job(job: ValidJob) -> Response:
     return _json(job)
@@ -235,8 +248,8 @@ async def get_job(job: ValidJob) -> Response:
     description="A queued job becomes `cancelled` at once and never starts; a running job "
     "stops within seconds and keeps its checkpoints. A finished job is a 409.",
     response_model=Job,
-    dependencies=[RequireKey],
-    responses=problem_responses(401, 404, 409),
+    dependencies=[Allow("train", audit_as="job.cancel")],
+    responses=problem_responses(401, 403, 404, 409),
 )
 def cancel_job(job: ValidJob, store: JobStoreDep) -> Response:
     record, unfinished = job_control.cancel(store, job.id)

@@ -10,10 +10,11 @@ from fastapi import APIRouter, Body, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from models import ArchError, get_model_entry, list_models, summarize
+from service.auth import Allow
 from service.errors import BadRequestError, InputTooLargeError, problem_responses
 from workers.contracts import ArchPairs
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], dependencies=[Allow("read")])
 
 #: Bounds on summary input shapes (N, C, H, W): summaries run on the meta device, but a shape
 #: still costs hook calls and bookkeeping, so absurd ones are refused.

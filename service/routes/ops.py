@@ -9,9 +9,10 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from models import ops
+from service.auth import Allow
 from service.errors import BadRequestError, InputTooLargeError, problem_responses
 
-router = APIRouter(prefix="/ops", tags=["ops"])
+router = APIRouter(prefix="/ops", tags=["ops"], dependencies=[Allow("read")])
 
 #: The seed's loops run in Python, one window at a time: bound the work per request.
 MAX_SIDE = 64

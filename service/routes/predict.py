@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.auth import Allow, CallerDep
 from service.errors import BadRequestError, ProblemError, problem_responses
 from service.images import (
     ALLOWED_MEDIA_TYPES,
@@ -136,16 +137,18 @@ class PredictJSON(BaseModel):
 # --- helpers -------------------------------------------------------------------------------
 
 
-async def predict_manifest(ref: RefPath, inference: InferenceDep) -> Manifest:
-    """Like `resolved_manifest`, but a ref resolved within the last second is reused.
+async def predict_manifest(ref: RefPath, inference: InferenceDep, caller: CallerDep) -> Manifest:
+    """Like `resolved_manifest` (within the caller's checkpoints), but a ref the same tenant
+    resolved within the last second is reused.
 
     The hot path takes settings and store from the inference service, so no dependency of a
     predict call needs the thread pool.
     """
-    manifest = inference.cached_manifest(ref)
+    key = f"{caller.within or ''}|{ref}"  # `lenet:best` is each tenant's own best
+    manifest = inference.cached_manifest(key)
     if manifest is None:
-        manifest = await run_in_threadpool(resolve_manifest, inference.store, ref)
-        inference.remember_manifest(ref, manifest)
+        manifest = await run_in_threadpool(resolve_manifest, inference.store, ref, caller.within)
+        inference.remember_manifest(key, manifest)
     return manifest
 
 
@@ -391,7 +394,10 @@ async def request_images(request: Request, settings: Settings, how: Preparation)
     f"the order sent. {PREPROCESSING_DESCRIPTION} Concurrent requests for one checkpoint are "
     "batched into one forward pass.",
     openapi_extra=PREDICT_BODY,
+    dependencies=[Allow("predict")],
     responses=problem_responses(
+        401,
+        403,
         404,
         409,
         413,

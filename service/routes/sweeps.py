@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service import job_control
-from service.auth import RequireKey
+from service.audit import audit_target
+from service.auth import Allow, Caller, CallerDep
 from service.deps import CeleryDep, CheckpointStoreDep, JobStoreDep, SettingsDep
 from service.errors import BadRequestError, ProblemError, problem_responses
 from service.routes.jobs import decode_cursor, encode_cursor
@@ -128,11 +129,12 @@ def _view(
 
 
 def read_sweep(
-    store: JobStore, sweeps: SweepStore, sweep_id: str
+    store: JobStore, sweeps: SweepStore, sweep_id: str, caller: Caller
 ) -> tuple[SweepRecord, list[JobRecord | None]]:
-    """A sweep and its jobs' records (one MGET); 404 when there is no such sweep."""
+    """A sweep and its jobs' records (one MGET); 404 when there is no such sweep, or it is
+    another tenant's."""
     sweep = sweeps.get(sweep_id)
-    if sweep is None:
+    if sweep is None or not caller.sees(sweep.owner):
         raise SweepNotFoundError(f"no sweep with id {sweep_id!r}; POST /v1/sweeps makes one")
     return sweep, store.get_many(sweep.job_ids)
 
@@ -145,11 +147,13 @@ def read_sweep(
     f"random sample, from the base spec; at most {MAX_JOBS} jobs, within the queue limit. "
     "Every point's spec is checked before anything is queued: a bad one is a 422 naming it. "
     "The jobs go through the same path as POST /v1/jobs. Answers 202 with the sweep and its "
-    "`Location`; with an `Idempotency-Key` a retry answers the same sweep.",
+    "`Location`; with an `Idempotency-Key` a retry answers the same sweep. A sweep larger "
+    "than the caller's `max_sweep_jobs` is a 422.",
     response_model=Sweep,
-    dependencies=[RequireKey],
+    dependencies=[Allow("train", audit_as="sweep.submit")],
     responses=problem_responses(
         401,
+        403,
         409,
         422,
         429,
@@ -159,6 +163,8 @@ def read_sweep(
     ),
 )
 def create_sweep(
+    request: Request,
+    caller: CallerDep,
     body: SweepRequest,
     store: JobStoreDep,
     sweeps: SweepStoreDep,
@@ -174,31 +180,45 @@ def create_sweep(
         found, specs = expand(body)
     except PointError as exc:
         raise BadRequestError(str(exc), point=exc.index) from None
+    allowed = caller.principal.max_sweep_jobs or settings.max_sweep_jobs
+    if caller.owner is not None and len(specs) > allowed:
+        raise BadRequestError(
+            f"the sweep makes {len(specs)} jobs; {caller.owner}'s limit (max_sweep_jobs) is "
+            f"{allowed} per sweep: make the grid smaller",
+            limit="max_sweep_jobs",
+        )
     sweep_id = new_sweep_id()
-    jobs = job_control.records(ckpts, specs, sweep_id=sweep_id)
+    jobs = job_control.records(ckpts, specs, caller, sweep_id=sweep_id)
     if idempotency_key is not None:
         earlier = job_control.claim_key(
-            store, idempotency_key, job_control.body_hash(body), f"sweep:{sweep_id}"
+            store, idempotency_key, job_control.body_hash(body), f"sweep:{sweep_id}", caller.owner
         )
         if earlier is not None:
             replay = sweeps.get(earlier.removeprefix("sweep:"))
             if replay is None:
                 raise job_control.in_flight()
+            audit_target(request, replay.id)
             view = _view(replay, store.get_many(replay.job_ids), "best_val_acc")
             headers = {"Location": f"/v1/sweeps/{replay.id}", "Idempotent-Replayed": "true"}
             return Response(view.model_dump_json(), 200, headers, media_type="application/json")
     record = SweepRecord(
-        id=sweep_id, name=body.name, request=body, points=found, job_ids=[j.id for j in jobs]
+        id=sweep_id,
+        name=body.name,
+        request=body,
+        points=found,
+        job_ids=[j.id for j in jobs],
+        owner=caller.owner,
     )
+    audit_target(request, sweep_id)
     try:
         sweeps.put(record, new=True)
         try:
-            job_control.submit(store, celery, settings, jobs)
+            job_control.submit(store, celery, settings, jobs, caller)
         except BaseException:
-            sweeps.delete(sweep_id)
+            sweeps.delete(sweep_id, caller.owner)
             raise
     except BaseException:
-        job_control.release_key(store, idempotency_key, f"sweep:{sweep_id}")
+        job_control.release_key(store, idempotency_key, f"sweep:{sweep_id}", caller.owner)
         raise
     logger.info("sweep %s: %d jobs queued", sweep_id, len(jobs))
     view = _view(record, list(jobs), "best_val_acc")
@@ -214,17 +234,20 @@ def create_sweep(
     "",
     summary="List sweeps",
     description="Sweeps newest first, each with its status, counts and best job so far; pass "
-    "`next_cursor` as `cursor` for the next page.",
+    "`next_cursor` as `cursor` for the next page. A principal that is not an admin lists only "
+    "its own.",
     response_model=SweepPage,
-    responses=problem_responses(422),
+    dependencies=[Allow("read")],
+    responses=problem_responses(401, 403, 422),
 )
 def list_sweeps(
+    caller: CallerDep,
     store: JobStoreDep,
     sweeps: SweepStoreDep,
     limit: Annotated[int, Query(ge=1, le=50, description="Sweeps per page.")] = 20,
     cursor: Annotated[str | None, Query(max_length=64, description="From the last page.")] = None,
 ) -> SweepPage:
-    page, after = sweeps.page(limit, decode_cursor(cursor) if cursor else None)
+    page, after = sweeps.page(limit, decode_cursor(cursor) if cursor else None, caller.within)
     all_jobs = store.get_many([j for s in page for j in s.job_ids])
     views, at = [], 0
     for sweep in page:
@@ -240,12 +263,17 @@ def list_sweeps(
     description="The sweep's jobs with status, spec, best val_acc, latest losses and seconds "
     "per epoch, best first by `sort` (jobs without a value yet last).",
     response_model=Sweep,
-    responses=problem_responses(404, 422),
+    dependencies=[Allow("read")],
+    responses=problem_responses(401, 403, 404, 422),
 )
 def get_sweep(
-    sweep_id: SweepId, store: JobStoreDep, sweeps: SweepStoreDep, sort: Sort = "best_val_acc"
+    sweep_id: SweepId,
+    caller: CallerDep,
+    store: JobStoreDep,
+    sweeps: SweepStoreDep,
+    sort: Sort = "best_val_acc",
 ) -> Sweep:
-    sweep, jobs = read_sweep(store, sweeps, sweep_id)
+    sweep, jobs = read_sweep(store, sweeps, sweep_id, caller)
     return _view(sweep, jobs, sort)
 
 
@@ -256,11 +284,13 @@ def get_sweep(
     description="Cancels every unfinished job of the sweep: queued ones never start, running "
     "ones stop within seconds and keep their checkpoints; finished ones stay as they are.",
     response_model=Sweep,
-    dependencies=[RequireKey],
-    responses=problem_responses(401, 404, 422),
+    dependencies=[Allow("train", audit_as="sweep.cancel")],
+    responses=problem_responses(401, 403, 404, 422),
 )
-def cancel_sweep(sweep_id: SweepId, store: JobStoreDep, sweeps: SweepStoreDep) -> Sweep:
-    sweep, jobs = read_sweep(store, sweeps, sweep_id)
+def cancel_sweep(
+    sweep_id: SweepId, caller: CallerDep, store: JobStoreDep, sweeps: SweepStoreDep
+) -> Sweep:
+    sweep, jobs = read_sweep(store, sweeps, sweep_id, caller)
     sweep.cancel_requested = True
     sweeps.put(sweep)
     unfinished = [j.id for j in jobs if j is not None and not j.status.finished]
@@ -282,24 +312,31 @@ def cancel_sweep(sweep_id: SweepId, store: JobStoreDep, sweeps: SweepStoreDep) -
             "description": "An event stream of `sweep` events (data: the Sweep, as JSON).",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
-        **problem_responses(404, 422),
+        **problem_responses(401, 403, 404, 422),
     },
+    dependencies=[Allow("read")],
 )
 async def sweep_events(
     request: Request,
     sweep_id: SweepId,
+    caller: CallerDep,
     store: JobStoreDep,
     sweeps: SweepStoreDep,
     sort: Sort = "best_val_acc",
 ) -> EventSourceResponse:
-    await to_thread.run_sync(read_sweep, store, sweeps, sweep_id)  # 404 before the stream
-    return EventSourceResponse(_follow(request, store, sweeps, sweep_id, sort), ping=15)
+    await to_thread.run_sync(read_sweep, store, sweeps, sweep_id, caller)  # 404 first
+    return EventSourceResponse(_follow(request, store, sweeps, sweep_id, caller, sort), ping=15)
 
 
 async def _follow(
-    request: Request, store: JobStore, sweeps: SweepStore, sweep_id: str, sort: SortKey
+    request: Request,
+    store: JobStore,
+    sweeps: SweepStore,
+    sweep_id: str,
+    caller: Caller,
+    sort: SortKey,
 ) -> AsyncIterator[ServerSentEvent]:
-    sweep, jobs = await to_thread.run_sync(read_sweep, store, sweeps, sweep_id)
+    sweep, jobs = await to_thread.run_sync(read_sweep, store, sweeps, sweep_id, caller)
     # follow from what is there now: nothing that happens after the first view is missed
     cursors = await to_thread.run_sync(store.stream_tails, sweep.job_ids)
     while True:
@@ -317,4 +354,4 @@ async def _follow(
             )
             changed = bool(events)
         await asyncio.sleep(max(0.0, SWEEP_EVENT_EVERY_S - (time.monotonic() - started)))
-        sweep, jobs = await to_thread.run_sync(read_sweep, store, sweeps, sweep_id)
+        sweep, jobs = await to_thread.run_sync(read_sweep, store, sweeps, sweep_id, caller)

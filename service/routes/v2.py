@@ -21,6 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict
 
 from models import list_models
+from service.auth import Allow, Caller, CallerDep
 from service.errors import ServiceUnavailableError
 from service.images import InvertMode, PreprocessMode, invert_where_light, scale_batch
 from service.inference import InferenceDep, InferenceService
@@ -260,8 +261,11 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     **inference_error_responses(
         400,
+        401,
+        403,
         404,
         413,
+        429,
         s400="input 'image' has shape [1, 32, 32]; send [N, 28, 28] or [N, 1, 28, 28] "
         "grayscale pixels (or BYTES [N] of encoded images)",
         s404="unknown model 'alexnet': use a registry model (lenet, vgg, resnet18) or the id "
@@ -269,7 +273,10 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     ),
 }
 _MODEL_RESPONSES = inference_error_responses(
-    404, s404="model 'lenet' has no checkpoint for version 'best'; train one with POST /v1/jobs"
+    401,
+    403,
+    404,
+    s404="model 'lenet' has no checkpoint for version 'best'; train one with POST /v1/jobs",
 )
 
 
@@ -287,17 +294,20 @@ def _kind(name: str) -> str:
     )
 
 
-def _resolve(store: CheckpointStore, name: str, version: str | None) -> Manifest:
-    """The manifest a V2 model name and version name (blocking: file reads)."""
+def _resolve(
+    store: CheckpointStore, name: str, version: str | None, within: str | None
+) -> Manifest:
+    """The manifest a V2 model name and version name among `within`'s checkpoints (None:
+    anyone's) (blocking: file reads)."""
     kind = _kind(name)
     v = version or "best"
     try:
         if v == "best":
-            return store.manifest(store.resolve(f"{name}:best"))
+            return store.manifest(store.resolve(f"{name}:best", within))
         if v == "latest":
             if kind == "job":
-                return store.manifest(store.resolve(f"{name}:latest"))
-            newest = store.list(model=name, limit=1)
+                return store.manifest(store.resolve(f"{name}:latest", within))
+            newest = store.list(model=name, limit=1, within=within)
             if not newest:
                 raise CheckpointNotFoundError(name, f"no checkpoint of model {name!r} exists")
             return store.manifest(newest[0].id)
@@ -306,7 +316,7 @@ def _resolve(store: CheckpointStore, name: str, version: str | None) -> Manifest
                 f"unknown version {v!r} of {name!r}: use best, latest or a checkpoint id "
                 "(<job>-eNNN) from the model's metadata"
             )
-        manifest = store.manifest(v)
+        manifest = store.manifest(store.resolve(v, within))
     except CheckpointNotFoundError as exc:
         raise ModelNotFoundError(
             f"model {name!r} has no checkpoint for version {v!r}: {exc}; train one with "
@@ -318,29 +328,34 @@ def _resolve(store: CheckpointStore, name: str, version: str | None) -> Manifest
     return manifest
 
 
-async def _model(inference: InferenceService, name: str, version: str | None) -> Manifest:
-    """The checkpoint a request names, resolved at most once a second (as predict's refs)."""
-    key = f"v2:{name}/{version or 'best'}"
+async def _model(
+    inference: InferenceService, name: str, version: str | None, caller: Caller
+) -> Manifest:
+    """The checkpoint a request names (among the caller's), resolved at most once a second
+    per tenant (as predict's refs)."""
+    key = f"{caller.within or ''}|v2:{name}/{version or 'best'}"
     manifest = inference.cached_manifest(key)
     if manifest is None:
-        manifest = await run_in_threadpool(_resolve, inference.store, name, version)
+        manifest = await run_in_threadpool(_resolve, inference.store, name, version, caller.within)
         inference.remember_manifest(key, manifest)
     return manifest
 
 
-def _versions(store: CheckpointStore, name: str) -> list[str]:
+def _versions(store: CheckpointStore, name: str, within: str | None) -> list[str]:
     if _kind(name) == "job":
-        ids = [c.id for c in store.list(job_id=name)]
+        ids = [c.id for c in store.list(job_id=name, within=within)]
     else:
-        ids = [c.id for c in store.list(model=name, limit=LISTED_VERSIONS)]
+        ids = [c.id for c in store.list(model=name, limit=LISTED_VERSIONS, within=within)]
     return ["best", "latest", *ids]
 
 
-def _metadata(store: CheckpointStore, name: str, version: str | None) -> ModelMetadata:
-    manifest = _resolve(store, name, version)
+def _metadata(
+    store: CheckpointStore, name: str, version: str | None, within: str | None
+) -> ModelMetadata:
+    manifest = _resolve(store, name, version, within)
     return ModelMetadata(
         name=name,
-        versions=_versions(store, name),
+        versions=_versions(store, name, within),
         platform="cnnserve",
         inputs=[TensorMetadata(name="image", datatype="UINT8", shape=[-1, 28, 28])],
         outputs=[
@@ -464,7 +479,7 @@ def _server_version() -> str:
         return "0.0.0"
 
 
-@router.get("", summary="Server metadata")
+@router.get("", summary="Server metadata", dependencies=[Allow("read")])
 async def server_metadata() -> ServerMetadata:
     """The server's name, version and the protocol extensions it supports."""
     return ServerMetadata(name="cnnserve", version=_server_version(), extensions=EXTENSIONS)
@@ -503,26 +518,32 @@ _MODEL_DOC = (
     "/models/{model}",
     summary="Model metadata",
     description=_MODEL_DOC,
+    dependencies=[Allow("read")],
     responses=_MODEL_RESPONSES,
 )
-async def model_metadata(model: ModelName, inference: InferenceDep) -> ModelMetadata:
-    return await run_in_threadpool(_metadata, inference.store, model, None)
+async def model_metadata(
+    model: ModelName, inference: InferenceDep, caller: CallerDep
+) -> ModelMetadata:
+    return await run_in_threadpool(_metadata, inference.store, model, None, caller.within)
 
 
 @router.get(
     "/models/{model}/versions/{model_version}",
     summary="Model version metadata",
     description=_MODEL_DOC,
+    dependencies=[Allow("read")],
     responses=_MODEL_RESPONSES,
 )
 async def model_version_metadata(
-    model: ModelName, model_version: ModelVersion, inference: InferenceDep
+    model: ModelName, model_version: ModelVersion, inference: InferenceDep, caller: CallerDep
 ) -> ModelMetadata:
-    return await run_in_threadpool(_metadata, inference.store, model, model_version)
+    return await run_in_threadpool(_metadata, inference.store, model, model_version, caller.within)
 
 
-async def _ready(inference: InferenceService, model: str, version: str | None) -> Response:
-    await _model(inference, model, version)  # 404 when nothing answers to the name
+async def _ready(
+    inference: InferenceService, model: str, version: str | None, caller: Caller
+) -> Response:
+    await _model(inference, model, version, caller)  # 404 when nothing answers to the name
     return Response(status_code=200)
 
 
@@ -531,10 +552,11 @@ async def _ready(inference: InferenceService, model: str, version: str | None) -
     summary="Model ready",
     response_class=Response,
     responses={**_EMPTY_200, **_MODEL_RESPONSES},
+    dependencies=[Allow("read")],
 )
-async def model_ready(model: ModelName, inference: InferenceDep) -> Response:
+async def model_ready(model: ModelName, inference: InferenceDep, caller: CallerDep) -> Response:
     """200 when the name resolves to a checkpoint (it loads on the first inference)."""
-    return await _ready(inference, model, None)
+    return await _ready(inference, model, None, caller)
 
 
 @router.get(
@@ -542,18 +564,23 @@ async def model_ready(model: ModelName, inference: InferenceDep) -> Response:
     summary="Model version ready",
     response_class=Response,
     responses={**_EMPTY_200, **_MODEL_RESPONSES},
+    dependencies=[Allow("read")],
 )
 async def model_version_ready(
-    model: ModelName, model_version: ModelVersion, inference: InferenceDep
+    model: ModelName, model_version: ModelVersion, inference: InferenceDep, caller: CallerDep
 ) -> Response:
     """200 when the name and version resolve to a checkpoint."""
-    return await _ready(inference, model, model_version)
+    return await _ready(inference, model, model_version, caller)
 
 
 async def _infer(
-    request: Request, inference: InferenceService, model: str, version: str | None
+    request: Request,
+    inference: InferenceService,
+    model: str,
+    version: str | None,
+    caller: Caller,
 ) -> Response:
-    manifest = await _model(inference, model, version)  # an unknown model first: 404
+    manifest = await _model(inference, model, version, caller)  # an unknown model: 404
     body = await request.body()
     parsed = parse_request(body, request.headers.get(HEADER_LENGTH))
     batch = await _batch(parsed, inference, manifest)
@@ -570,10 +597,13 @@ async def _infer(
     response_class=Response,
     openapi_extra=INFER_BODY,
     responses=_INFER_RESPONSES,
+    dependencies=[Allow("predict")],
 )
-async def infer(model: ModelName, request: Request, inference: InferenceDep) -> Response:
-    """Classify a batch with the model's best checkpoint."""
-    return await _infer(request, inference, model, None)
+async def infer(
+    model: ModelName, request: Request, inference: InferenceDep, caller: CallerDep
+) -> Response:
+    """Classify a batch with the model's best checkpoint (the caller's own, with keys)."""
+    return await _infer(request, inference, model, None, caller)
 
 
 @router.post(
@@ -582,9 +612,14 @@ async def infer(model: ModelName, request: Request, inference: InferenceDep) -> 
     response_class=Response,
     openapi_extra=INFER_BODY,
     responses=_INFER_RESPONSES,
+    dependencies=[Allow("predict")],
 )
 async def infer_version(
-    model: ModelName, model_version: ModelVersion, request: Request, inference: InferenceDep
+    model: ModelName,
+    model_version: ModelVersion,
+    request: Request,
+    inference: InferenceDep,
+    caller: CallerDep,
 ) -> Response:
     """Classify a batch with one version (checkpoint id, best or latest) of the model."""
-    return await _infer(request, inference, model, model_version)
+    return await _infer(request, inference, model, model_version, caller)

@@ -164,17 +164,22 @@ def test_delete_needs_a_key_when_keys_are_configured(
     assert_problem(r, 401, "Authorization: Bearer")
     assert r.headers["www-authenticate"].startswith("Bearer")
     assert_problem(keyed_client.delete(ref, headers={"Authorization": "Bearer nope"}), 401)
-    assert keyed_client.get(ref).status_code == 200  # still there
-    # reading and classifying need no key
-    assert keyed_client.get(f"{ref}/weights").status_code == 200
-    r = keyed_client.post(f"{ref}/predict", json={"pixels": [[0, 255], [255, 0]]})
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert keyed_client.get(ref, headers=auth).status_code == 200  # still there
+    # with keys, reading and classifying need one too (unless the operator made them public)
+    assert_problem(keyed_client.get(f"{ref}/weights"), 401, "read scope")
+    assert keyed_client.get(f"{ref}/weights", headers=auth).status_code == 200
+    r = keyed_client.post(f"{ref}/predict", json={"pixels": [[0, 255], [255, 0]]}, headers=auth)
     assert r.status_code == 200
 
-    r = keyed_client.delete(ref, headers={"Authorization": f"Bearer {KEY}"})
+    r = keyed_client.delete(ref, headers=auth)
     assert r.status_code == 204 and r.content == b""
-    assert_problem(keyed_client.get(ref), 404)
+    assert_problem(keyed_client.get(ref, headers=auth), 404)
     # the job's best alias moved to what is left
-    assert keyed_client.get(f"/v1/checkpoints/{JOB_A}:best").json()["id"] == saved["a3"].id
+    assert (
+        keyed_client.get(f"/v1/checkpoints/{JOB_A}:best", headers=auth).json()["id"]
+        == saved["a3"].id
+    )
 
 
 def test_delete_by_alias_and_open_server(client: TestClient, saved: dict[str, Manifest]) -> None:

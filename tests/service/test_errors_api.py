@@ -8,9 +8,10 @@ from collections.abc import Callable, Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from service.auth import key_matches
+from service.keys import KeyRing
 from tests.http_checks import assert_problem
 from tests.service.conftest import API_KEY
+from workers.settings import Settings
 
 
 def test_unknown_route_is_a_404_problem(client: TestClient) -> None:
@@ -95,11 +96,14 @@ def test_keys_guard_every_state_changing_route(keyed_client: TestClient) -> None
     assert guarded >= 3
 
 
-def test_key_comparison() -> None:
-    assert key_matches(API_KEY, ["a", API_KEY])
-    assert not key_matches(API_KEY[:-1], [API_KEY])
-    assert not key_matches("", [API_KEY])
-    assert not key_matches(API_KEY, [])
+def test_legacy_keys_are_admins_and_compared_whole(settings: Settings) -> None:
+    ring = KeyRing(settings.model_copy(update={"api_keys": f"a,{API_KEY}"}))
+    admin = ring.authenticate(API_KEY)
+    assert admin is not None and admin.name == "admin" and admin.admin
+    assert ring.authenticate(API_KEY[:-1]) is None
+    assert ring.authenticate(API_KEY + "x") is None
+    assert ring.authenticate("") is None
+    assert KeyRing(settings).authenticate(API_KEY) is None  # no keys at all
 
 
 def test_startup_warns_without_keys_and_never_logs_keys(
@@ -107,13 +111,13 @@ def test_startup_warns_without_keys_and_never_logs_keys(
 ) -> None:
     with caplog.at_level(logging.INFO):
         make_client()
-    assert "CNNSERVE_API_KEYS is not set" in caplog.text
+    assert "no API keys" in caplog.text and "the API is open" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.DEBUG):
         c = make_client(api_keys=f"{API_KEY},second-secret-key")
         c.post("/v1/jobs", json={"model": "lenet"}, headers={"Authorization": "Bearer nope-key"})
         c.post("/v1/jobs", json={"model": "lenet"}, headers={"Authorization": f"Bearer {API_KEY}"})
-    assert "not set" not in caplog.text
+    assert "the API is open" not in caplog.text
     assert API_KEY not in caplog.text
     assert "second-secret-key" not in caplog.text
     assert "nope-key" not in caplog.text

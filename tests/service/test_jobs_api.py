@@ -120,9 +120,10 @@ def test_state_changing_calls_need_a_key_when_keys_are_set(
     r = keyed_client.post("/v1/jobs", json=SPEC, headers=auth)
     assert r.status_code == 202
     job_id = r.json()["id"]
-    # reads stay open
-    assert keyed_client.get(f"/v1/jobs/{job_id}").status_code == 200
-    assert keyed_client.get("/v1/jobs").status_code == 200
+    # with keys, reads need one too
+    assert keyed_client.get(f"/v1/jobs/{job_id}").status_code == 401
+    assert keyed_client.get(f"/v1/jobs/{job_id}", headers=auth).status_code == 200
+    assert keyed_client.get("/v1/jobs", headers=auth).status_code == 200
     assert keyed_client.post(f"/v1/jobs/{job_id}/cancel").status_code == 401
     assert keyed_client.post(f"/v1/jobs/{job_id}/cancel", headers=auth).status_code == 202
 

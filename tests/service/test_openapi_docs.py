@@ -62,7 +62,7 @@ def test_openapi_documents_every_operation_and_error(client: TestClient) -> None
                 assert content[media].get("example"), (where, code)
     paths = schema["paths"]
     assert {"202", "401", "409", "422", "429", "503"} <= set(paths["/v1/jobs"]["post"]["responses"])
-    assert paths["/v1/jobs"]["post"]["security"] == [{"ApiKey": []}]
+    assert paths["/v1/jobs"]["post"]["security"] == [{"ApiKey": ["train"]}]
     assert (
         "text/event-stream"
         in paths["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
