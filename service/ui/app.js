@@ -10,6 +10,8 @@ const banner = document.getElementById("banner");
 const keyInput = document.getElementById("apikey");
 const keyState = document.getElementById("keystate");
 let apiKey = sessionStorage.getItem(KEY) || "";
+// what the server says this tab's key may do (GET /v1/whoami); null until it has answered
+let me = null;
 
 // --- talking to the API ------------------------------------------------------------------
 
@@ -145,10 +147,39 @@ function askForKey(err) {
 }
 
 function showKeyState() {
-  keyState.textContent = apiKey ? "key set for this tab" : "";
   keyInput.value = "";
   keyInput.placeholder = apiKey ? "••••••••" : "none set";
   keyInput.removeAttribute("aria-invalid");
+  if (!me) {
+    keyState.textContent = apiKey ? "key set for this tab" : "";
+  } else if (!me.keys_required) {
+    keyState.textContent = "open server: no key needed";
+  } else if (me.principal) {
+    const sees = me.sees === "all" ? "sees every tenant" : "sees its own work";
+    keyState.textContent = `${me.principal} · may ${me.scopes.join(", ") || "nothing"} · ${sees}`;
+  } else {
+    const open = [me.public_read && "read", me.public_predict && "classify"].filter(Boolean);
+    keyState.textContent = open.length ? `no key: anyone may ${open.join(" and ")}` : "no key";
+  }
+}
+
+// Ask the server who this tab's key is; a wrong key shows the key field and why.
+async function loadWhoami() {
+  try {
+    me = await getJSON("/v1/whoami");
+  } catch (e) {
+    me = null;
+    if (!(e instanceof ApiError)) throw e;
+  }
+  showKeyState();
+}
+
+// Whether the key may do `scope` (true while the server has not said: it will answer 401/403).
+const may = (scope) => !me || !me.keys_required || me.scopes.includes("admin") || me.scopes.includes(scope);
+
+function scopeNote(scope, doing) {
+  const who = me && me.principal ? `The key of ${me.principal} may ${me.scopes.join(", ") || "nothing"}` : "Without a key you may not do this";
+  return h("p", { class: "banner info", role: "note", text: `${who}; ${doing} needs a key with the ${scope} scope. Enter one in the "API key" field above.` });
 }
 
 document.getElementById("keyform").addEventListener("submit", (e) => {
@@ -156,6 +187,7 @@ document.getElementById("keyform").addEventListener("submit", (e) => {
   apiKey = keyInput.value.trim();
   if (apiKey) sessionStorage.setItem(KEY, apiKey);
   else sessionStorage.removeItem(KEY);
+  me = null;
   showKeyState();
   clearBanner();
   route();
@@ -163,6 +195,7 @@ document.getElementById("keyform").addEventListener("submit", (e) => {
 document.getElementById("keyclear").addEventListener("click", () => {
   apiKey = "";
   sessionStorage.removeItem(KEY);
+  me = null;
   showKeyState();
   route();
 });
@@ -455,9 +488,9 @@ async function trainView(el) {
       h("div", { class: "field" }, h("label", { for: "spec-model", text: "Model" }), modelSel,
         h("small", { text: "the book's recipe is filled in; change what you like" }))),
     h("div", { class: "row" }, fields),
-    h("p", {}, h("button", { type: "submit", text: "Start training" })),
+    h("p", {}, h("button", { type: "submit", text: "Start training", disabled: !may("train") })),
     general);
-  el.append(h("h1", { text: "Train a network" }), form);
+  el.append(h("h1", { text: "Train a network" }), may("train") ? null : scopeNote("train", "training"), form);
 }
 
 async function jobView(el, signal, jobId) {
@@ -495,7 +528,7 @@ async function jobView(el, signal, jobId) {
 
   const renderHead = () => {
     title.replaceChildren(`Job `, h("span", { class: "mono", text: job.id }), " ", statusBadge(job.status));
-    cancel.hidden = FINISHED.has(job.status);
+    cancel.hidden = FINISHED.has(job.status) || !may("train");
     head.replaceChildren(...[
       h("div", { class: "row" },
         h("div", {}, h("strong", { text: job.spec.model }), ` · ${job.spec.epochs} epoch(s) · batch ${job.spec.batch_size} · lr ${job.spec.lr} · ${job.spec.optimizer}`,
@@ -639,8 +672,10 @@ async function classifyView(el) {
   const clearButton = h("button", { type: "button", class: "quiet", text: "Clear" });
   clearButton.addEventListener("click", clear);
 
+  if (!may("predict")) [sendDrawing, files].forEach((c) => { c.disabled = true; });
   el.append(
     h("h1", { text: "Classify" }),
+    may("predict") ? null : scopeNote("predict", "classifying"),
     h("div", { class: "card row" },
       h("div", { class: "field", style: "max-width:36rem" }, h("label", { for: "c-ref", text: "Checkpoint" }), refSel),
       h("div", { class: "field", style: "max-width:6rem" }, h("label", { for: "c-topk", text: "Top k" }), topk)),
@@ -778,15 +813,19 @@ async function route() {
     });
     const ctl = new AbortController();
     stop = () => ctl.abort();
-    main.replaceChildren();
+    // each visit renders into its own box: a view still loading when the person moves on
+    // fills a box that is no longer on the page
+    const box = h("div");
+    main.replaceChildren(box);
     if (!banner.textContent.startsWith("This server needs")) clearBanner();
     try {
-      await view(main, ctl.signal, ...m.slice(1));
-      document.title = `${main.querySelector("h1")?.textContent || "cnnserve"} · cnnserve`;
+      if (!me) await loadWhoami();
+      await view(box, ctl.signal, ...m.slice(1));
+      if (!ctl.signal.aborted) document.title = `${box.querySelector("h1")?.textContent || "cnnserve"} · cnnserve`;
     } catch (e) {
       if (!ctl.signal.aborted) {
         showError(e);
-        if (!main.childElementCount) main.append(h("p", { class: "muted", text: "This page could not be shown." }));
+        if (!box.childElementCount) box.append(h("p", { class: "muted", text: "This page could not be shown." }));
       }
     }
     return;

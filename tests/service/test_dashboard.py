@@ -24,6 +24,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from service.keys import add_key
 from tests.conftest import FASHION_MNIST_DIR
 from tests.service.conftest import Server
 from tests.workers.helpers import WorkerProcess
@@ -214,24 +215,45 @@ def test_a_server_with_keys_asks_for_one_and_the_key_is_kept_for_the_tab(
 ) -> None:
     server = uvicorn_server(CNNSERVE_API_KEYS="dashboard-key-7f3c")
     browser.get(f"{server.url}/#/train")
-    wait(browser, "the form", lambda d: d.find_elements(By.ID, "spec-epochs"))
-    fill(browser, epochs=1, train_limit=100)
-    browser.find_element(By.CSS_SELECTOR, "main button[type=submit]").click()
     banner = browser.find_element(By.ID, "banner")
     wait(browser, "the key prompt", lambda d: banner.is_displayed())
-    assert "needs an API key" in banner.text
+    assert "needs an API key" in banner.text and "read scope" in banner.text
     assert browser.switch_to.active_element.get_attribute("id") == "apikey"
     browser.save_screenshot(str(shots / "key.png"))
 
     key = browser.find_element(By.ID, "apikey")
     key.send_keys("dashboard-key-7f3c")
     browser.find_element(By.CSS_SELECTOR, "#keyform button[type=submit]").click()
-    wait(browser, "the form again", lambda d: d.find_elements(By.ID, "spec-epochs"))
+    wait(browser, "the form", lambda d: d.find_elements(By.ID, "spec-epochs"))
     fill(browser, epochs=1, train_limit=100)
     browser.find_element(By.CSS_SELECTOR, "main button[type=submit]").click()
     wait(browser, "the job's page", lambda d: "#/jobs/" in d.current_url)
     browser.refresh()  # kept for the tab
-    assert "key set" in browser.find_element(By.ID, "keystate").text
+    state = browser.find_element(By.ID, "keystate")
+    wait(browser, "who the key is", lambda d: "admin" in state.text)
+    assert "sees every tenant" in state.text
+
+
+def test_a_read_only_key_sees_what_it_may_not_do(
+    uvicorn_server: Callable[..., Server], browser: WebDriver, shots: Path, tmp_path: Path
+) -> None:
+    keys_file = tmp_path / "keys.toml"
+    key, _, _ = add_key(keys_file, "reader", ["read"])
+    server = uvicorn_server(CNNSERVE_API_KEYS_FILE=str(keys_file))
+    browser.get(f"{server.url}/#/jobs")
+    state = browser.find_element(By.ID, "keystate")
+    wait(browser, "the page to ask who it is", lambda d: state.text == "no key")
+    browser.find_element(By.ID, "apikey").send_keys(key)
+    browser.find_element(By.CSS_SELECTOR, "#keyform button[type=submit]").click()
+    wait(browser, "who the key is", lambda d: "reader" in state.text)
+    assert "may read" in state.text and "sees its own work" in state.text
+    browser.get(f"{server.url}/#/train")
+    wait(browser, "the form", lambda d: d.find_elements(By.ID, "spec-epochs"))
+    note = browser.find_element(By.CSS_SELECTOR, "main [role=note]")
+    assert "train scope" in note.text and "reader may read" in note.text
+    button = browser.find_element(By.CSS_SELECTOR, "main button[type=submit]")
+    assert not button.is_enabled()
+    browser.save_screenshot(str(shots / "scoped.png"))
 
 
 def test_the_dashboard_reads_well_narrow_and_is_keyboard_navigable(
