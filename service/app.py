@@ -268,7 +268,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AuditMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware)
-    # job_views before jobs: `/v1/jobs/compare` and `/v1/jobs/events` are not job ids
+    # job_views before jobs: `/v1/jobs/compare` and `/v1/jobs/events` are not job ids.
+    # predict and V2 first: routes are matched in order, and theirs are the hot paths (no
+    # route before them could take their paths).
+    app.include_router(predict.router, prefix=API_PREFIX)
+    app.include_router(v2.router)
     routers = (
         access,
         models_routes,
@@ -278,11 +282,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         job_events,
         sweeps,
         checkpoints,
-        predict,
     )
     for module in (*routers, explain, evaluation):
         app.include_router(module.router, prefix=API_PREFIX)
-    app.include_router(v2.router)
     app.include_router(health.router)
     _add_docs(app)
     _add_dashboard(app)

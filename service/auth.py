@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -180,7 +179,7 @@ def Allow(rule: Rule, *, audit_as: str | None = None) -> Any:
     async def allow(
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
-    ) -> AsyncIterator[Caller]:
+    ) -> Caller:
         app_state = request.app.state
         try:
             caller = authorize(app_state.key_ring, app_state.settings, rule, credentials)
@@ -198,15 +197,18 @@ def Allow(rule: Rule, *, audit_as: str | None = None) -> Any:
             if rate:
                 await app_state.predict_limiter.hit(caller.rate_identity, rate)
         request.state.caller = caller
-        yield caller
+        return caller
 
     allow.__name__ = f"allow_{rule}"
     scopes = [] if rule == "any" else [rule]
     return Security(allow, scopes=scopes)
 
 
-def current_caller(request: Request) -> Caller:
-    """The caller `Allow` let through (a route without a rule is a bug: 500, and a test)."""
+async def current_caller(request: Request) -> Caller:
+    """The caller `Allow` let through (a route without a rule is a bug: 500, and a test).
+
+    `async` on purpose, like `Allow`'s own function: FastAPI runs a plain `def` dependency on
+    the thread pool, a hop that costs more than this lookup on every call."""
     caller: Caller | None = getattr(request.state, "caller", None)
     if caller is None:
         raise RuntimeError(f"{request.method} {request.url.path} has no access rule (Allow)")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import struct
 import warnings
 from collections.abc import Sequence
 from typing import Literal
@@ -113,6 +114,10 @@ def declared_pixels(data: bytes) -> int | None:
     fmt = sniff_format(data)
     if fmt is None:
         return None
+    if fmt == "PNG" and data[12:16] == b"IHDR" and len(data) >= 24:
+        # the PNG standard puts IHDR first, its width and height at fixed offsets
+        width, height = struct.unpack(">II", data[16:24])
+        return width * height
     try:
         with Image.open(io.BytesIO(data), formats=[fmt]) as im:
             width, height = im.size

@@ -308,3 +308,25 @@ def test_unknown_checkpoint_is_404_before_reading_the_body(client: TestClient) -
     r = client.post(url("0123456789abcdef-e042"), files=files(b"anything"))
     assert_problem(r, 404, "checkpoint")
     assert_problem(client.post(url("resnet18:best"), json={"pixels": [[0]]}), 404, "resnet18")
+
+
+def test_small_and_large_multipart_bodies_read_alike(client: TestClient, ckpt: Manifest) -> None:
+    """Bodies up to 256 KiB are parsed in one pass, bigger ones streamed: same answers, same
+    refusals, whichever path a body takes."""
+    blob = png(fashion_test_set()[0][0])
+    small = client.post(url(ckpt, "?top_k=3"), files=files(blob, blob))
+    padding = {"note": "x" * (300 * 1024)}  # a text field pushes the body past 256 KiB
+    large = client.post(url(ckpt, "?top_k=3"), files=files(blob, blob), data=padding)
+    assert small.status_code == large.status_code == 200, (small.text, large.text)
+    assert small.json() == large.json()
+    for extra in ({}, padding):
+        text_part = client.post(url(ckpt), files={"files": (None, b"x.png")}, data=extra)
+        assert_problem(text_part, 422, "not a file upload")
+        other = client.post(url(ckpt), files={"image": ("a.png", blob, "image/png")}, data=extra)
+        assert_problem(other, 422, "named 'files'", "image")
+    broken = client.post(
+        url(ckpt),
+        content=b"--x\r\nContent-Disposition: form-data; name=files\r\n\r\nabc",
+        headers={"content-type": "multipart/form-data"},
+    )
+    assert_problem(broken, 422, "could not be read", "boundary")
