@@ -63,6 +63,10 @@ REF_TTL_S = 1.0
 REF_CACHE_SIZE = 1024
 
 
+#: Set by `cnnserve api --workers N` for its processes (how many share this machine's cores).
+API_PROCESSES_ENV = "CNNSERVE_API_PROCESSES"
+
+
 def cpu_budget() -> tuple[int, int]:
     """(compute workers, threads per worker) for this machine's usable cores.
 
@@ -73,6 +77,8 @@ def cpu_budget() -> tuple[int, int]:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
+    # `cnnserve api --workers N` runs N of these processes: each gets its share of the cores
+    cores = max(1, cores // max(1, int(os.environ.get(API_PROCESSES_ENV, "1") or 1)))
     workers = max(1, cores // 4)
     return workers, max(1, cores // workers)
 
