@@ -1,4 +1,4 @@
-"""`python -m bench <api|infer|http|photos|train> [options]`: run one benchmark, write JSON.
+"""`python -m bench <api|infer|http|peers|photos|train> [options]`: run one benchmark, write JSON.
 
 Each benchmark is a module of this package with a `main(argv) -> int`, imported lazily so
 `bench http` never loads the training code. To add one, map its name in `BENCHMARKS`.
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 BENCHMARKS: dict[str, str] = {
     "infer": "bench.infer",  # batch-1 latency and batched throughput, eager vs served path
     "http": "bench.http",  # concurrent single-image predictions against `cnnserve api`
+    "peers": "bench.peers",  # cnnserve beside TorchServe and LitServe, the same weights
     "photos": "bench.photos",  # catalogue-style photos vs raw test PNGs, same checkpoint
     "confusion": "bench.confusion",  # what the confusion matrix costs a validation pass
     "api": "bench.api",  # request cost against the size of the history (10 to 100,000 jobs)

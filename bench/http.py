@@ -68,8 +68,8 @@ def sample_png() -> bytes:
     return buf.getvalue()
 
 
-def predict_request(host: str, port: int, ref: str, image: bytes) -> bytes:
-    """The raw bytes of one multipart predict request."""
+def multipart_request(host: str, port: int, path: str, image: bytes) -> bytes:
+    """The raw bytes of one POST of `image` as a multipart file part named `files`."""
     body = (
         (
             f"--{BOUNDARY}\r\n"
@@ -80,12 +80,17 @@ def predict_request(host: str, port: int, ref: str, image: bytes) -> bytes:
         + f"\r\n--{BOUNDARY}--\r\n".encode()
     )
     head = (
-        f"POST /v1/checkpoints/{ref}/predict HTTP/1.1\r\n"
+        f"POST {path} HTTP/1.1\r\n"
         f"Host: {host}:{port}\r\n"
         f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     return head + body
+
+
+def predict_request(host: str, port: int, ref: str, image: bytes) -> bytes:
+    """The raw bytes of one multipart predict request."""
+    return multipart_request(host, port, f"/v1/checkpoints/{ref}/predict", image)
 
 
 async def _client(
@@ -154,12 +159,12 @@ def _get(url: str) -> bytes:
         return data
 
 
-def server_batch_stats(url: str) -> dict[str, float]:
-    """Mean images per forward pass, from the server's /metrics."""
+def server_batch_stats(url: str, model: str = "lenet") -> dict[str, float]:
+    """Forward passes and the images they took, from the server's /metrics."""
     text = _get(f"{url}/metrics").decode()
 
     def value(name: str) -> float:
-        m = re.search(rf'^{name}\{{model="lenet"\}} ([0-9.e+]+)$', text, re.M)
+        m = re.search(rf'^{name}\{{model="{model}"\}} ([0-9.e+]+)$', text, re.M)
         return float(m.group(1)) if m else 0.0
 
     images = value("cnnserve_inference_batch_size_sum")
