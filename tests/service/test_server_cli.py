@@ -17,8 +17,10 @@ from tests.service.conftest import stop_process, wait_http
 from workers.settings import Settings
 
 
-@pytest.mark.integration
-def test_cnnserve_api_serves_and_stops(settings: Settings, tmp_path: Path) -> None:
+def start_api(
+    settings: Settings, log_path: Path, *args: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`cnnserve api` on a free port with the test's Redis and data dir, no keys; its URL."""
     port = free_port()
     env = {
         **os.environ,
@@ -26,24 +28,29 @@ def test_cnnserve_api_serves_and_stops(settings: Settings, tmp_path: Path) -> No
         "CNNSERVE_DATA_DIR": str(settings.data_dir),
         "CNNSERVE_API_KEYS": "",
     }
-    log_path = tmp_path / "api.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "api", "--port", str(port)],
+            [sys.executable, "-m", "service.cli", "api", "--port", str(port), *args],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_http(f"{url}/healthz", proc)
-            assert httpx.get(f"{url}/v1/models/lenet", timeout=5).json()["name"] == "lenet"
-            proc.send_signal(signal.SIGTERM)
-            # uvicorn shuts down gracefully, then re-raises the signal it caught
-            assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
-        finally:
-            stop_process(proc)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.integration
+def test_cnnserve_api_serves_and_stops(settings: Settings, tmp_path: Path) -> None:
+    log_path = tmp_path / "api.log"
+    proc, url = start_api(settings, log_path)
+    try:
+        wait_http(f"{url}/healthz", proc)
+        assert httpx.get(f"{url}/v1/models/lenet", timeout=5).json()["name"] == "lenet"
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal it caught
+        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+    finally:
+        stop_process(proc)
     assert "no API keys" in log_path.read_text()
 
 
@@ -88,49 +95,35 @@ def test_cnnserve_api_workers_each_listen_and_are_supervised(
 ) -> None:
     """`--workers 2`: two processes, each with its own listening socket on the port (the kernel
     spreads connections over them), a dead one replaced, all stopped by one SIGTERM."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "CNNSERVE_REDIS_URL": settings.redis_url,
-        "CNNSERVE_DATA_DIR": str(settings.data_dir),
-        "CNNSERVE_API_KEYS": "",
-    }
-    with open(tmp_path / "api.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "api", "--port", str(port), "--workers", "2"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_http(f"{url}/healthz", proc)
+    proc, url = start_api(settings, tmp_path / "api.log", "--workers", "2")
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        wait_http(f"{url}/healthz", proc)
 
-            def servers() -> dict[int, set[str]]:
-                listening = _listening_inodes(port)
-                found = {c: _socket_inodes(c) & listening for c in _children(proc.pid)}
-                return {c: inodes for c, inodes in found.items() if inodes}
+        def servers() -> dict[int, set[str]]:
+            listening = _listening_inodes(port)
+            found = {c: _socket_inodes(c) & listening for c in _children(proc.pid)}
+            return {c: inodes for c, inodes in found.items() if inodes}
 
-            deadline = time.monotonic() + 60
-            while len(servers()) < 2 and time.monotonic() < deadline:
-                time.sleep(0.2)
-            first = servers()
-            assert len(first) == 2, first
-            # two sockets, not one shared: each process accepts its own connections
-            assert len(set().union(*first.values())) == 2
-            with httpx.Client(timeout=5) as client:
-                assert all(client.get(f"{url}/healthz").status_code == 200 for _ in range(20))
-            victim = min(first)
-            os.kill(victim, signal.SIGKILL)
-            deadline = time.monotonic() + 60
-            while (len(servers()) < 2 or victim in servers()) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            second = servers()
-            assert len(second) == 2 and victim not in second, second
-            assert "starting another" in (tmp_path / "api.log").read_text()
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
-            assert not any(Path(f"/proc/{c}").exists() for c in second)
-        finally:
-            stop_process(proc)
+        deadline = time.monotonic() + 60
+        while len(servers()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        first = servers()
+        assert len(first) == 2, first
+        # two sockets, not one shared: each process accepts its own connections
+        assert len(set().union(*first.values())) == 2
+        with httpx.Client(timeout=5) as client:
+            assert all(client.get(f"{url}/healthz").status_code == 200 for _ in range(20))
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while (len(servers()) < 2 or victim in servers()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        second = servers()
+        assert len(second) == 2 and victim not in second, second
+        assert "starting another" in (tmp_path / "api.log").read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert not any(Path(f"/proc/{c}").exists() for c in second)
+    finally:
+        stop_process(proc)
