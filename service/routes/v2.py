@@ -265,7 +265,10 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
         403,
         404,
         413,
+        415,
         429,
+        s415="image 0: the content is a GIF image, not an image this server reads; send PNG, "
+        "JPEG, WebP or BMP",
         s400="input 'image' has shape [1, 32, 32]; send [N, 28, 28] or [N, 1, 28, 28] "
         "grayscale pixels (or BYTES [N] of encoded images)",
         s404="unknown model 'alexnet': use a registry model (lenet, vgg, resnet18) or the id "
