@@ -226,6 +226,17 @@ def start_cnnserve(
     return server, log
 
 
+def _peer_env(env: dict[str, str], data_dir: Path, ckpt: str, counters: Path) -> dict[str, str]:
+    """What `bench.peer_handlers.Classifier` reads: the checkpoint, its counters, this repo."""
+    return {
+        **env,
+        "PEER_CHECKPOINTS": str(data_dir / "checkpoints"),
+        "PEER_CHECKPOINT": ckpt,
+        "PEER_STATS": str(counters),
+        "PYTHONPATH": str(REPO),
+    }
+
+
 def start_litserve(
     name: str, model: str, ckpt: str, data_dir: Path, work: Path, env: dict[str, str]
 ) -> tuple[Server, Path]:
@@ -233,13 +244,7 @@ def start_litserve(
     counters = work / f"{name}-{model}.stats"
     config = {"max_batch_size": 64, "batch_timeout_s": 0.002, "workers_per_device": 1}
     cmd = [sys.executable, "-m", "bench.peer_handlers", "litserve", str(port), "64", "0.002"]
-    peer_env = {
-        **env,
-        "PEER_CHECKPOINTS": str(data_dir / "checkpoints"),
-        "PEER_CHECKPOINT": ckpt,
-        "PEER_STATS": str(counters),
-        "PYTHONPATH": str(REPO),
-    }
+    peer_env = _peer_env(env, data_dir, ckpt, counters)
     stats = _counter_file(counters)
     log = work / f"{name}-{model}.log"
     proc = _launch(cmd, peer_env, log, REPO)
@@ -301,13 +306,9 @@ def start_torchserve(
     counters = home / "stats"
     stats = _counter_file(counters)
     peer_env = {
-        **env,
-        "PEER_CHECKPOINTS": str(data_dir / "checkpoints"),
-        "PEER_CHECKPOINT": ckpt,
-        "PEER_STATS": str(counters),
+        **_peer_env(env, data_dir, ckpt, counters),
         "PEER_THREADS": str(threads),
         "OMP_NUM_THREADS": str(threads),
-        "PYTHONPATH": str(REPO),
         "LOG_LOCATION": str(home / "logs"),
         "TMPDIR": str(home),  # its pid file lives there: one per instance
         "METRICS_LOCATION": str(home / "logs"),

@@ -195,6 +195,7 @@ def multipart_parts(content_type: str, body: bytes, max_files: int) -> list[Part
     if not boundary:
         raise _unreadable("no boundary in the Content-Type")
     parts: list[Part] = []
+    files = 0
     headers: dict[bytes, bytes] = {}
     name: list[bytes] = []
     value: list[bytes] = []
@@ -219,9 +220,11 @@ def multipart_parts(content_type: str, body: bytes, max_files: int) -> list[Part
         data.append(chunk[start:end])
 
     def on_part_end() -> None:
+        nonlocal files
         _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
         is_file = b"filename" in disposition
-        if is_file and sum(p[1] for p in parts) >= max_files:
+        files += is_file
+        if files > max_files:
             raise _too_many(None, max_files)
         field = disposition.get(b"name", b"").decode("utf-8", "replace")
         parts.append((field, is_file, b"".join(data)))
