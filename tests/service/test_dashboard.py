@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -68,8 +68,10 @@ def browser() -> Iterator[WebDriver]:
 def wait(
     driver: WebDriver, what: str, until: Callable[[WebDriver], object], timeout: float = 60
 ) -> object:
+    # the page re-renders live rows: an element found a moment ago may be gone; look again
+    stale = (StaleElementReferenceException,)
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.2).until(until)
+        return WebDriverWait(driver, timeout, 0.2, ignored_exceptions=stale).until(until)
     except TimeoutException:
         text = driver.find_element(By.TAG_NAME, "body").text
         pytest.fail(f"timed out waiting for {what}; the page says:\n{text[-2500:]}")
