@@ -170,6 +170,19 @@ def authorize(
     return Caller(principal, within)
 
 
+#: The request-state name under which `service.fastpath` leaves a predict caller it admitted
+#: and counted, so that the full route, if the request falls back to it, does neither twice.
+ADMITTED = "admitted_caller"
+
+
+async def count_prediction(app_state: Any, caller: Caller) -> None:
+    """Count one predict call against the caller's rate; a 429 problem past it."""
+    named = caller.principal.name is not None  # a key's holder: its own rate
+    rate = caller.principal.predict_rate if named else app_state.settings.predict_rate
+    if rate:
+        await app_state.predict_limiter.hit(caller.rate_identity, rate)
+
+
 def Allow(rule: Rule, *, audit_as: str | None = None) -> Any:
     """The dependency that lets a route's callers through: `dependencies=[Allow("read")]`.
 
@@ -180,6 +193,10 @@ def Allow(rule: Rule, *, audit_as: str | None = None) -> Any:
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
     ) -> Caller:
+        admitted: Caller | None = getattr(request.state, ADMITTED, None)
+        if admitted is not None and rule == "predict":  # the fast path admitted and counted it
+            request.state.caller = admitted
+            return admitted
         app_state = request.app.state
         try:
             caller = authorize(app_state.key_ring, app_state.settings, rule, credentials)
@@ -192,10 +209,7 @@ def Allow(rule: Rule, *, audit_as: str | None = None) -> Any:
         if audit_as is not None:
             audit.note(request, audit_as, caller.principal.name, caller.principal.key_id)
         if rule == "predict":
-            named = caller.principal.name is not None  # a key's holder: its own rate
-            rate = caller.principal.predict_rate if named else app_state.settings.predict_rate
-            if rate:
-                await app_state.predict_limiter.hit(caller.rate_identity, rate)
+            await count_prediction(app_state, caller)
         request.state.caller = caller
         return caller
 

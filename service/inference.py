@@ -30,7 +30,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import onnx
@@ -517,7 +517,11 @@ async def get_inference(request: Request) -> InferenceService:
     `async` on purpose: FastAPI runs plain `def` dependencies on the thread pool, a hop that
     costs more than this lookup on every predict call.
     """
-    state = request.app.state
+    return inference_of(request.app.state)
+
+
+def inference_of(state: Any) -> InferenceService:
+    """The inference service of an app's `state`, made on first use."""
     service: InferenceService | None = getattr(state, "inference", None)
     if service is None:
         with _SERVICE_LOCK:

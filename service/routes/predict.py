@@ -23,7 +23,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.auth import Allow, current_caller
+from service.auth import Allow, Caller, current_caller
 from service.errors import BadRequestError, ProblemError, problem_responses
 from service.images import (
     ALLOWED_MEDIA_TYPES,
@@ -36,7 +36,7 @@ from service.images import (
     scale_batch,
     to_native,
 )
-from service.inference import get_inference
+from service.inference import InferenceService, get_inference
 from service.routes.checkpoints import EXAMPLE_ID, RefPath, resolve_manifest
 from workers.checkpoints import Manifest
 from workers.settings import Settings
@@ -148,8 +148,11 @@ async def predict_manifest(ref: RefPath, request: Request) -> Manifest:
     service straight from the request (each sub-dependency costs FastAPI's resolution on every
     call), so no dependency of a predict call needs the thread pool.
     """
-    inference = await get_inference(request)
-    caller = await current_caller(request)
+    return await manifest_for(await get_inference(request), await current_caller(request), ref)
+
+
+async def manifest_for(inference: InferenceService, caller: Caller, ref: str) -> Manifest:
+    """The manifest `ref` names among `caller`'s checkpoints, reused for a second."""
     key = f"{caller.within or ''}|{ref}"  # `lenet:best` is each tenant's own best
     manifest = inference.cached_manifest(key)
     if manifest is None:
@@ -274,6 +277,11 @@ async def _images_from_multipart(request: Request, settings: Settings) -> list[b
         parts = multipart_parts(request.headers.get("content-type", ""), body, limit)
     else:
         parts = await _form_parts(request, limit)
+    return upload_blobs(parts)
+
+
+def upload_blobs(parts: list[Part]) -> list[bytes]:
+    """The image files of a multipart body's parts (each a file part named `files`)."""
     uploads = [(is_file, content) for field, is_file, content in parts if field == "files"]
     if not uploads:
         names = sorted({field for field, _, _ in parts})
@@ -360,6 +368,19 @@ def decode_files(blobs: list[bytes], settings: Settings) -> list[np.ndarray]:
 
 def _prepare_files(blobs: list[bytes], settings: Settings, how: Preparation) -> np.ndarray:
     return how.native(decode_files(blobs, settings))
+
+
+async def files_native(blobs: list[bytes], settings: Settings, how: Preparation) -> np.ndarray:
+    """Uploaded image files as the 28×28 images the network sees (N×28×28 uint8)."""
+    if len(blobs) > settings.max_images_per_request:
+        raise _too_many(len(blobs), settings.max_images_per_request)
+    declared = [declared_pixels(b) for b in blobs]
+    if all(d is not None for d in declared) and sum(d or 0 for d in declared) <= (
+        INLINE_DECODE_PIXELS
+    ):
+        return _prepare_files(blobs, settings, how)
+    # decoding and resizing bigger images is CPU work: off the event loop
+    return await run_in_threadpool(_prepare_files, blobs, settings, how)
 
 
 def _prepare_json(body: bytes, settings: Settings, how: Preparation) -> np.ndarray:
@@ -463,16 +484,7 @@ async def request_images(request: Request, settings: Settings, how: Preparation)
     network sees (N×28×28 uint8; `how.model_input` scales them)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        blobs = await _images_from_multipart(request, settings)
-        if len(blobs) > settings.max_images_per_request:
-            raise _too_many(len(blobs), settings.max_images_per_request)
-        declared = [declared_pixels(b) for b in blobs]
-        if all(d is not None for d in declared) and sum(d or 0 for d in declared) <= (
-            INLINE_DECODE_PIXELS
-        ):
-            return _prepare_files(blobs, settings, how)
-        # decoding and resizing bigger images is CPU work: off the event loop
-        return await run_in_threadpool(_prepare_files, blobs, settings, how)
+        return await files_native(await _images_from_multipart(request, settings), settings, how)
     if content_type == "application/json" or content_type.endswith("+json"):
         body = await request.body()
         return await run_in_threadpool(_prepare_json, body, settings, how)
@@ -520,10 +532,19 @@ async def predict(
     inference = await get_inference(request)
     how = Preparation(manifest, invert, mode)
     native = await request_images(request, inference.settings, how)
+    body = await predict_json(inference, how, native, top_k, return_input)
+    return Response(body, media_type="application/json")
+
+
+async def predict_json(
+    inference: InferenceService, how: Preparation, native: np.ndarray, top_k: int, with_input: bool
+) -> bytes:
+    """The `PredictResponse` JSON of these images (as the network sees them)."""
+    manifest = how.manifest
     loaded, probs = await inference.predict(manifest, how.model_input(native))
     predictions = _predictions(probs, loaded.manifest.classes, top_k)
-    if return_input:
+    if with_input:
         for prediction, image in zip(predictions, native, strict=True):
             prediction["input"] = image.tolist()
     body = {"checkpoint": manifest.id, "model": manifest.model, "predictions": predictions}
-    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+    return json.dumps(body, separators=(",", ":")).encode()
