@@ -19,18 +19,21 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import parse_qsl
 
 from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.security.utils import get_authorization_scheme_param
+from pydantic import TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import ADMITTED, authorize, count_prediction
 from service.errors import ProblemError
+from service.images import InvertMode, PreprocessMode
 from service.inference import inference_of
 from service.routes.predict import (
     INLINE_MULTIPART_BYTES,
+    MAX_TOP_K,
     Preparation,
     files_native,
     manifest_for,
@@ -44,10 +47,9 @@ logger = logging.getLogger(__name__)
 
 PREDICT_PATH = re.compile(r"^/v1/checkpoints/([^/]{1,64})/predict$")
 REF = re.compile(CHECKPOINT_REF_PATTERN)
-#: FastAPI's reading of a boolean query parameter (pydantic's lax bool), lower-cased.
-TRUE, FALSE = {"1", "true", "on", "yes", "t", "y"}, {"0", "false", "off", "no", "f", "n"}
-INVERT = {"auto", "true", "false"}
-PREPROCESS = {"auto", "none"}
+#: The route's own types: its accepted values, and pydantic's reading of a boolean.
+INVERT, PREPROCESS = set(get_args(InvertMode)), set(get_args(PreprocessMode))
+BOOL = TypeAdapter(bool)
 
 
 class RouteLabel:
@@ -64,16 +66,15 @@ def _query(raw: bytes) -> dict[str, Any] | None:
     params = dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True)) if raw else {}
     top_k, invert = params.get("top_k", "1"), params.get("invert", "auto")
     mode, with_input = params.get("preprocess", "auto"), params.get("return_input", "false")
-    if not (top_k.isascii() and top_k.isdigit() and 1 <= int(top_k) <= 10):
+    if not (top_k.isascii() and top_k.isdigit() and 1 <= int(top_k) <= MAX_TOP_K):
         return None
-    if invert not in INVERT or mode not in PREPROCESS or with_input.lower() not in TRUE | FALSE:
+    if invert not in INVERT or mode not in PREPROCESS:
         return None
-    return {
-        "top_k": int(top_k),
-        "invert": invert,
-        "mode": mode,
-        "with_input": with_input.lower() in TRUE,
-    }
+    try:
+        flag = BOOL.validate_python(with_input)
+    except ValidationError:
+        return None
+    return {"top_k": int(top_k), "invert": invert, "mode": mode, "with_input": flag}
 
 
 def _credentials(authorization: str | None) -> HTTPAuthorizationCredentials | None:

@@ -464,7 +464,11 @@ PREPROCESSING_DESCRIPTION = (
     f"{ALLOWED_MEDIA_TYPES}, recognised by content."
 )
 
-TopK = Annotated[int, Query(ge=1, le=10, description="How many classes to return per image.")]
+#: The most classes a prediction lists (Fashion-MNIST has ten).
+MAX_TOP_K = 10
+TopK = Annotated[
+    int, Query(ge=1, le=MAX_TOP_K, description="How many classes to return per image.")
+]
 Invert = Annotated[
     InvertMode,
     Query(description="Invert intensities: auto (when the border is light), true, false."),

@@ -112,6 +112,7 @@ def test_the_first_call_and_an_alias_take_it_too(
     [
         ("?top_k=11", None, 422, "top_k"),
         ("?invert=maybe", None, 422, "invert"),
+        ("?return_input=maybe", None, 422, "return_input"),
         ("", [("files", ("a.gif", b"GIF89a" + b"\0" * 64, "image/gif"))], 415, "GIF"),
         ("", [("files", ("a.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "image/png"))], 422,
          "damaged"),
