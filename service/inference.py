@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -346,11 +346,44 @@ class _Pending:
 
 @dataclass
 class _Queue:
+    """One checkpoint's waiting requests, and whether a compute thread is draining them.
+
+    The event loop appends and starts a drain; the compute thread takes batch after batch
+    until nothing waits, so the model never idles for a trip through the event loop
+    between two batches. `lock` guards `pending`, `images` and `draining`; `timer` is the
+    loop's alone.
+    """
+
     loaded: LoadedModel
-    pending: list[_Pending] = field(default_factory=list)
+    loop: asyncio.AbstractEventLoop
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    pending: deque[_Pending] = field(default_factory=deque)
     images: int = 0
-    in_flight: bool = False
+    draining: bool = False
     timer: asyncio.TimerHandle | None = None
+
+
+def _deliver(batch: list[_Pending], probs: np.ndarray | None, failure: Exception | None) -> None:
+    """Give each request of a batch its rows of the answer, or the failure (on the loop)."""
+    start = 0
+    for p in batch:
+        end = start + len(p.x)
+        if not p.future.done():  # a client may have gone away
+            if failure is not None:
+                p.future.set_exception(failure)
+            else:
+                assert probs is not None
+                p.future.set_result(probs[start:end])
+        start = end
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> bool:
+    """`fn(*args)` on `loop` from another thread; False when the loop has closed."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        return False
+    return True
 
 
 class InferenceService:
@@ -372,6 +405,9 @@ class InferenceService:
         self.onnx_cache_dir = settings.data_dir / "onnx-cache"
         self.cache = ModelCache(self._load, settings.model_cache_size)
         self._queues: dict[str, _Queue] = {}
+        #: Drains handed to the compute pool that no thread has started yet.
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
         self._refs: dict[str, tuple[float, Manifest]] = {}
 
     def _load(self, ckpt_id: str) -> LoadedModel:
@@ -425,19 +461,22 @@ class InferenceService:
         loop = asyncio.get_running_loop()
         queue = self._queues.get(loaded.checkpoint_id)
         if queue is None or queue.loaded is not loaded:
-            if queue is not None and (queue.pending or queue.in_flight):
-                # the checkpoint was reloaded: finish the old queue, start a new one
+            if queue is not None and (queue.pending or queue.draining):
+                # the checkpoint was reloaded: the old queue finishes, this one goes alone
                 return loaded, await self._forward(loaded, x)
-            queue = self._queues[loaded.checkpoint_id] = _Queue(loaded)
+            queue = self._queues[loaded.checkpoint_id] = _Queue(loaded, loop)
         item = _Pending(x, loop.create_future())
-        queue.pending.append(item)
-        queue.images += len(x)
-        if not queue.in_flight:
-            window = self.settings.batch_window_ms / 1000.0
-            if queue.images >= self.settings.max_batch_size or window <= 0:
-                self._dispatch(queue)
-            elif queue.timer is None:
-                queue.timer = loop.call_later(window, self._dispatch, queue)
+        window = self.settings.batch_window_ms / 1000.0
+        with queue.lock:
+            queue.pending.append(item)
+            queue.images += len(x)
+            idle = not queue.draining
+            start = idle and (queue.images >= self.settings.max_batch_size or window <= 0)
+            queue.draining |= start
+        if start:
+            self._start(queue)
+        elif idle and queue.timer is None:  # the first request waits a moment for company
+            queue.timer = loop.call_later(window, self._window_closed, queue)
         return loaded, await item.future
 
     async def _forward(self, loaded: LoadedModel, x: np.ndarray) -> np.ndarray:
@@ -452,46 +491,75 @@ class InferenceService:
         INFERENCE_LATENCY.labels(model=loaded.manifest.model).observe(seconds)
         INFERENCE_BATCH_SIZE.labels(model=loaded.manifest.model).observe(images)
 
-    def _dispatch(self, queue: _Queue) -> None:
-        """Send the queue's next batch (≤ max_batch_size images, at least one request)."""
+    def _window_closed(self, queue: _Queue) -> None:
+        """The first request's wait is over: drain what came meanwhile (on the loop)."""
+        queue.timer = None
+        with queue.lock:
+            if queue.draining or not queue.pending:
+                return
+            queue.draining = True
+        self._start(queue)
+
+    def _start(self, queue: _Queue) -> None:
+        """Hand the queue to a compute thread (on the loop; the caller set `draining`)."""
         if queue.timer is not None:
             queue.timer.cancel()
             queue.timer = None
-        if queue.in_flight or not queue.pending:
-            return
+        with self._waiting_lock:
+            self._waiting += 1
+        self._compute.submit(self._drain, queue)
+
+    def _next_batch(self, queue: _Queue) -> list[_Pending]:
+        """The queue's next batch (≤ max_batch_size images, at least one request); an empty
+        list ends the drain (under the queue's lock)."""
         batch: list[_Pending] = []
         images = 0
-        while queue.pending:
-            n = len(queue.pending[0].x)
-            if batch and images + n > self.settings.max_batch_size:
-                break
-            batch.append(queue.pending.pop(0))
-            images += n
-        queue.images -= images
-        queue.in_flight = True
-        asyncio.get_running_loop().create_task(self._run_batch(queue, batch))
+        with queue.lock:
+            while queue.pending:
+                n = len(queue.pending[0].x)
+                if batch and images + n > self.settings.max_batch_size:
+                    break
+                batch.append(queue.pending.popleft())
+                images += n
+            queue.images -= images
+            queue.draining = bool(batch)
+        return batch
 
-    async def _run_batch(self, queue: _Queue, batch: list[_Pending]) -> None:
-        try:
+    def _drain(self, queue: _Queue) -> None:
+        """Run the queue's batches until none waits (on a compute thread).
+
+        When another checkpoint's queue waits for a compute thread, this one goes to the back
+        of the line after each batch, so a busy checkpoint cannot starve the others.
+        """
+        with self._waiting_lock:
+            self._waiting -= 1
+        while batch := self._next_batch(queue):
             x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
-            probs = await self._forward(queue.loaded, x)
-        except Exception as exc:  # hand the failure to every waiting request
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
-        else:
-            start = 0
-            for p in batch:
-                end = start + len(p.x)
-                if not p.future.done():  # a client may have gone away
-                    p.future.set_result(probs[start:end])
-                start = end
-        finally:
-            queue.in_flight = False
-            if queue.pending:
-                self._dispatch(queue)  # what queued during this batch goes now
-            elif self._queues.get(queue.loaded.checkpoint_id) is queue:
-                del self._queues[queue.loaded.checkpoint_id]
+            started = time.perf_counter()
+            try:
+                probs: np.ndarray | None = queue.loaded.run(x)
+                failure: Exception | None = None
+            except Exception as exc:  # hand the failure to every waiting request
+                probs, failure = None, exc
+            else:
+                self._observe(queue.loaded, len(x), time.perf_counter() - started)
+            if not _call_soon(queue.loop, _deliver, batch, probs, failure):
+                return  # the loop is gone: nobody waits for answers
+            with self._waiting_lock:
+                others = self._waiting > 0
+            if others and queue.pending:
+                with self._waiting_lock:
+                    self._waiting += 1
+                self._compute.submit(self._drain, queue)
+                return
+        _call_soon(queue.loop, self._retire, queue)
+
+    def _retire(self, queue: _Queue) -> None:
+        """Forget a drained queue unless a request came since (on the loop)."""
+        with queue.lock:
+            idle = not (queue.pending or queue.draining)
+        if idle and self._queues.get(queue.loaded.checkpoint_id) is queue:
+            del self._queues[queue.loaded.checkpoint_id]
 
     def forget(self, deleted: Manifest) -> None:
         """Drop a deleted checkpoint: its cached model, every ref resolved to it, its graph."""
