@@ -21,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from service.audit import AuditMiddleware
 from service.auth import PredictLimiter, log_auth_mode
 from service.errors import problemize_openapi, register_exception_handlers
-from service.fastpath import PredictFastPath
+from service.fastpath import FastPath
 from service.keys import KeyRing
 from service.limits import BodySizeLimitMiddleware
 from service.logs import configure_logging
@@ -267,7 +267,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.key_ring = KeyRing(settings)
     register_exception_handlers(app)
     # innermost: audit, body limit and metrics see the requests it answers too
-    app.add_middleware(PredictFastPath)
+    app.add_middleware(FastPath)
     app.add_middleware(AuditMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware)

@@ -1,24 +1,31 @@
-"""The predict fast path: `POST /v1/checkpoints/{ref}/predict` with small multipart uploads,
-answered without FastAPI's routing, dependency resolution and response machinery.
+"""The fast path: the hot inference calls answered without FastAPI's routing, dependency
+resolution and response machinery.
+
+- `POST /v1/checkpoints/{ref}/predict` with a small multipart upload;
+- `POST /v2/models/{model}[/versions/{version}]/infer`, the Open Inference Protocol's infer.
 
 That machinery cost more CPU per LeNet request than decoding the image and the forward pass
-together (`bench peers`, docs/benchmarks.md). This layer sits inside the metrics, body-limit
-and audit middlewares, so those still see every request, and it does what the route does with
-the route's own functions: the same key check, scope and rate limit (`service.auth`), the same
-checkpoint resolution within the caller's tenant, multipart parser, image checks, batcher and
-JSON.
+together (`bench peers`, docs/benchmarks.md), and as much as a third of a 64-image V2 batch's
+forward pass (`bench http`). This layer sits inside the metrics, body-limit and audit
+middlewares, so those still see every request, and it does what the routes do with the
+routes' own functions: the same key check, scope and rate limit (`service.auth`), the same
+checkpoint or model resolution within the caller's tenant, parsers, checks, batcher and
+encoders.
 
-It answers only a success. Whatever it does not take (JSON bodies, big uploads, odd query
-strings) goes to the route untouched, and whatever goes wrong on the way (no key, an unknown
-checkpoint, a bad image, a 429) goes to the route too, with the body it read replayed and the
-caller it admitted left in the request's state, so every error is the route's own problem
-document and a prediction is counted against the rate once.
+It answers only a success. Whatever it does not take (JSON predict bodies, big uploads, odd
+query strings, bodies without a declared length) goes to the route untouched, and whatever goes
+wrong on the way (no key, an unknown checkpoint or model, a bad image or tensor, a 429) goes to
+the route too, with the body it read replayed and the caller it admitted left in the request's
+state, so every error is the route's own answer (a problem document on `/v1`, the protocol's
+`{"error": ...}` on `/v2`) and a prediction is counted against the rate once.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, get_args
 from urllib.parse import parse_qsl
 
@@ -27,10 +34,10 @@ from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.auth import ADMITTED, authorize, count_prediction
+from service.auth import ADMITTED, Caller, authorize, count_prediction
 from service.errors import ProblemError
 from service.images import InvertMode, PreprocessMode
-from service.inference import inference_of
+from service.inference import InferenceService, inference_of
 from service.routes.predict import (
     INLINE_MULTIPART_BYTES,
     MAX_TOP_K,
@@ -41,24 +48,45 @@ from service.routes.predict import (
     predict_json,
     upload_blobs,
 )
+from service.routes.v2 import infer_answer
 from workers.contracts import CHECKPOINT_REF_PATTERN
 
 logger = logging.getLogger(__name__)
 
 PREDICT_PATH = re.compile(r"^/v1/checkpoints/([^/]{1,64})/predict$")
+#: The V2 infer routes; model and version names as the routes' path parameters allow them.
+INFER_PATH = re.compile(r"^/v2/models/([^/]{1,64})(?:/versions/([^/]{1,64}))?/infer$")
 REF = re.compile(CHECKPOINT_REF_PATTERN)
-#: The route's own types: its accepted values, and pydantic's reading of a boolean.
+#: The predict route's own types: its accepted values, and pydantic's reading of a boolean.
 INVERT, PREPROCESS = set(get_args(InvertMode)), set(get_args(PreprocessMode))
 BOOL = TypeAdapter(bool)
 
+Headers = dict[bytes, bytes]
+#: What a fast route answers: the body and its headers (Content-Type among them).
+Answer = tuple[bytes, dict[str, str]]
+#: How a taken request is answered, given the inference service, the admitted caller and
+#: the body: the route's work, raising a `ProblemError` wherever the route would refuse.
+Handler = Callable[[InferenceService, Caller, bytes], Awaitable[Answer]]
 
+
+@dataclass(frozen=True)
 class RouteLabel:
-    """What `service.metrics.route_template` reads: the predict route's template."""
+    """What `service.metrics.route_template` reads: the template of the route answered."""
 
-    path = "/v1/checkpoints/{ref}/predict"
+    path: str
 
 
-ROUTE = RouteLabel()
+@dataclass(frozen=True)
+class Taken:
+    """A request the fast path answers: its route's label and how to answer it."""
+
+    route: RouteLabel
+    handle: Handler
+
+
+PREDICT_ROUTE = RouteLabel("/v1/checkpoints/{ref}/predict")
+INFER_ROUTE = RouteLabel("/v2/models/{model}/infer")
+INFER_VERSION_ROUTE = RouteLabel("/v2/models/{model}/versions/{model_version}/infer")
 
 
 def _query(raw: bytes) -> dict[str, Any] | None:
@@ -77,6 +105,54 @@ def _query(raw: bytes) -> dict[str, Any] | None:
     return {"top_k": int(top_k), "invert": invert, "mode": mode, "with_input": flag}
 
 
+def take_predict(match: re.Match[str], scope: Scope, headers: Headers) -> Taken | None:
+    """A predict call with a small multipart body and well-formed query parameters."""
+    ref = match.group(1)
+    content_type = headers.get(b"content-type", b"").decode("latin-1")
+    length = headers.get(b"content-length", b"")
+    query = _query(scope.get("query_string", b""))
+    if (
+        query is None
+        or not REF.match(ref)
+        or content_type.split(";")[0].strip().lower() != "multipart/form-data"
+        or not length.isdigit()
+        or int(length) > INLINE_MULTIPART_BYTES
+    ):
+        return None
+
+    async def handle(inference: InferenceService, caller: Caller, body: bytes) -> Answer:
+        settings = inference.settings
+        manifest = await manifest_for(inference, caller, ref)
+        parts = multipart_parts(content_type, body, settings.max_images_per_request)
+        how = Preparation(manifest, query["invert"], query["mode"])
+        native = await files_native(upload_blobs(parts), settings, how)
+        answer = await predict_json(inference, how, native, query["top_k"], query["with_input"])
+        return answer, {"Content-Type": "application/json"}
+
+    return Taken(PREDICT_ROUTE, handle)
+
+
+def take_infer(match: re.Match[str], scope: Scope, headers: Headers) -> Taken | None:
+    """A V2 infer call with a declared body length (within the body limit: it was checked)."""
+    if not headers.get(b"content-length", b"").isdigit():
+        return None
+    model, version = match.group(1), match.group(2)
+    raw_length = headers.get(b"inference-header-content-length")
+    header_length = raw_length.decode("latin-1") if raw_length is not None else None
+
+    async def handle(inference: InferenceService, caller: Caller, body: bytes) -> Answer:
+        return await infer_answer(inference, caller, model, version, body, header_length)
+
+    return Taken(INFER_ROUTE if version is None else INFER_VERSION_ROUTE, handle)
+
+
+#: The routes the fast path answers: a path pattern and what it takes of those requests.
+ROUTES: tuple[tuple[re.Pattern[str], Callable[..., Taken | None]], ...] = (
+    (PREDICT_PATH, take_predict),
+    (INFER_PATH, take_infer),
+)
+
+
 def _credentials(authorization: str | None) -> HTTPAuthorizationCredentials | None:
     """As `HTTPBearer(auto_error=False)` reads the Authorization header."""
     scheme, token = get_authorization_scheme_param(authorization)
@@ -85,84 +161,67 @@ def _credentials(authorization: str | None) -> HTTPAuthorizationCredentials | No
     return HTTPAuthorizationCredentials(scheme=scheme, credentials=token)
 
 
-class PredictFastPath:
-    """Answer the common predict call directly; hand everything else to `app`."""
+def _taken(scope: Scope) -> tuple[Taken, Headers] | None:
+    """What the fast path makes of a request, with its headers; None: the app's."""
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return None
+    path = scope["path"]
+    for pattern, take in ROUTES:
+        match = pattern.match(path)
+        if match is None:
+            continue
+        headers: Headers = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name, value)  # the first of a repeated header, as Starlette
+        taken = take(match, scope, headers)
+        return None if taken is None else (taken, headers)
+    return None
+
+
+class FastPath:
+    """Answer the hot inference calls directly; hand everything else to `app`."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        found = _taken(scope)
+        if found is None:
             await self.app(scope, receive, send)
             return
-        match = PREDICT_PATH.match(scope["path"])
-        if match is None or not REF.match(match.group(1)):
-            await self.app(scope, receive, send)
-            return
-        headers: dict[bytes, bytes] = {}
-        for name, value in scope["headers"]:
-            headers.setdefault(name, value)  # the first of a repeated header, as Starlette
-        content_type = headers.get(b"content-type", b"").decode("latin-1")
-        length = headers.get(b"content-length", b"")
-        query = _query(scope.get("query_string", b""))
-        if (
-            query is None
-            or content_type.split(";")[0].strip().lower() != "multipart/form-data"
-            or not length.isdigit()
-            or int(length) > INLINE_MULTIPART_BYTES
-        ):
-            await self.app(scope, receive, send)
-            return
+        taken, headers = found
         body = await _read_body(receive)
         if body is None:  # the client left before its body arrived: nobody to answer
             return
         try:
-            answer = await self._answer(scope, headers, content_type, body, query, match.group(1))
-        except ProblemError:  # the route answers it, with its own problem document
+            answer = await self._answer(scope, headers, body, taken)
+        except ProblemError:  # the route answers it, with its own error document
             answer = None
         except Exception:
             # not a refusal: the route will meet it again and report it (a 500)
-            logger.warning("predict fast path failed; the route takes the request", exc_info=True)
+            logger.warning("fast path failed; the route takes the request", exc_info=True)
             answer = None
         if answer is None:
             await self.app(scope, _replay(body, receive), send)
             return
-        scope["route"] = ROUTE
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-length", str(len(answer)).encode()),
-                    (b"content-type", b"application/json"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": answer})
+        content, extra = answer
+        scope["route"] = taken.route
+        response_headers = [(b"content-length", str(len(content)).encode())]
+        response_headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+        await send({"type": "http.response.start", "status": 200, "headers": response_headers})
+        await send({"type": "http.response.body", "body": content})
 
     async def _answer(
-        self,
-        scope: Scope,
-        headers: dict[bytes, bytes],
-        content_type: str,
-        body: bytes,
-        query: dict[str, Any],
-        ref: str,
-    ) -> bytes | None:
+        self, scope: Scope, headers: Headers, body: bytes, taken: Taken
+    ) -> Answer | None:
         app_state = scope["app"].state
-        inference = inference_of(app_state)
         authorization = headers.get(b"authorization")
         credentials = _credentials(authorization.decode("latin-1") if authorization else None)
         caller = authorize(app_state.key_ring, app_state.settings, "predict", credentials)
         await count_prediction(app_state, caller)
         state = scope.setdefault("state", {})
         state[ADMITTED] = state["caller"] = caller
-        settings = inference.settings
-        manifest = await manifest_for(inference, caller, ref)
-        blobs = upload_blobs(multipart_parts(content_type, body, settings.max_images_per_request))
-        how = Preparation(manifest, query["invert"], query["mode"])
-        native = await files_native(blobs, settings, how)
-        return await predict_json(inference, how, native, query["top_k"], query["with_input"])
+        return await taken.handle(inference_of(app_state), caller, body)
 
 
 async def _read_body(receive: Receive) -> bytes | None:

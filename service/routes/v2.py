@@ -576,6 +576,28 @@ async def model_version_ready(
     return await _ready(inference, model, model_version, caller)
 
 
+async def infer_answer(
+    inference: InferenceService,
+    caller: Caller,
+    model: str,
+    version: str | None,
+    body: bytes,
+    header_length: str | None,
+) -> tuple[bytes, dict[str, str]]:
+    """The answer to an infer request's raw body: the response body and its headers.
+
+    The route and `service.fastpath` both answer with this; every mistake in the request
+    raises a `ProblemError` (the protocol's `{"error": ...}` under `/v2`)."""
+    manifest = await _model(inference, model, version, caller)  # an unknown model: 404
+    parsed = parse_request(body, header_length)
+    batch = await _batch(parsed, inference, manifest)
+    loaded, probs = await inference.predict(manifest, batch)
+    outputs = _outputs(parsed, probs, loaded.manifest.classes)
+    content, headers = encode_response(model, manifest.id, parsed.id, outputs)
+    headers["Content-Type"] = BINARY_MEDIA_TYPE if headers else "application/json"
+    return content, headers
+
+
 async def _infer(
     request: Request,
     inference: InferenceService,
@@ -583,15 +605,12 @@ async def _infer(
     version: str | None,
     caller: Caller,
 ) -> Response:
-    manifest = await _model(inference, model, version, caller)  # an unknown model: 404
+    await _model(inference, model, version, caller)  # a 404 before the body is read
     body = await request.body()
-    parsed = parse_request(body, request.headers.get(HEADER_LENGTH))
-    batch = await _batch(parsed, inference, manifest)
-    loaded, probs = await inference.predict(manifest, batch)
-    outputs = _outputs(parsed, probs, loaded.manifest.classes)
-    content, headers = encode_response(model, manifest.id, parsed.id, outputs)
-    media = BINARY_MEDIA_TYPE if headers else "application/json"
-    return Response(content, media_type=media, headers=headers)
+    content, headers = await infer_answer(
+        inference, caller, model, version, body, request.headers.get(HEADER_LENGTH)
+    )
+    return Response(content, headers=headers)
 
 
 @router.post(

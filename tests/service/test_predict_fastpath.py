@@ -32,9 +32,9 @@ def ckpt(settings: Settings) -> Manifest:
 def answered(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """One entry per request the fast path looked at: whether it answered it itself."""
     seen: list[bool] = []
-    original = fastpath.PredictFastPath._answer
+    original = fastpath.FastPath._answer
 
-    async def spy(self: fastpath.PredictFastPath, *args: Any) -> bytes | None:
+    async def spy(self: fastpath.FastPath, *args: Any) -> bytes | None:
         try:
             out = await original(self, *args)
         except Exception:
@@ -43,7 +43,7 @@ def answered(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
         seen.append(out is not None)
         return out
 
-    monkeypatch.setattr(fastpath.PredictFastPath, "_answer", spy)
+    monkeypatch.setattr(fastpath.FastPath, "_answer", spy)
     return seen
 
 
