@@ -10,9 +10,10 @@
 - Predict calls re-resolve a ref at most once per `REF_TTL_S` (1 s), not per request.
 - `InferenceService`: runs the forward passes on a small thread pool (never on the event
   loop) and, when `settings.batching` is on, stacks concurrent requests for one checkpoint
-  into one forward pass: the first request waits up to `batch_window_ms` for company, at most
-  one batch per checkpoint is in flight, and whatever queues meanwhile goes next
-  (≤ `max_batch_size` images).
+  into one forward pass: the first request waits up to `batch_window_ms` for company (a full
+  batch goes at once), a checkpoint has at most one batch per compute thread in flight, and
+  whatever queues meanwhile goes next (≤ `max_batch_size` images), taken by the compute
+  thread itself as soon as its batch is done.
 """
 
 from __future__ import annotations
@@ -348,9 +349,9 @@ class _Pending:
 class _Queue:
     """One checkpoint's waiting requests, and whether a compute thread is draining them.
 
-    The event loop appends and starts a drain; the compute thread takes batch after batch
+    The event loop appends and starts a drain; a compute thread takes batch after batch
     until nothing waits, so the model never idles for a trip through the event loop
-    between two batches. `lock` guards `pending`, `images` and `draining`; `timer` is the
+    between two batches. `lock` guards `pending`, `images` and `drains`; `timer` is the
     loop's alone.
     """
 
@@ -359,8 +360,13 @@ class _Queue:
     lock: threading.Lock = field(default_factory=threading.Lock)
     pending: deque[_Pending] = field(default_factory=deque)
     images: int = 0
-    draining: bool = False
+    #: Compute threads draining it (at most the service's `parallel`).
+    drains: int = 0
     timer: asyncio.TimerHandle | None = None
+
+
+#: Each model's forward-pass latency and batch-size series (the registry's few models).
+_BATCH_SERIES: dict[str, tuple[Any, Any]] = {}
 
 
 def _deliver(batch: list[_Pending], probs: np.ndarray | None, failure: Exception | None) -> None:
@@ -397,6 +403,8 @@ class InferenceService:
         Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
         workers, threads = cpu_budget()
         self.threads = threads
+        #: Batches of one checkpoint that may run at once (one per compute thread).
+        self.parallel = workers
         torch.set_num_threads(threads)
         self._compute = ThreadPoolExecutor(workers, thread_name_prefix="cnnserve-infer")
         self._loaders = ThreadPoolExecutor(2, thread_name_prefix="cnnserve-load")
@@ -461,7 +469,7 @@ class InferenceService:
         loop = asyncio.get_running_loop()
         queue = self._queues.get(loaded.checkpoint_id)
         if queue is None or queue.loaded is not loaded:
-            if queue is not None and (queue.pending or queue.draining):
+            if queue is not None and (queue.pending or queue.drains):
                 # the checkpoint was reloaded: the old queue finishes, this one goes alone
                 return loaded, await self._forward(loaded, x)
             queue = self._queues[loaded.checkpoint_id] = _Queue(loaded, loop)
@@ -470,12 +478,12 @@ class InferenceService:
         with queue.lock:
             queue.pending.append(item)
             queue.images += len(x)
-            idle = not queue.draining
-            start = idle and (queue.images >= self.settings.max_batch_size or window <= 0)
-            queue.draining |= start
+            free = queue.drains < self.parallel
+            start = free and (queue.images >= self.settings.max_batch_size or window <= 0)
+            queue.drains += start
         if start:
             self._start(queue)
-        elif idle and queue.timer is None:  # the first request waits a moment for company
+        elif free and queue.timer is None:  # the first request waits a moment for company
             queue.timer = loop.call_later(window, self._window_closed, queue)
         return loaded, await item.future
 
@@ -488,20 +496,27 @@ class InferenceService:
 
     @staticmethod
     def _observe(loaded: LoadedModel, images: int, seconds: float) -> None:
-        INFERENCE_LATENCY.labels(model=loaded.manifest.model).observe(seconds)
-        INFERENCE_BATCH_SIZE.labels(model=loaded.manifest.model).observe(images)
+        model = loaded.manifest.model
+        series = _BATCH_SERIES.get(model)
+        if series is None:  # `labels()` locks and checks its arguments: once per model
+            series = _BATCH_SERIES[model] = (
+                INFERENCE_LATENCY.labels(model=model),
+                INFERENCE_BATCH_SIZE.labels(model=model),
+            )
+        series[0].observe(seconds)
+        series[1].observe(images)
 
     def _window_closed(self, queue: _Queue) -> None:
-        """The first request's wait is over: drain what came meanwhile (on the loop)."""
+        """The first waiting request's wait is over: drain what came meanwhile (on the loop)."""
         queue.timer = None
         with queue.lock:
-            if queue.draining or not queue.pending:
+            if queue.drains >= self.parallel or not queue.pending:
                 return
-            queue.draining = True
+            queue.drains += 1
         self._start(queue)
 
     def _start(self, queue: _Queue) -> None:
-        """Hand the queue to a compute thread (on the loop; the caller set `draining`)."""
+        """Hand the queue to a compute thread (on the loop; the caller counted the drain)."""
         if queue.timer is not None:
             queue.timer.cancel()
             queue.timer = None
@@ -522,7 +537,8 @@ class InferenceService:
                 batch.append(queue.pending.popleft())
                 images += n
             queue.images -= images
-            queue.draining = bool(batch)
+            if not batch:
+                queue.drains -= 1
         return batch
 
     def _drain(self, queue: _Queue) -> None:
@@ -557,7 +573,7 @@ class InferenceService:
     def _retire(self, queue: _Queue) -> None:
         """Forget a drained queue unless a request came since (on the loop)."""
         with queue.lock:
-            idle = not (queue.pending or queue.draining)
+            idle = not (queue.pending or queue.drains)
         if idle and self._queues.get(queue.loaded.checkpoint_id) is queue:
             del self._queues[queue.loaded.checkpoint_id]
 
