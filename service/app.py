@@ -17,6 +17,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp
 
 from service.audit import AuditMiddleware
 from service.auth import PredictLimiter, log_auth_mode
@@ -242,6 +243,15 @@ def _custom_openapi(app: FastAPI) -> Any:
     return openapi
 
 
+class CnnserveAPI(FastAPI):
+    """FastAPI with the fast path (`service.fastpath`) in front of its middleware stack: the
+    hot inference calls skip the stack's layers; the fast path counts them in the metrics
+    itself and hands everything else, refusals included, to the stack."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return FastPath(super().build_middleware_stack())
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the cnnserve API for `settings` (default: the process's `get_settings()`)."""
     settings = settings or get_settings()
@@ -252,7 +262,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app_version = version("cnnserve")
     except PackageNotFoundError:
         app_version = "0.0.0"
-    app = FastAPI(
+    app = CnnserveAPI(
         title="cnnserve",
         version=app_version,
         summary="Train and serve the CNNs of Dive into Deep Learning on Fashion-MNIST.",
@@ -266,8 +276,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.key_ring = KeyRing(settings)
     register_exception_handlers(app)
-    # innermost: audit, body limit and metrics see the requests it answers too
-    app.add_middleware(FastPath)
     app.add_middleware(AuditMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware)

@@ -5,12 +5,13 @@ resolution and response machinery.
 - `POST /v2/models/{model}[/versions/{version}]/infer`, the Open Inference Protocol's infer.
 
 That machinery cost more CPU per LeNet request than decoding the image and the forward pass
-together (`bench peers`, docs/benchmarks.md), and as much as a third of a 64-image V2 batch's
-forward pass (`bench http`). This layer sits inside the metrics, body-limit and audit
-middlewares, so those still see every request, and it does what the routes do with the
-routes' own functions: the same key check, scope and rate limit (`service.auth`), the same
-checkpoint or model resolution within the caller's tenant, parsers, checks, batcher and
-encoders.
+together (`bench peers`, docs/benchmarks.md), and a fifth of a 64-image V2 batch's forward
+pass (`bench http`). This layer stands in front of the whole middleware stack
+(`service.app.CnnserveAPI`): it counts what it answers in the request metrics itself, takes
+only bodies whose declared length is within the body limit, and answers nothing the audit
+log records (predictions change no state). It does what the routes do with the routes' own
+functions: the same key check, scope and rate limit (`service.auth`), the same checkpoint or
+model resolution within the caller's tenant, parsers, checks, batcher and encoders.
 
 It answers only a success. Whatever it does not take (JSON predict bodies, big uploads, odd
 query strings, bodies without a declared length) goes to the route untouched, and whatever goes
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, get_args
@@ -38,6 +40,7 @@ from service.auth import ADMITTED, Caller, authorize, count_prediction
 from service.errors import ProblemError
 from service.images import InvertMode, PreprocessMode
 from service.inference import InferenceService, inference_of
+from service.metrics import observe_request
 from service.routes.predict import (
     INLINE_MULTIPART_BYTES,
     MAX_TOP_K,
@@ -70,23 +73,17 @@ Handler = Callable[[InferenceService, Caller, bytes], Awaitable[Answer]]
 
 
 @dataclass(frozen=True)
-class RouteLabel:
-    """What `service.metrics.route_template` reads: the template of the route answered."""
-
-    path: str
-
-
-@dataclass(frozen=True)
 class Taken:
-    """A request the fast path answers: its route's label and how to answer it."""
+    """A request the fast path answers: its route's template (the metrics' label) and how
+    to answer it."""
 
-    route: RouteLabel
+    route: str
     handle: Handler
 
 
-PREDICT_ROUTE = RouteLabel("/v1/checkpoints/{ref}/predict")
-INFER_ROUTE = RouteLabel("/v2/models/{model}/infer")
-INFER_VERSION_ROUTE = RouteLabel("/v2/models/{model}/versions/{model_version}/infer")
+PREDICT_ROUTE = "/v1/checkpoints/{ref}/predict"
+INFER_ROUTE = "/v2/models/{model}/infer"
+INFER_VERSION_ROUTE = "/v2/models/{model}/versions/{model_version}/infer"
 
 
 def _query(raw: bytes) -> dict[str, Any] | None:
@@ -109,14 +106,12 @@ def take_predict(match: re.Match[str], scope: Scope, headers: Headers) -> Taken 
     """A predict call with a small multipart body and well-formed query parameters."""
     ref = match.group(1)
     content_type = headers.get(b"content-type", b"").decode("latin-1")
-    length = headers.get(b"content-length", b"")
     query = _query(scope.get("query_string", b""))
     if (
         query is None
         or not REF.match(ref)
         or content_type.split(";")[0].strip().lower() != "multipart/form-data"
-        or not length.isdigit()
-        or int(length) > INLINE_MULTIPART_BYTES
+        or int(headers[b"content-length"]) > INLINE_MULTIPART_BYTES
     ):
         return None
 
@@ -133,9 +128,7 @@ def take_predict(match: re.Match[str], scope: Scope, headers: Headers) -> Taken 
 
 
 def take_infer(match: re.Match[str], scope: Scope, headers: Headers) -> Taken | None:
-    """A V2 infer call with a declared body length (within the body limit: it was checked)."""
-    if not headers.get(b"content-length", b"").isdigit():
-        return None
+    """A V2 infer call (any content type: tritonclient sends none)."""
     model, version = match.group(1), match.group(2)
     raw_length = headers.get(b"inference-header-content-length")
     header_length = raw_length.decode("latin-1") if raw_length is not None else None
@@ -162,7 +155,10 @@ def _credentials(authorization: str | None) -> HTTPAuthorizationCredentials | No
 
 
 def _taken(scope: Scope) -> tuple[Taken, Headers] | None:
-    """What the fast path makes of a request, with its headers; None: the app's."""
+    """What the fast path makes of a request, with its headers; None: the app's.
+
+    Only bodies of a declared length within the body limit: the limit's middleware, behind
+    this layer, refuses the others (and uvicorn holds a body to its declared length)."""
     if scope["type"] != "http" or scope["method"] != "POST":
         return None
     path = scope["path"]
@@ -173,6 +169,10 @@ def _taken(scope: Scope) -> tuple[Taken, Headers] | None:
         headers: Headers = {}
         for name, value in scope["headers"]:
             headers.setdefault(name, value)  # the first of a repeated header, as Starlette
+        length = headers.get(b"content-length", b"")
+        limit = scope["app"].state.settings.max_body_bytes
+        if not (length.isdigit() and int(length) <= limit):
+            return None
         taken = take(match, scope, headers)
         return None if taken is None else (taken, headers)
     return None
@@ -190,6 +190,7 @@ class FastPath:
             await self.app(scope, receive, send)
             return
         taken, headers = found
+        started = time.perf_counter()
         body = await _read_body(receive)
         if body is None:  # the client left before its body arrived: nobody to answer
             return
@@ -205,11 +206,11 @@ class FastPath:
             await self.app(scope, _replay(body, receive), send)
             return
         content, extra = answer
-        scope["route"] = taken.route
         response_headers = [(b"content-length", str(len(content)).encode())]
         response_headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
         await send({"type": "http.response.start", "status": 200, "headers": response_headers})
         await send({"type": "http.response.body", "body": content})
+        observe_request("POST", taken.route, 200, time.perf_counter() - started)
 
     async def _answer(
         self, scope: Scope, headers: Headers, body: bytes, taken: Taken
