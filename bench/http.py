@@ -4,9 +4,9 @@ Without `--url` it makes a temporary data dir with a freshly initialised LeNet c
 starts `cnnserve api` on a free loopback port (once with request batching on, once off), and
 stops it by PID afterwards. With `--url` and `--ref` it loads an already running server.
 
-The load generator speaks HTTP/1.1 keep-alive over raw asyncio streams (one connection per
-client): on a 2-core machine a full HTTP client library would eat the CPU the server needs.
-Per server, in interleaved rounds:
+The load generator speaks HTTP/1.1 keep-alive over raw asyncio streams on uvloop (one
+connection per client): on a 2-core machine a full HTTP client library, or asyncio's own
+loop, would eat the CPU the server needs. Per server, in interleaved rounds:
 
 - `v1 png`: `POST /v1/checkpoints/{ref}/predict` uploading one 28×28 Fashion-MNIST test image
   as a multipart PNG file;
@@ -14,8 +14,11 @@ Per server, in interleaved rounds:
   (Triton's binary extension, no Content-Type, as tritonclient sends it);
 - `v2 batch64`: the same with 64 images per request (throughput in images/s),
 
-and, in this process, the model alone (the server's own loader: ONNX Runtime) on batches of 64,
-the floor for `v2 batch64`. Bounded by `--requests` and `--duration` per load, whichever first.
+and, in this process, the model alone on batches of 64, the floor for `v2 batch64`: the
+server's own loader (ONNX Runtime) and compute layout (`cpu_budget`: as many concurrent forward
+passes, of as many threads, as the server runs), measured in the same rounds. Bounded by
+`--requests` and `--duration` per load, whichever first. The ratios are between the best
+rounds, and round by round with their median.
 
     python -m bench http [--clients 16] [--requests 5000] [--duration 20] [--rounds 3]
     python -m bench http --url http://127.0.0.1:8000 --ref lenet:best
@@ -36,15 +39,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+import uvloop
 from PIL import Image
 
 from bench.infer import machine_info, save_fresh_checkpoint
@@ -215,6 +220,11 @@ def requests_for(url: str, ref: str) -> dict[str, tuple[bytes, int]]:
     }
 
 
+def run(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """Run one load on uvloop: asyncio's own loop would take CPU the server needs."""
+    return uvloop.run(coro)
+
+
 def run_load(
     url: str,
     request: bytes,
@@ -228,9 +238,9 @@ def run_load(
     """Warm the server up, then measure `clients` concurrent requests of one kind."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    asyncio.run(_load(host, port, request, 4, warmup, 30.0))
+    run(_load(host, port, request, 4, warmup, 30.0))
     before = server_batch_stats(url)
-    result = asyncio.run(_load(host, port, request, clients, requests, duration))
+    result = run(_load(host, port, request, clients, requests, duration))
     after = server_batch_stats(url)
     passes = after["forward_passes"] - before["forward_passes"]
     result["mean_batch_size"] = (
@@ -240,12 +250,72 @@ def run_load(
     return result
 
 
+class ModelAlone:
+    """The checkpoint as the server runs it, in this process, on batches of 64: the server's
+    loader (ONNX Runtime where it serves) and its compute layout, so many forward passes at
+    once (`cpu_budget`'s compute threads) of so many intra-op threads each. No HTTP at all."""
+
+    def __init__(self, data_dir: Path, ref: str) -> None:
+        from service.inference import cpu_budget, load_for_inference
+        from workers.checkpoints import CheckpointStore
+
+        self.streams, threads = cpu_budget()
+        store = CheckpointStore(data_dir / "checkpoints")
+        self.loaded = load_for_inference(
+            store,
+            store.resolve(ref),
+            backend="auto",
+            cache_dir=data_dir / "onnx-cache",
+            threads=threads,
+        )
+        self.layout = f"{self.streams} × {threads} threads"
+        self.x = sample_images(64).astype(np.float32)[:, None] / 255
+        for _ in range(20):
+            self.loaded.run(self.x)
+
+    def measure(self, seconds: float) -> dict[str, Any]:
+        """Images per second over `seconds`, every stream running batch after batch."""
+        passes = [0] * self.streams
+        deadline = time.perf_counter() + seconds
+
+        def stream(i: int) -> None:
+            while time.perf_counter() < deadline:
+                self.loaded.run(self.x)
+                passes[i] += 1
+
+        started = time.perf_counter()
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(self.streams)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - started
+        return {
+            "path": "model alone",
+            "backend": self.loaded.backend,
+            "layout": self.layout,
+            "requests": sum(passes),
+            "seconds": round(elapsed, 3),
+            "images_per_s": round(64 * sum(passes) / elapsed, 1),
+        }
+
+
 def interleaved(
-    url: str, ref: str, *, clients: int, requests: int, duration: float, rounds: int
+    url: str,
+    ref: str,
+    *,
+    clients: int,
+    requests: int,
+    duration: float,
+    rounds: int,
+    alone: ModelAlone | None = None,
 ) -> list[dict[str, Any]]:
-    """Every path in turn, `rounds` times; per path the best round and every round's req/s."""
+    """Every path in turn (and the model alone, given one), `rounds` times; per path the best
+    round, and every round's req/s and images/s."""
     per_path: dict[str, list[dict[str, Any]]] = {}
     for _ in range(rounds):
+        if alone is not None:
+            per_path.setdefault("model alone", []).append(alone.measure(duration / rounds / 4))
         for path, (request, images) in requests_for(url, ref).items():
             n_clients = clients if images == 1 else min(clients, 4)
             result = run_load(
@@ -256,43 +326,53 @@ def interleaved(
                 requests=requests // rounds,
                 duration=duration / rounds,
             )
-            per_path.setdefault(path, []).append({"clients": n_clients, **result})
+            per_path.setdefault(path, []).append({"path": path, "clients": n_clients, **result})
     out = []
     for path, results in per_path.items():
+        if path == "model alone":
+            best = max(results, key=lambda r: r["images_per_s"])
+            out.append({**best, "rounds_images_per_s": [r["images_per_s"] for r in results]})
+            continue
         best = max(results, key=lambda r: r["requests_per_s"])
-        errors = sum(r["errors"] for r in results)
         out.append(
             {
-                "path": path,
                 **best,
-                "errors": errors,
+                "errors": sum(r["errors"] for r in results),
                 "rounds_requests_per_s": [r["requests_per_s"] for r in results],
+                "rounds_images_per_s": [r["images_per_s"] for r in results],
             }
         )
     return out
 
 
-def model_alone(data_dir: Path, ref: str, seconds: float = 5.0) -> dict[str, Any]:
-    """The checkpoint as the server loads it, run here on batches of 64 (no HTTP at all)."""
-    from service.inference import cpu_budget, load_for_inference
-    from workers.checkpoints import CheckpointStore
+def ratios(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per batching setting: V2 uint8 over /v1 PNG (req/s) and the model alone over V2
+    batch-64 (images/s), between the best rounds and round by round (with the median)."""
 
-    store = CheckpointStore(data_dir / "checkpoints")
-    loaded = load_for_inference(
-        store,
-        store.resolve(ref),
-        backend="auto",
-        cache_dir=data_dir / "onnx-cache",
-        threads=cpu_budget()[1],
-    )
-    x = sample_images(64).astype(np.float32)[:, None] / 255
-    loaded.run(x)
-    passes, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        loaded.run(x)
-        passes += 1
-    elapsed = time.perf_counter() - started
-    return {"backend": loaded.backend, "images_per_s": round(64 * passes / elapsed, 1)}
+    def compare(top: dict[str, Any], bottom: dict[str, Any], key: str) -> dict[str, Any]:
+        rounds = [
+            round(a / b, 2)
+            for a, b in zip(top[f"rounds_{key}"], bottom[f"rounds_{key}"], strict=True)
+        ]
+        return {
+            "best_rounds": round(top[key] / bottom[key], 2),
+            "per_round": rounds,
+            "median": round(statistics.median(rounds), 2),
+        }
+
+    out: dict[str, dict[str, Any]] = {}
+    for batching in dict.fromkeys(r["batching"] for r in runs):
+        by = {r["path"]: r for r in runs if r["batching"] == batching}
+        alone = by.get("model alone")
+        out[batching] = {
+            "v2_uint8_over_v1_png_req_per_s": compare(
+                by["v2 uint8"], by["v1 png"], "requests_per_s"
+            ),
+            "model_alone_over_v2_batch64_images_per_s": None
+            if alone is None
+            else compare(alone, by["v2 batch64"], "images_per_s"),
+        }
+    return out
 
 
 def make_lenet_checkpoint(data_dir: Path) -> str:
@@ -373,7 +453,7 @@ def stop_group(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=5)
 
 
-def markdown(runs: Sequence[dict[str, Any]], alone: dict[str, Any] | None) -> str:
+def markdown(runs: Sequence[dict[str, Any]]) -> str:
     """The runs as a markdown table."""
     lines = [
         "| batching | path | clients | requests | req/s (best round) | images/s | p50 (ms) | "
@@ -381,15 +461,17 @@ def markdown(runs: Sequence[dict[str, Any]], alone: dict[str, Any] | None) -> st
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
+        if r["path"] == "model alone":
+            lines.append(
+                f"| {r['batching']} | model alone ({r['backend']}, {r['layout']}, batch 64, "
+                f"in process) | – | {r['requests']} | – | {r['images_per_s']:.0f} | – | – | – "
+                "| 64 |"
+            )
+            continue
         lines.append(
-            f"| {r['batching']} | {r.get('path', 'v1 png')} | {r['clients']} | {r['requests']} | "
-            f"{r['requests_per_s']:.0f} | {r.get('images_per_s', r['requests_per_s']):.0f} | "
+            f"| {r['batching']} | {r['path']} | {r['clients']} | {r['requests']} | "
+            f"{r['requests_per_s']:.0f} | {r['images_per_s']:.0f} | "
             f"{r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r['mean_batch_size']} |"
-        )
-    if alone:
-        lines.append(
-            f"| – | model alone ({alone['backend']}, batch 64, in process) | – | – | – | "
-            f"{alone['images_per_s']:.0f} | – | – | – | 64 |"
         )
     return "\n".join(lines)
 
@@ -419,7 +501,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rounds": args.rounds,
     }
     runs: list[dict[str, Any]] = []
-    alone: dict[str, Any] | None = None
     if args.url:
         for result in interleaved(args.url.rstrip("/"), args.ref, **load):
             runs.append({"batching": "server's setting", **result})
@@ -428,43 +509,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="cnnserve-bench-http-") as tmp:
             data_dir = Path(tmp) / "data"
             ref = make_lenet_checkpoint(data_dir)
+            alone = ModelAlone(data_dir, ref)
             for batching in modes:
                 log_path = Path(tmp) / f"api-{'on' if batching else 'off'}.log"
                 with api_server(data_dir, batching=batching, log_path=log_path) as url:
                     logger.info("server %s (batching %s), loading it", url, batching)
-                    for result in interleaved(url, ref, **load):
+                    for result in interleaved(url, ref, **load, alone=alone):
                         runs.append({"batching": "on" if batching else "off", **result})
                         logger.info("batching %s: %s", batching, result)
-            alone = model_alone(data_dir, ref)
-    by = {(r["batching"], r["path"]): r for r in runs}
-    ratios = {
-        batching: {
-            "v2_uint8_over_v1_png_req_per_s": round(
-                by[(batching, "v2 uint8")]["requests_per_s"]
-                / by[(batching, "v1 png")]["requests_per_s"],
-                2,
-            ),
-            "model_alone_over_v2_batch64_images_per_s": round(
-                alone["images_per_s"] / by[(batching, "v2 batch64")]["images_per_s"], 2
-            )
-            if alone
-            else None,
-        }
-        for batching in dict.fromkeys(r["batching"] for r in runs)
-    }
     report = {
         "benchmark": "http",
         "machine": machine_info(),
         "model": "lenet",
         "payload": "v1: one 28×28 Fashion-MNIST PNG per request, multipart; v2: the same "
         "image(s) as a binary UINT8 tensor",
+        "load_generator": "raw HTTP/1.1 over asyncio streams on uvloop, one keep-alive "
+        "connection per client",
         "limits": {"requests": args.requests, "duration_s": args.duration, "rounds": args.rounds},
         "runs": runs,
-        "model_alone": alone,
-        "ratios": ratios,
+        "ratios": ratios(runs),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    sys.stdout.write(markdown(runs, alone) + "\n")
-    sys.stdout.write(f"ratios: {json.dumps(ratios)}\nresults written to {args.out}\n")
-    return 0 if all(r["errors"] == 0 for r in runs) else 1
+    sys.stdout.write(markdown(runs) + "\n")
+    sys.stdout.write(f"ratios: {json.dumps(report['ratios'])}\nresults written to {args.out}\n")
+    return 0 if all(r.get("errors", 0) == 0 for r in runs) else 1
