@@ -11,9 +11,10 @@
 - `InferenceService`: runs the forward passes on a small thread pool (never on the event
   loop) and, when `settings.batching` is on, stacks concurrent requests for one checkpoint
   into one forward pass: the first request waits up to `batch_window_ms` for company (a full
-  batch goes at once), a checkpoint has at most one batch per compute thread in flight, and
-  whatever queues meanwhile goes next (≤ `max_batch_size` images), taken by the compute
-  thread itself as soon as its batch is done.
+  batch goes at once, and so does one as big as the checkpoint's last busy spell: the closed
+  loop of clients that keeps it busy is all there), a checkpoint has at most one batch per
+  compute thread in flight, and whatever queues meanwhile goes next (≤ `max_batch_size`
+  images), taken by the compute thread itself as soon as its batch is done.
 """
 
 from __future__ import annotations
@@ -413,6 +414,8 @@ class InferenceService:
         self.onnx_cache_dir = settings.data_dir / "onnx-cache"
         self.cache = ModelCache(self._load, settings.model_cache_size)
         self._queues: dict[str, _Queue] = {}
+        #: Images each checkpoint's last busy spell served (one drain, start to end).
+        self._spells: dict[str, int] = {}
         #: Drains handed to the compute pool that no thread has started yet.
         self._waiting = 0
         self._waiting_lock = threading.Lock()
@@ -475,11 +478,14 @@ class InferenceService:
             queue = self._queues[loaded.checkpoint_id] = _Queue(loaded, loop)
         item = _Pending(x, loop.create_future())
         window = self.settings.batch_window_ms / 1000.0
+        # a batch goes when it is full, or as big as the last busy spell (the clients that
+        # keep this checkpoint busy are all here), or when the first request's wait is over
+        full = min(self.settings.max_batch_size, self._spells.get(loaded.checkpoint_id, 1 << 30))
         with queue.lock:
             queue.pending.append(item)
             queue.images += len(x)
             free = queue.drains < self.parallel
-            start = free and (queue.images >= self.settings.max_batch_size or window <= 0)
+            start = free and (queue.images >= full or window <= 0)
             queue.drains += start
         if start:
             self._start(queue)
@@ -541,8 +547,9 @@ class InferenceService:
                 queue.drains -= 1
         return batch
 
-    def _drain(self, queue: _Queue) -> None:
-        """Run the queue's batches until none waits (on a compute thread).
+    def _drain(self, queue: _Queue, served: int = 0) -> None:
+        """Run the queue's batches until none waits (on a compute thread), then remember how
+        many images this busy spell served (`served`: those before a hand-over).
 
         When another checkpoint's queue waits for a compute thread, this one goes to the back
         of the line after each batch, so a busy checkpoint cannot starve the others.
@@ -551,6 +558,7 @@ class InferenceService:
             self._waiting -= 1
         while batch := self._next_batch(queue):
             x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
+            served += len(x)
             started = time.perf_counter()
             try:
                 probs: np.ndarray | None = queue.loaded.run(x)
@@ -566,8 +574,12 @@ class InferenceService:
             if others and queue.pending:
                 with self._waiting_lock:
                     self._waiting += 1
-                self._compute.submit(self._drain, queue)
+                self._compute.submit(self._drain, queue, served)
                 return
+        if served:  # a drain that found nothing taken says nothing of the clients
+            if len(self._spells) >= REF_CACHE_SIZE:
+                self._spells.clear()
+            self._spells[queue.loaded.checkpoint_id] = served
         _call_soon(queue.loop, self._retire, queue)
 
     def _retire(self, queue: _Queue) -> None:

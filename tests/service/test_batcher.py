@@ -149,3 +149,31 @@ def test_requests_that_trickle_in_are_taken_by_the_running_drain(
     finally:
         svc.close()
     assert [n for _, n in passes.order] == [8, 5]
+
+
+def test_a_closed_loop_of_clients_is_batched_without_waiting_for_the_window(
+    settings: Settings, checkpoints: CheckpointStore
+) -> None:
+    """Once a busy spell has served 8 images, 8 waiting images go at once; 7 still wait for
+    the window, for the eighth client."""
+    manifest = save(checkpoints, lenet())
+    svc = service(settings, checkpoints, max_batch_size=64, batch_window_ms=50.0)
+    passes = Passes()
+    passes.record(svc, manifest)
+    xs = batches(8, 1)
+
+    async def rounds() -> None:
+        await asyncio.gather(*(svc.predict(manifest, x) for x in xs))  # waits 50 ms once
+        svc.settings = svc.settings.model_copy(update={"batch_window_ms": 60_000.0})
+        await asyncio.sleep(0.05)  # the spell is over: the compute thread remembered it
+        again = asyncio.gather(*(svc.predict(manifest, x) for x in xs))
+        await asyncio.wait_for(again, timeout=10)  # not the minute
+        fewer = asyncio.gather(*(svc.predict(manifest, x) for x in xs[:7]))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(fewer, timeout=1)
+
+    try:
+        asyncio.run(rounds())
+    finally:
+        svc.close()
+    assert [n for _, n in passes.order] == [8, 8]
