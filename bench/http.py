@@ -314,8 +314,6 @@ def interleaved(
     round, and every round's req/s and images/s."""
     per_path: dict[str, list[dict[str, Any]]] = {}
     for _ in range(rounds):
-        if alone is not None:
-            per_path.setdefault("model alone", []).append(alone.measure(duration / rounds / 4))
         for path, (request, images) in requests_for(url, ref).items():
             n_clients = clients if images == 1 else min(clients, 4)
             result = run_load(
@@ -327,6 +325,8 @@ def interleaved(
                 duration=duration / rounds,
             )
             per_path.setdefault(path, []).append({"path": path, "clients": n_clients, **result})
+        if alone is not None:  # after the loads: a server that just started is warming up
+            per_path.setdefault("model alone", []).append(alone.measure(duration / rounds / 4))
     out = []
     for path, results in per_path.items():
         if path == "model alone":
@@ -437,9 +437,32 @@ def api_server(
                         f"cnnserve api did not answer within {start_timeout:.0f} s"
                     ) from None
                 time.sleep(0.2)
+        settle(proc.pid)
         yield url
     finally:
         stop_group(proc)
+
+
+def settle(pid: int, *, busy_below: float = 0.05, timeout: float = 30.0) -> None:
+    """Wait until process `pid` uses less than `busy_below` of a core over half a second: a
+    server that has just started warms up in the background (it checks each model's recipe
+    once), and a load measured meanwhile would say so."""
+    stat = Path(f"/proc/{pid}/stat")
+    if not stat.exists():  # not Linux: give it the few seconds it takes
+        time.sleep(5)
+        return
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu_s() -> float:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = cpu_s()
+        time.sleep(0.5)
+        if cpu_s() - before < busy_below * 0.5:
+            return
 
 
 def stop_group(proc: subprocess.Popen[bytes]) -> None:
