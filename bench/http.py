@@ -177,8 +177,9 @@ def server_batch_stats(url: str, model: str = "lenet") -> dict[str, float]:
     return {"forward_passes": batches, "images": images}
 
 
-def v2_request(host: str, port: int, model: str, images: np.ndarray) -> bytes:
-    """The raw bytes of one V2 infer request: images as a binary UINT8 tensor, binary output."""
+def v2_body(images: np.ndarray, **request: Any) -> tuple[bytes, int]:
+    """A V2 infer body with the images as a binary UINT8 tensor (and any other fields of the
+    request), and the length of its JSON header."""
     header = json.dumps(
         {
             "inputs": [
@@ -189,14 +190,20 @@ def v2_request(host: str, port: int, model: str, images: np.ndarray) -> bytes:
                     "parameters": {"binary_data_size": images.nbytes},
                 }
             ],
-            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+            **request,
         }
     ).encode()
-    body = header + np.ascontiguousarray(images, dtype=np.uint8).tobytes()
+    return header + np.ascontiguousarray(images, dtype=np.uint8).tobytes(), len(header)
+
+
+def v2_request(host: str, port: int, model: str, images: np.ndarray) -> bytes:
+    """The raw bytes of one V2 infer request: images as a binary UINT8 tensor, binary output."""
+    wanted = [{"name": "probabilities", "parameters": {"binary_data": True}}]
+    body, header_length = v2_body(images, outputs=wanted)
     head = (
         f"POST /v2/models/{model}/infer HTTP/1.1\r\n"
         f"Host: {host}:{port}\r\n"
-        f"Inference-Header-Content-Length: {len(header)}\r\n"
+        f"Inference-Header-Content-Length: {header_length}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     return head + body

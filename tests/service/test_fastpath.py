@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
+from bench import http as bench_http
 from service import fastpath
 from service.app import create_app
 from service.keys import add_key
@@ -181,21 +182,8 @@ def test_a_refused_prediction_counts_against_the_rate_once(
 def v2_body(images: np.ndarray, **request: Any) -> tuple[bytes, dict[str, str]]:
     """A V2 infer body with the images as a binary UINT8 tensor, as tritonclient sends it
     (no Content-Type), and its headers."""
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "image",
-                    "shape": list(images.shape),
-                    "datatype": "UINT8",
-                    "parameters": {"binary_data_size": images.nbytes},
-                }
-            ],
-            **request,
-        }
-    ).encode()
-    body = header + np.ascontiguousarray(images, dtype=np.uint8).tobytes()
-    return body, {"Inference-Header-Content-Length": str(len(header))}
+    body, header_length = bench_http.v2_body(images, **request)
+    return body, {"Inference-Header-Content-Length": str(header_length)}
 
 
 def binary_probabilities(r: Any, n: int) -> np.ndarray:
