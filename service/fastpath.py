@@ -226,7 +226,7 @@ class FastPath:
 
 
 async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body (within the body limit's receive), None on a disconnect."""
+    """The whole request body (of a declared length within the limit), None on a disconnect."""
     chunks: list[bytes] = []
     while True:
         message = await receive()

@@ -557,16 +557,17 @@ class InferenceService:
         with self._waiting_lock:
             self._waiting -= 1
         while batch := self._next_batch(queue):
-            x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
-            served += len(x)
+            images = sum(len(p.x) for p in batch)
+            served += images
             started = time.perf_counter()
             try:
+                x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
                 probs: np.ndarray | None = queue.loaded.run(x)
                 failure: Exception | None = None
             except Exception as exc:  # hand the failure to every waiting request
                 probs, failure = None, exc
             else:
-                self._observe(queue.loaded, len(x), time.perf_counter() - started)
+                self._observe(queue.loaded, images, time.perf_counter() - started)
             if not _call_soon(queue.loop, _deliver, batch, probs, failure):
                 return  # the loop is gone: nobody waits for answers
             with self._waiting_lock:
