@@ -43,12 +43,7 @@ from PIL import Image
 from torch import nn
 
 from service.images import NATIVE_SIZE
-from service.metrics import (
-    INFERENCE_BATCH_SIZE,
-    INFERENCE_LATENCY,
-    MODEL_CACHE_HITS,
-    MODEL_CACHE_MISSES,
-)
+from service.metrics import MODEL_CACHE_HITS, MODEL_CACHE_MISSES, observe_batch
 from workers.checkpoints import CheckpointStore, Manifest
 from workers.settings import Settings
 
@@ -366,10 +361,6 @@ class _Queue:
     timer: asyncio.TimerHandle | None = None
 
 
-#: Each model's forward-pass latency and batch-size series (the registry's few models).
-_BATCH_SERIES: dict[str, tuple[Any, Any]] = {}
-
-
 def _deliver(batch: list[_Pending], probs: np.ndarray | None, failure: Exception | None) -> None:
     """Give each request of a batch its rows of the answer, or the failure (on the loop)."""
     start = 0
@@ -497,20 +488,8 @@ class InferenceService:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         probs = await loop.run_in_executor(self._compute, loaded.run, x)
-        self._observe(loaded, len(x), time.perf_counter() - started)
+        observe_batch(loaded.manifest.model, len(x), time.perf_counter() - started)
         return probs
-
-    @staticmethod
-    def _observe(loaded: LoadedModel, images: int, seconds: float) -> None:
-        model = loaded.manifest.model
-        series = _BATCH_SERIES.get(model)
-        if series is None:  # `labels()` locks and checks its arguments: once per model
-            series = _BATCH_SERIES[model] = (
-                INFERENCE_LATENCY.labels(model=model),
-                INFERENCE_BATCH_SIZE.labels(model=model),
-            )
-        series[0].observe(seconds)
-        series[1].observe(images)
 
     def _window_closed(self, queue: _Queue) -> None:
         """The first waiting request's wait is over: drain what came meanwhile (on the loop)."""
@@ -526,9 +505,13 @@ class InferenceService:
         if queue.timer is not None:
             queue.timer.cancel()
             queue.timer = None
+        self._submit(queue)
+
+    def _submit(self, queue: _Queue, served: int = 0) -> None:
+        """Put a drain of the queue in the compute pool's line (counted until it starts)."""
         with self._waiting_lock:
             self._waiting += 1
-        self._compute.submit(self._drain, queue)
+        self._compute.submit(self._drain, queue, served)
 
     def _next_batch(self, queue: _Queue) -> list[_Pending]:
         """The queue's next batch (≤ max_batch_size images, at least one request); an empty
@@ -567,15 +550,11 @@ class InferenceService:
             except Exception as exc:  # hand the failure to every waiting request
                 probs, failure = None, exc
             else:
-                self._observe(queue.loaded, images, time.perf_counter() - started)
+                observe_batch(queue.loaded.manifest.model, images, time.perf_counter() - started)
             if not _call_soon(queue.loop, _deliver, batch, probs, failure):
                 return  # the loop is gone: nobody waits for answers
-            with self._waiting_lock:
-                others = self._waiting > 0
-            if others and queue.pending:
-                with self._waiting_lock:
-                    self._waiting += 1
-                self._compute.submit(self._drain, queue, served)
+            if self._waiting and queue.pending:  # another queue is in line: go behind it
+                self._submit(queue, served)
                 return
         if served:  # a drain that found nothing taken says nothing of the clients
             if len(self._spells) >= REF_CACHE_SIZE:

@@ -104,22 +104,29 @@ class RequestMetricsMiddleware:
             observe_request(scope.get("method", ""), route, status, time.perf_counter() - start)
 
 
-#: Each (method, route, status)'s count and latency series, looked up once: `labels()` takes a
-#: lock and checks its arguments on every call. Bounded: routes are templates.
-_REQUEST_SERIES: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+#: Labelled series looked up once: `labels()` takes a lock and checks its arguments on every
+#: call, on the hot paths. Bounded: labels are methods, route templates, statuses and models.
+_SERIES: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def _series(metric: Any, *labels: str) -> Any:
+    key = (metric, labels)
+    series = _SERIES.get(key)
+    if series is None:
+        series = _SERIES[key] = metric.labels(*labels)
+    return series
 
 
 def observe_request(method: str, route: str, status: int, seconds: float) -> None:
     """Count one answered request and its time under its route template."""
-    key = (method, route, status)
-    series = _REQUEST_SERIES.get(key)
-    if series is None:
-        series = _REQUEST_SERIES[key] = (
-            HTTP_REQUESTS.labels(method, route, str(status)),
-            HTTP_LATENCY.labels(method, route),
-        )
-    series[0].inc()
-    series[1].observe(seconds)
+    _series(HTTP_REQUESTS, method, route, str(status)).inc()
+    _series(HTTP_LATENCY, method, route).observe(seconds)
+
+
+def observe_batch(model: str, images: int, seconds: float) -> None:
+    """Record one forward pass of a model: its images and its time."""
+    _series(INFERENCE_LATENCY, model).observe(seconds)
+    _series(INFERENCE_BATCH_SIZE, model).observe(images)
 
 
 def refresh_job_gauges(store: JobStore) -> None:
