@@ -51,7 +51,7 @@ from service.routes.predict import (
     predict_json,
     upload_blobs,
 )
-from service.routes.v2 import infer_answer
+from service.routes.v2 import infer_answer, model_manifest
 from workers.contracts import CHECKPOINT_REF_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,8 @@ def take_infer(match: re.Match[str], scope: Scope, headers: Headers) -> Taken | 
     header_length = raw_length.decode("latin-1") if raw_length is not None else None
 
     async def handle(inference: InferenceService, caller: Caller, body: bytes) -> Answer:
-        return await infer_answer(inference, caller, model, version, body, header_length)
+        manifest = await model_manifest(inference, model, version, caller)
+        return await infer_answer(inference, model, manifest, body, header_length)
 
     return Taken(INFER_ROUTE if version is None else INFER_VERSION_ROUTE, handle)
 
@@ -212,9 +213,7 @@ class FastPath:
         await send({"type": "http.response.body", "body": content})
         observe_request("POST", taken.route, 200, time.perf_counter() - started)
 
-    async def _answer(
-        self, scope: Scope, headers: Headers, body: bytes, taken: Taken
-    ) -> Answer | None:
+    async def _answer(self, scope: Scope, headers: Headers, body: bytes, taken: Taken) -> Answer:
         app_state = scope["app"].state
         authorization = headers.get(b"authorization")
         credentials = _credentials(authorization.decode("latin-1") if authorization else None)

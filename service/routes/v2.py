@@ -331,7 +331,7 @@ def _resolve(
     return manifest
 
 
-async def _model(
+async def model_manifest(
     inference: InferenceService, name: str, version: str | None, caller: Caller
 ) -> Manifest:
     """The checkpoint a request names (among the caller's), resolved at most once a second
@@ -546,7 +546,7 @@ async def model_version_metadata(
 async def _ready(
     inference: InferenceService, model: str, version: str | None, caller: Caller
 ) -> Response:
-    await _model(inference, model, version, caller)  # 404 when nothing answers to the name
+    await model_manifest(inference, model, version, caller)  # 404: nothing has the name
     return Response(status_code=200)
 
 
@@ -578,17 +578,16 @@ async def model_version_ready(
 
 async def infer_answer(
     inference: InferenceService,
-    caller: Caller,
     model: str,
-    version: str | None,
+    manifest: Manifest,
     body: bytes,
     header_length: str | None,
 ) -> tuple[bytes, dict[str, str]]:
-    """The answer to an infer request's raw body: the response body and its headers.
+    """The answer to an infer request's raw body for the checkpoint the model name resolved
+    to (`model_manifest`): the response body and its headers.
 
     The route and `service.fastpath` both answer with this; every mistake in the request
     raises a `ProblemError` (the protocol's `{"error": ...}` under `/v2`)."""
-    manifest = await _model(inference, model, version, caller)  # an unknown model: 404
     parsed = parse_request(body, header_length)
     batch = await _batch(parsed, inference, manifest)
     loaded, probs = await inference.predict(manifest, batch)
@@ -605,10 +604,10 @@ async def _infer(
     version: str | None,
     caller: Caller,
 ) -> Response:
-    await _model(inference, model, version, caller)  # a 404 before the body is read
+    manifest = await model_manifest(inference, model, version, caller)  # 404 before the body
     body = await request.body()
     content, headers = await infer_answer(
-        inference, caller, model, version, body, request.headers.get(HEADER_LENGTH)
+        inference, model, manifest, body, request.headers.get(HEADER_LENGTH)
     )
     return Response(content, headers=headers)
 
