@@ -44,10 +44,10 @@ import redis
 
 from bench.http import api_server, cnnserve_command, stop_group
 from bench.infer import machine_info
-from service.stack import free_port
-from workers.checkpoints import Manifest, Preprocessing
+from service.cli.stack import free_port
 from workers.contracts import JobSpec, JobStatus
-from workers.jobs import EpochMetrics, JobRecord
+from workers.store.checkpoints import Manifest, Preprocessing
+from workers.store.jobs import EpochMetrics, JobRecord
 
 logger = logging.getLogger(__name__)
 
@@ -279,8 +279,8 @@ def time_operations(
 
 _SCAN = """
 import json, sys, time
-from workers.jobs import JobStore
-from workers.runner import recover_orphans
+from workers.store.jobs import JobStore
+from workers.training.runner import recover_orphans
 from workers.settings import Settings
 store = JobStore.from_url(sys.argv[1])
 settings = Settings(redis_url=sys.argv[1])

@@ -1,6 +1,7 @@
 """What the confusion matrix costs a validation pass: `python -m bench confusion`.
 
-The engine's validation (`workers.evaluation.Tally`: loss and the 10×10 matrix on the device)
+The engine's validation (`workers.training.validation.Tally`: loss and the 10×10 matrix on
+the device)
 against the pass as it was before the matrix (loss and a count of correct predictions), over
 all 10,000 test images with a freshly initialised network, in interleaved rounds in one
 process; the ratio of the medians is the matrix's cost.
@@ -24,9 +25,9 @@ import torch.nn.functional as F
 
 from bench.infer import machine_info
 from models import build_model, get_model_entry
-from workers.data import load_fashion_mnist
-from workers.evaluation import Tally, model_input
 from workers.settings import Settings
+from workers.training.data import load_fashion_mnist
+from workers.training.validation import Tally, model_input
 
 #: Validation batches hold about this many input pixels, as in the engine.
 EVAL_PIXELS = 2**21

@@ -53,7 +53,7 @@ import uvloop
 from PIL import Image
 
 from bench.infer import machine_info, save_fresh_checkpoint
-from service.stack import free_port
+from service.cli.stack import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -263,8 +263,11 @@ class ModelAlone:
     once (`cpu_budget`'s compute threads) of so many intra-op threads each. No HTTP at all."""
 
     def __init__(self, data_dir: Path, ref: str) -> None:
-        from service.inference import cpu_budget, load_for_inference
-        from workers.checkpoints import CheckpointStore
+        from service.inference.backends import (
+            cpu_budget,
+            load_for_inference,
+        )
+        from workers.store.checkpoints import CheckpointStore
 
         self.streams, threads = cpu_budget()
         store = CheckpointStore(data_dir / "checkpoints")
@@ -384,7 +387,7 @@ def ratios(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def make_lenet_checkpoint(data_dir: Path) -> str:
     """Save a freshly initialised LeNet checkpoint under `data_dir`; returns its id."""
-    from workers.checkpoints import CheckpointStore
+    from workers.store.checkpoints import CheckpointStore
 
     store = CheckpointStore(data_dir / "checkpoints")
     return save_fresh_checkpoint(store, "lenet", "00000000000be7c4").id

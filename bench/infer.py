@@ -33,8 +33,12 @@ import torch
 
 from bench.machine import core_count, cpu_name
 from models import build_model, get_model_entry
-from service.inference import LoadedModel, cpu_budget, load_for_inference
-from workers.checkpoints import CheckpointStore, Manifest, Preprocessing
+from service.inference.backends import (
+    LoadedModel,
+    cpu_budget,
+    load_for_inference,
+)
+from workers.store.checkpoints import CheckpointStore, Manifest, Preprocessing
 
 logger = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ class Classifier:
     """The checkpoint, ready for batches of encoded images."""
 
     def __init__(self) -> None:
-        from service.inference import InferenceNet
-        from workers.checkpoints import CheckpointStore
+        from service.inference.backends import InferenceNet
+        from workers.store.checkpoints import CheckpointStore
 
         threads = int(os.environ.get("PEER_THREADS", "2"))
         torch.set_num_threads(threads)

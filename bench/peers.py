@@ -57,7 +57,7 @@ import numpy as np
 
 from bench.http import _load, cnnserve_command, multipart_request, sample_png, server_batch_stats
 from bench.infer import machine_info, save_fresh_checkpoint
-from service.stack import free_port
+from service.cli.stack import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ def run_model(
     model: str, names: list[str], work: Path, env: dict[str, str], args: argparse.Namespace
 ) -> dict[str, dict[str, Any]]:
     """Start every server for one model, load them in interleaved rounds, stop them."""
-    from workers.checkpoints import CheckpointStore
+    from workers.store.checkpoints import CheckpointStore
 
     data_dir = work / f"data-{model}"
     ckpt = save_fresh_checkpoint(

@@ -74,9 +74,9 @@ def accuracy(classify: Any, blobs: list[bytes], labels: np.ndarray, batch: int =
 
 def local_classifier(store_root: Path, checkpoint: str, mode: str) -> Any:
     """Classify encoded images as the server does: its decoding, preprocessing and model."""
-    from service.images import decode_image, preprocess
-    from service.inference import load_for_inference
-    from workers.checkpoints import CheckpointStore
+    from service.inference.backends import load_for_inference
+    from service.inference.images import decode_image, preprocess
+    from workers.store.checkpoints import CheckpointStore
 
     store = CheckpointStore(store_root)
     loaded = load_for_inference(
@@ -100,9 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from workers.checkpoints import CheckpointStore
-    from workers.data import load_fashion_mnist
     from workers.settings import Settings
+    from workers.store.checkpoints import CheckpointStore
+    from workers.training.data import load_fashion_mnist
 
     data = load_fashion_mnist(Settings(data_dir=args.data_dir))
     images = data.test_images[: args.images].numpy()

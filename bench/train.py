@@ -2,7 +2,7 @@
 
 For every model and seed, in one process: `bench.d2l_way.train_d2l_way` (torchvision dataset,
 PIL `Resize` + `ToTensor`, a 4-worker DataLoader, per-batch loss read back, plain SGD), then
-`workers.engine.train` on the same device with the same seed (so the same Xavier init from
+`workers.training.engine.train` on the same device with the same seed (so the same Xavier init from
 `models.build_model`), batch size, lr, epochs and training examples. An epoch's time covers
 training and validation, as d2l's `fit_epoch` does; cnnserve's checkpoint write after each
 epoch is outside it (it is in `wall_s`). Per model it reports the median epoch time, training
@@ -40,12 +40,12 @@ import torch
 from bench.d2l_way import train_d2l_way
 from bench.machine import core_count, cpu_name
 from models import get_model_entry, list_models
-from workers.checkpoints import CheckpointStore
 from workers.contracts import JobSpec
-from workers.data import FashionMNIST, load_fashion_mnist
-from workers.engine import TrainOptions, resolve_device, train, train_subset
-from workers.jobs import new_job_id
 from workers.settings import Settings
+from workers.store.checkpoints import CheckpointStore
+from workers.store.jobs import new_job_id
+from workers.training.data import FashionMNIST, load_fashion_mnist
+from workers.training.engine import TrainOptions, resolve_device, train, train_subset
 
 log = logging.getLogger(__name__)
 

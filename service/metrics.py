@@ -21,7 +21,7 @@ from prometheus_client import generate_latest as _generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from workers.contracts import QUEUE, JobStatus
-from workers.jobs import JobStore
+from workers.store.jobs import JobStore
 
 HTTP_REQUESTS = Counter(
     "cnnserve_http_requests",

@@ -22,8 +22,8 @@ import redis
 from celery import Celery
 
 from workers.contracts import QUEUE, TRAIN_TASK
-from workers.jobs import PREFIX
 from workers.settings import Settings, get_settings
+from workers.store.jobs import PREFIX
 
 #: Workers refresh `cnnserve:worker:<name>` this often; the key expires after 3 misses.
 WORKER_HEARTBEAT_S = 5.0

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 )
 def train_job(self: Task, job_id: str) -> str:
     """Train the job `job_id` (an id, never the spec: the record in Redis is the truth)."""
-    from workers.runner import run_job
+    from workers.training.runner import run_job
 
     return run_job(
         job_id,
@@ -48,7 +48,7 @@ def train_job(self: Task, job_id: str) -> str:
 )
 def evaluate(self: Task, evaluation_id: str) -> str:
     """Evaluate the checkpoint an evaluation record names (the record is the truth)."""
-    from workers.evaluations import run_evaluation
+    from workers.store.evaluations import run_evaluation
 
     return run_evaluation(
         evaluation_id, worker=str(self.request.hostname or "worker"), settings=get_settings()
@@ -64,7 +64,7 @@ def _start_monitor(sender: Any = None, **_: Any) -> None:
 
 @worker_shutting_down.connect
 def _stop_training(**_: Any) -> None:
-    from workers.runner import shutdown_requested
+    from workers.training.runner import shutdown_requested
 
     log.info("worker shutting down: a running job stops and goes back to the queue")
     shutdown_requested.set()

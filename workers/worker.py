@@ -33,8 +33,8 @@ class Heartbeat(threading.Thread):
         self.halt = halt
 
     def run(self) -> None:
-        from workers import runner
         from workers.celery_app import WORKER_HEARTBEAT_S, clear_heartbeat, write_heartbeat
+        from workers.training import runner
 
         client = redis.Redis.from_url(self.settings.redis_url, decode_responses=True)
         tick = min(WORKER_HEARTBEAT_S, self.settings.lease_seconds / 2)
@@ -73,8 +73,8 @@ class Maintenance(threading.Thread):
 
     def run(self) -> None:
         from workers.celery_app import app, enqueue_job
-        from workers.jobs import JobStore
-        from workers.runner import recover_orphans
+        from workers.store.jobs import JobStore
+        from workers.training.runner import recover_orphans
 
         store = JobStore.from_url(self.settings.redis_url)
         retention = self.settings.job_retention

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from service.stack import free_port
+from service.cli.stack import free_port
 from tests.deploy.readme import output_mismatch, walkthrough_steps
 from tests.deploy.stack_helpers import FASHION_MNIST_DIR, running_stack, stack_env
 

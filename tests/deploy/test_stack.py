@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from service.stack import free_port
+from service.cli.stack import free_port
 from tests.deploy.stack_helpers import (
     CNNSERVE,
     get,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from service.stack import free_port
+from service.cli.stack import free_port
 from tests.deploy.stack_helpers import port_open
 from tests.service.conftest import stop_process
 

@@ -25,7 +25,7 @@ from tests.workers.helpers import (
 )
 from workers.celery_app import enqueue_job
 from workers.contracts import QUEUE, JobStatus
-from workers.jobs import JobStore
+from workers.store.jobs import JobStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 

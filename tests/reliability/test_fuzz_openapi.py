@@ -21,13 +21,13 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, positive_data_acceptance
 from schemathesis.core.parameters import ParameterLocation
 
-from service.app import create_app
+from service.api.app import create_app
 from tests.service.checkpoint_helpers import JOB_A, lenet, save
 from tests.workers.helpers import lenet_spec
-from workers.checkpoints import CheckpointStore
 from workers.contracts import JobStatus
-from workers.jobs import JobStore
 from workers.settings import Settings
+from workers.store.checkpoints import CheckpointStore
+from workers.store.jobs import JobStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -14,17 +14,17 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from service.app import create_app
+from service.api.app import create_app
 from tests.reliability.procs import ApiProcess, raw_request
 from tests.service.checkpoint_helpers import JOB_A, fashion_test_set, lenet, png, save
 from tests.workers.helpers import lenet_spec
-from workers.checkpoints import CheckpointStore
 from workers.contracts import JobStatus
-from workers.data import load_fashion_mnist
-from workers.engine import train
-from workers.jobs import JobStore
-from workers.runner import run_job
 from workers.settings import Settings
+from workers.store.checkpoints import CheckpointStore
+from workers.store.jobs import JobStore
+from workers.training.data import load_fashion_mnist
+from workers.training.engine import train
+from workers.training.runner import run_job
 
 pytestmark = [pytest.mark.integration]
 

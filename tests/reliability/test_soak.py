@@ -21,8 +21,8 @@ import pytest
 from tests.reliability.procs import ApiProcess, rss_kib
 from tests.service.checkpoint_helpers import JOB_A, fashion_test_set, lenet, png, save
 from tests.workers.helpers import WorkerProcess
-from workers.checkpoints import CheckpointStore
 from workers.settings import Settings
+from workers.store.checkpoints import CheckpointStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
+from service.api.app import create_app
 from tests.service.checkpoint_helpers import JOB_A, fashion_test_set, lenet, png, save
 from tests.workers.helpers import lenet_spec, statuses
-from workers.checkpoints import CheckpointStore
 from workers.contracts import JobStatus
-from workers.jobs import JobStore
-from workers.runner import run_job
 from workers.settings import Settings
+from workers.store.checkpoints import CheckpointStore
+from workers.store.jobs import JobStore
+from workers.training.runner import run_job
 
 pytestmark = [pytest.mark.integration]
 

@@ -16,7 +16,7 @@ from celery import Celery
 from tests.workers.helpers import WorkerProcess, lenet_spec, statuses, wait_finished, wait_for
 from workers.celery_app import enqueue_job
 from workers.contracts import JobStatus
-from workers.jobs import JobStore
+from workers.store.jobs import JobStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 

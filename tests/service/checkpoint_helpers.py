@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from models import build_model
-from workers.checkpoints import CheckpointStore, Manifest, Preprocessing
+from workers.store.checkpoints import CheckpointStore, Manifest, Preprocessing
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 JOB_A = "0123456789abcdef"

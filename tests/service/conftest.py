@@ -16,15 +16,15 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.stack import free_port
+from service.api.app import create_app
+from service.cli.stack import free_port
 from tests.workers.conftest import (  # noqa: F401  (a real worker for the end-to-end tests)
     celery_app,
     start_worker,
     worker_env,
 )
-from workers.jobs import JobStore
 from workers.settings import Settings
+from workers.store.jobs import JobStore
 
 API_KEY = "test-key-0123456789"
 
@@ -123,7 +123,7 @@ def uvicorn_server(settings: Settings, tmp_path: Path) -> Iterator[Callable[...,
                 "-m",
                 "uvicorn",
                 "--factory",
-                "service.app:create_app",
+                "service.api.app:create_app",
                 "--host",
                 "127.0.0.1",
                 "--port",

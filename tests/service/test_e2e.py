@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.stack import free_port
+from service.cli.stack import free_port
 from tests.http_checks import parse_sse
 from tests.service.checkpoint_helpers import fashion_test_set, png
 from workers.settings import Settings

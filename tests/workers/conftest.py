@@ -15,9 +15,9 @@ from celery import Celery
 from tests.conftest import FASHION_MNIST_DIR
 from tests.workers.helpers import WorkerProcess
 from workers.celery_app import make_celery, worker_heartbeats
-from workers.data import FashionMNIST, load_fashion_mnist
-from workers.jobs import JobStore
 from workers.settings import Settings
+from workers.store.jobs import JobStore
+from workers.training.data import FashionMNIST, load_fashion_mnist
 
 #: Short leases so a killed worker's job is recovered within seconds.
 TEST_LEASE_SECONDS = 3

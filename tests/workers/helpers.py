@@ -17,9 +17,9 @@ from celery import Celery
 from safetensors.torch import load_file
 
 from workers.celery_app import enqueue_job
-from workers.checkpoints import CheckpointStore
 from workers.contracts import JobSpec
-from workers.jobs import EpochMetrics, JobRecord, JobStore
+from workers.store.checkpoints import CheckpointStore
+from workers.store.jobs import EpochMetrics, JobRecord, JobStore
 
 
 @dataclass

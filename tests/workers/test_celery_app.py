@@ -31,7 +31,8 @@ def test_enqueueing_does_not_load_the_training_engine(settings: Settings) -> Non
         "import sys\n"
         "from workers.celery_app import app, enqueue_job\n"
         "enqueue_job(app, 'ffffffffffffffff')\n"
-        "loaded = [m for m in ('workers.tasks', 'workers.runner', 'workers.engine') "
+        "loaded = [m for m in ('workers.tasks', 'workers.training.runner', "
+        "'workers.training.engine') "
         "if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from workers.contracts import TRUSTED, JobSpec, network_fit
 from workers.settings import Settings
-from workers.train_cli import run_train
+from workers.training.cli import run_train
 
 ROOT = Path(__file__).resolve().parents[2]
 

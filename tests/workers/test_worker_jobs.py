@@ -19,11 +19,11 @@ from tests.workers.helpers import (
     wait_finished,
 )
 from workers.celery_app import enqueue_job, live_workers, worker_heartbeats
-from workers.checkpoints import CheckpointStore
 from workers.contracts import JobStatus
-from workers.data import load_fashion_mnist
-from workers.jobs import JobStore
 from workers.settings import Settings
+from workers.store.checkpoints import CheckpointStore
+from workers.store.jobs import JobStore
+from workers.training.data import load_fashion_mnist
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -12,11 +12,11 @@ import pytest
 from celery import Celery
 
 from tests.workers.helpers import lenet_spec
-from workers import runner
 from workers.celery_app import worker_heartbeats
 from workers.contracts import QUEUE, TRAIN_TASK, JobStatus
-from workers.jobs import JobStore
 from workers.settings import Settings
+from workers.store.jobs import JobStore
+from workers.training import runner
 from workers.worker import WorkerMonitor
 
 

@@ -1,0 +1,1 @@
+"""Access control: principals and their keys, scopes, tenants, rate limits and the audit log."""

@@ -1,0 +1,1 @@
+"""The HTTP API: app factory, routes, dependencies, error mapping, middleware, the fast path."""

@@ -1,0 +1,83 @@
+"""Request body size limit as pure ASGI middleware: 413 before the body is buffered.
+
+The declared `Content-Length` is checked before the app runs; bodies without one (chunked
+uploads) are counted as they stream in and cut off at the limit, so the server never holds more
+than the limit of any body.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.problems import problem_response
+from service.errors import PayloadTooLargeError
+
+logger = logging.getLogger(__name__)
+
+
+class BodySizeLimitMiddleware:
+    """Refuse HTTP request bodies over `max_bytes` with a 413 problem."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            logger.info("refused a %d-byte body (limit %d)", declared, self.max_bytes)
+            await self._send_413(scope, receive, send)
+            return
+
+        received = 0
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise PayloadTooLargeError(self.max_bytes)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except PayloadTooLargeError:
+            # raised from a receive the app did not turn into a response itself
+            if response_started:
+                raise
+            await self._send_413(scope, receive, send)
+
+    async def _send_413(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The 413 problem the exception handlers would give, sent from outside the app."""
+        exc = PayloadTooLargeError(self.max_bytes)
+        response = problem_response(
+            413,
+            exc.detail,
+            instance=scope.get("path"),
+            slug="payload-too-large",
+            headers=exc.headers,
+        )
+        await response(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

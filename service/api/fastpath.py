@@ -1,0 +1,251 @@
+"""The fast path: the hot inference calls answered without FastAPI's routing, dependency
+resolution and response machinery.
+
+- `POST /v1/checkpoints/{ref}/predict` with a small multipart upload;
+- `POST /v2/models/{model}[/versions/{version}]/infer`, the Open Inference Protocol's infer.
+
+That machinery cost more CPU per LeNet request than decoding the image and the forward pass
+together (`bench peers`, docs/benchmarks.md), and a fifth of a 64-image V2 batch's forward
+pass (`bench http`). This layer stands in front of the whole middleware stack
+(`service.api.app.CnnserveAPI`): it counts what it answers in the request metrics itself, takes
+only bodies whose declared length is within the body limit, and answers nothing the audit
+log records (predictions change no state). It does what the routes do with the routes' own
+functions: the same key check, scope and rate limit (`service.access.auth`), the same checkpoint or
+model resolution within the caller's tenant, parsers, checks, batcher and encoders.
+
+It answers only a success. Whatever it does not take (JSON predict bodies, big uploads, odd
+query strings, bodies without a declared length) goes to the route untouched, and whatever goes
+wrong on the way (no key, an unknown checkpoint or model, a bad image or tensor, a 429) goes to
+the route too, with the body it read replayed and the caller it admitted left in the request's
+state, so every error is the route's own answer (a problem document on `/v1`, the protocol's
+`{"error": ...}` on `/v2`) and a prediction is counted against the rate once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, get_args
+from urllib.parse import parse_qsl
+
+from fastapi.security import HTTPAuthorizationCredentials
+from fastapi.security.utils import get_authorization_scheme_param
+from pydantic import TypeAdapter, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.access.auth import ADMITTED, Caller, authorize, count_prediction
+from service.api.deps import inference_of
+from service.api.routes.predict import (
+    INLINE_MULTIPART_BYTES,
+    MAX_TOP_K,
+    Preparation,
+    files_native,
+    manifest_for,
+    multipart_parts,
+    predict_json,
+    upload_blobs,
+)
+from service.api.routes.v2 import infer_answer, model_manifest
+from service.errors import ProblemError
+from service.inference.batcher import InferenceService
+from service.inference.images import InvertMode, PreprocessMode
+from service.metrics import observe_request
+from workers.contracts import CHECKPOINT_REF_PATTERN
+
+logger = logging.getLogger(__name__)
+
+PREDICT_PATH = re.compile(r"^/v1/checkpoints/([^/]{1,64})/predict$")
+#: The V2 infer routes; model and version names as the routes' path parameters allow them.
+INFER_PATH = re.compile(r"^/v2/models/([^/]{1,64})(?:/versions/([^/]{1,64}))?/infer$")
+REF = re.compile(CHECKPOINT_REF_PATTERN)
+#: The predict route's own types: its accepted values, and pydantic's reading of a boolean.
+INVERT, PREPROCESS = set(get_args(InvertMode)), set(get_args(PreprocessMode))
+BOOL = TypeAdapter(bool)
+
+Headers = dict[bytes, bytes]
+#: What a fast route answers: the body and its headers (Content-Type among them).
+Answer = tuple[bytes, dict[str, str]]
+#: How a taken request is answered, given the inference service, the admitted caller and
+#: the body: the route's work, raising a `ProblemError` wherever the route would refuse.
+Handler = Callable[[InferenceService, Caller, bytes], Awaitable[Answer]]
+
+
+@dataclass(frozen=True)
+class Taken:
+    """A request the fast path answers: its route's template (the metrics' label) and how
+    to answer it."""
+
+    route: str
+    handle: Handler
+
+
+PREDICT_ROUTE = "/v1/checkpoints/{ref}/predict"
+INFER_ROUTE = "/v2/models/{model}/infer"
+INFER_VERSION_ROUTE = "/v2/models/{model}/versions/{model_version}/infer"
+
+
+def _query(raw: bytes) -> dict[str, Any] | None:
+    """The predict query parameters, or None where the route should judge them (a 422)."""
+    params = dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True)) if raw else {}
+    top_k, invert = params.get("top_k", "1"), params.get("invert", "auto")
+    mode, with_input = params.get("preprocess", "auto"), params.get("return_input", "false")
+    if not (top_k.isascii() and top_k.isdigit() and 1 <= int(top_k) <= MAX_TOP_K):
+        return None
+    if invert not in INVERT or mode not in PREPROCESS:
+        return None
+    try:
+        flag = BOOL.validate_python(with_input)
+    except ValidationError:
+        return None
+    return {"top_k": int(top_k), "invert": invert, "mode": mode, "with_input": flag}
+
+
+def take_predict(match: re.Match[str], scope: Scope, headers: Headers) -> Taken | None:
+    """A predict call with a small multipart body and well-formed query parameters."""
+    ref = match.group(1)
+    content_type = headers.get(b"content-type", b"").decode("latin-1")
+    query = _query(scope.get("query_string", b""))
+    if (
+        query is None
+        or not REF.match(ref)
+        or content_type.split(";")[0].strip().lower() != "multipart/form-data"
+        or int(headers[b"content-length"]) > INLINE_MULTIPART_BYTES
+    ):
+        return None
+
+    async def handle(inference: InferenceService, caller: Caller, body: bytes) -> Answer:
+        settings = inference.settings
+        manifest = await manifest_for(inference, caller, ref)
+        parts = multipart_parts(content_type, body, settings.max_images_per_request)
+        how = Preparation(manifest, query["invert"], query["mode"])
+        native = await files_native(upload_blobs(parts), settings, how)
+        answer = await predict_json(inference, how, native, query["top_k"], query["with_input"])
+        return answer, {"Content-Type": "application/json"}
+
+    return Taken(PREDICT_ROUTE, handle)
+
+
+def take_infer(match: re.Match[str], scope: Scope, headers: Headers) -> Taken | None:
+    """A V2 infer call (any content type: tritonclient sends none)."""
+    model, version = match.group(1), match.group(2)
+    raw_length = headers.get(b"inference-header-content-length")
+    header_length = raw_length.decode("latin-1") if raw_length is not None else None
+
+    async def handle(inference: InferenceService, caller: Caller, body: bytes) -> Answer:
+        manifest = await model_manifest(inference, model, version, caller)
+        return await infer_answer(inference, model, manifest, body, header_length)
+
+    return Taken(INFER_ROUTE if version is None else INFER_VERSION_ROUTE, handle)
+
+
+#: The routes the fast path answers: a path pattern and what it takes of those requests.
+ROUTES: tuple[tuple[re.Pattern[str], Callable[..., Taken | None]], ...] = (
+    (PREDICT_PATH, take_predict),
+    (INFER_PATH, take_infer),
+)
+
+
+def _credentials(authorization: str | None) -> HTTPAuthorizationCredentials | None:
+    """As `HTTPBearer(auto_error=False)` reads the Authorization header."""
+    scheme, token = get_authorization_scheme_param(authorization)
+    if not (authorization and scheme and token) or scheme.lower() != "bearer":
+        return None
+    return HTTPAuthorizationCredentials(scheme=scheme, credentials=token)
+
+
+def _taken(scope: Scope) -> tuple[Taken, Headers] | None:
+    """What the fast path makes of a request, with its headers; None: the app's.
+
+    Only bodies of a declared length within the body limit: the limit's middleware, behind
+    this layer, refuses the others (and uvicorn holds a body to its declared length)."""
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return None
+    path = scope["path"]
+    for pattern, take in ROUTES:
+        match = pattern.match(path)
+        if match is None:
+            continue
+        headers: Headers = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name, value)  # the first of a repeated header, as Starlette
+        length = headers.get(b"content-length", b"")
+        limit = scope["app"].state.settings.max_body_bytes
+        if not (length.isdigit() and int(length) <= limit):
+            return None
+        taken = take(match, scope, headers)
+        return None if taken is None else (taken, headers)
+    return None
+
+
+class FastPath:
+    """Answer the hot inference calls directly; hand everything else to `app`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = _taken(scope)
+        if found is None:
+            await self.app(scope, receive, send)
+            return
+        taken, headers = found
+        started = time.perf_counter()
+        body = await _read_body(receive)
+        if body is None:  # the client left before its body arrived: nobody to answer
+            return
+        try:
+            answer = await self._answer(scope, headers, body, taken)
+        except ProblemError:  # the route answers it, with its own error document
+            answer = None
+        except Exception:
+            # not a refusal: the route will meet it again and report it (a 500)
+            logger.warning("fast path failed; the route takes the request", exc_info=True)
+            answer = None
+        if answer is None:
+            await self.app(scope, _replay(body, receive), send)
+            return
+        content, extra = answer
+        response_headers = [(b"content-length", str(len(content)).encode())]
+        response_headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+        await send({"type": "http.response.start", "status": 200, "headers": response_headers})
+        await send({"type": "http.response.body", "body": content})
+        observe_request("POST", taken.route, 200, time.perf_counter() - started)
+
+    async def _answer(self, scope: Scope, headers: Headers, body: bytes, taken: Taken) -> Answer:
+        app_state = scope["app"].state
+        authorization = headers.get(b"authorization")
+        credentials = _credentials(authorization.decode("latin-1") if authorization else None)
+        caller = authorize(app_state.key_ring, app_state.settings, "predict", credentials)
+        await count_prediction(app_state, caller)
+        state = scope.setdefault("state", {})
+        state[ADMITTED] = state["caller"] = caller
+        return await taken.handle(inference_of(app_state), caller, body)
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body (of a declared length within the limit), None on a disconnect."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives `body` once, then waits on the real one (a disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

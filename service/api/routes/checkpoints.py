@@ -1,0 +1,177 @@
+"""Checkpoints: list, read, download and delete them (classification is `routes.predict`).
+
+A `ref` is a checkpoint id (`<job>-eNNN`, made by the server) or an alias (`<job>:latest`,
+`<job>:best`, `<model>:best`). `CheckpointStore.resolve` checks it against strict patterns, so
+no client string ever becomes a path; anything else is a 404 problem.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from pydantic import BaseModel
+
+from service.access.auth import Allow, CallerDep
+from service.api.deps import CheckpointStoreDep, InferenceDep
+from service.api.problems import problem_responses
+from workers.store.checkpoints import CheckpointStore, CheckpointSummary, Manifest
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/checkpoints", tags=["checkpoints"])
+
+EXAMPLE_ID = "0123456789abcdef-e002"
+
+RefPath = Annotated[
+    str,
+    Path(
+        description="A checkpoint id (`<job>-eNNN`) or an alias: `<job>:latest`, "
+        "`<job>:best`, `<model>:best`.",
+        examples=[EXAMPLE_ID, "0123456789abcdef:best", "lenet:best"],
+        max_length=64,
+    ),
+]
+
+
+# --- schemas -------------------------------------------------------------------------------
+
+
+class CheckpointList(BaseModel):
+    """Checkpoints matching the filters, newest first."""
+
+    checkpoints: list[CheckpointSummary]
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def resolve_manifest(store: CheckpointStore, ref: str, within: str | None) -> Manifest:
+    """The manifest of the checkpoint an id or alias names among `within`'s (None: anyone's)
+    checkpoints (blocking: file reads)."""
+    return store.manifest(store.resolve(ref, within))
+
+
+async def resolved_manifest(ref: RefPath, store: CheckpointStoreDep, caller: CallerDep) -> Manifest:
+    """The manifest of the checkpoint `ref` names; a 404 problem when none does, or it is
+    another tenant's."""
+    return await run_in_threadpool(resolve_manifest, store, ref, caller.within)
+
+
+ResolvedManifest = Annotated[Manifest, Depends(resolved_manifest)]
+
+
+# --- routes --------------------------------------------------------------------------------
+
+
+@router.get(
+    "",
+    summary="List checkpoints",
+    description="Every readable checkpoint, newest first, optionally only one job's or one "
+    "model's. Each entry is a summary of its manifest; `GET /v1/checkpoints/{ref}` has all. "
+    "A principal that is not an admin lists only its own jobs' checkpoints.",
+    dependencies=[Allow("read")],
+    responses=problem_responses(401, 403, 422),
+)
+def list_checkpoints(
+    caller: CallerDep,
+    store: CheckpointStoreDep,
+    job_id: Annotated[
+        str | None,
+        Query(pattern=r"^[0-9a-f]{16}$", description="Only this job's checkpoints."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        Query(pattern=r"^[a-z0-9_]{1,32}$", description="Only checkpoints of this model."),
+    ] = None,
+) -> CheckpointList:
+    return CheckpointList(checkpoints=store.list(job_id=job_id, model=model, within=caller.within))
+
+
+@router.get(
+    "/{ref}",
+    summary="Get a checkpoint's manifest",
+    description="The manifest: model, arch, input size, classes, the preprocessing inference "
+    "applies, metrics and history, the job spec, data set and weight hashes, versions.",
+    dependencies=[Allow("read")],
+    responses=problem_responses(401, 403, 404, 409),
+)
+def get_checkpoint(manifest: ResolvedManifest) -> Manifest:
+    return manifest
+
+
+@router.get(
+    "/{ref}/weights",
+    summary="Download a checkpoint's weights",
+    description="The safetensors file (the model's state_dict), verified against the "
+    "manifest's sha256 before it is sent. Load it with `safetensors.torch.load_file`.",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "The safetensors file.",
+            "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+        },
+        **problem_responses(401, 403, 404, 409),
+    },
+    dependencies=[Allow("read")],
+)
+def get_weights(manifest: ResolvedManifest, store: CheckpointStoreDep) -> FileResponse:
+    path = store.weights_path(manifest.id)
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"{manifest.id}.safetensors",
+        headers={"X-Weights-SHA256": manifest.weights_sha256},
+    )
+
+
+@router.get(
+    "/{ref}/model.onnx",
+    summary="Download a checkpoint as ONNX",
+    description="The ONNX graph ONNX Runtime serves for this checkpoint: input `image` "
+    "(N×1×28×28 float32, 28×28 grayscale pixels scaled to 0..1 as the manifest's "
+    "preprocessing says; the graph resizes to the network's input itself), output "
+    "`probabilities` (N×10 softmax), a dynamic batch axis, the opset in the manifest's `onnx` "
+    "and the classes and preprocessing in the graph's metadata. Exported once per checkpoint "
+    "and cached. Load it with `onnxruntime.InferenceSession`.",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "The ONNX model file.",
+            "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+        },
+        **problem_responses(401, 403, 404, 409),
+    },
+    dependencies=[Allow("read")],
+)
+async def get_onnx(manifest: ResolvedManifest, inference: InferenceDep) -> FileResponse:
+    path = await inference.onnx_file(manifest)
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"{manifest.id}.onnx",
+        headers={"X-ONNX-Opset": str(manifest.onnx.opset)},
+    )
+
+
+@router.delete(
+    "/{ref}",
+    summary="Delete a checkpoint",
+    description="Removes the checkpoint's files; the job's `latest` and `best` aliases move "
+    "to what is left. Needs the train scope (an admin's key for another tenant's).",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[Allow("train", audit_as="checkpoint.delete")],
+    responses=problem_responses(401, 403, 404),
+)
+def delete_checkpoint(
+    manifest: ResolvedManifest,
+    store: CheckpointStoreDep,
+    inference: InferenceDep,
+) -> Response:
+    store.delete(manifest.id)
+    inference.forget(manifest)
+    logger.info("deleted checkpoint %s", manifest.id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

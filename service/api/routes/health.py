@@ -1,0 +1,219 @@
+"""`/healthz`, `/readyz` and `/metrics` at the root, for orchestrators and Prometheus."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import anyio
+from anyio import to_thread
+from celery import Celery
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.access.auth import authorize, bearer_scheme
+from service.api.deps import CeleryDep, JobStoreDep, SettingsDep
+from service.api.problems import problem_responses
+from service.errors import ServiceUnavailableError
+from service.metrics import refresh_job_gauges, render_latest
+from workers.celery_app import live_workers, worker_heartbeats
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["health"])
+
+WORKER_PING_TIMEOUT_S = 1.0
+WORKER_CACHE_S = 5.0
+CHECK_DEADLINE_S = 3.0
+
+
+class Check(BaseModel):
+    """One readiness check."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"ok": True, "detail": "PONG from redis://127.0.0.1:6379/0"}]
+        }
+    )
+
+    ok: bool
+    detail: str
+
+
+class Readiness(BaseModel):
+    """The service is ready: every check passed."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "status": "ready",
+                    "checks": {
+                        "redis": {"ok": True, "detail": "PONG from redis://127.0.0.1:6379/0"},
+                        "storage": {"ok": True, "detail": "data/checkpoints is writable"},
+                        "workers": {"ok": True, "detail": "1 worker: celery@host"},
+                    },
+                }
+            ]
+        }
+    )
+
+    status: str = Field(description="`ready`.")
+    checks: dict[str, Check]
+
+
+class Liveness(BaseModel):
+    """The process is up."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+
+    status: str
+
+
+@dataclass
+class WorkerPingCache:
+    """The last answer of a worker ping, kept a few seconds so probes stay cheap."""
+
+    at: float = 0.0
+    names: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def _redact(url: str) -> str:
+    # never show a password that may be in the URL
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
+
+
+def _check_storage(path: Path) -> Check:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".ready-", dir=path)
+        try:
+            os.write(fd, b"ok")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(name)
+    except OSError as exc:
+        return Check(ok=False, detail=f"{path} is not writable: {exc.strerror or exc}")
+    return Check(ok=True, detail=f"{path} is writable")
+
+
+def _find_workers(celery: Celery, redis_url: str) -> list[str]:
+    """Workers seen lately: their heartbeat keys (instant), else a Celery ping."""
+    # a solo-pool worker busy training cannot answer a ping, but keeps its heartbeat
+    beating = sorted({str(b.get("name")) for b in worker_heartbeats(redis_url) if b.get("name")})
+    return beating or live_workers(celery, WORKER_PING_TIMEOUT_S)
+
+
+async def _check_workers(request: Request, celery: Celery, redis_url: str) -> Check:
+    cache: WorkerPingCache = request.app.state.worker_ping_cache
+    if time.monotonic() - cache.at > WORKER_CACHE_S:
+        try:
+            with anyio.fail_after(CHECK_DEADLINE_S):
+                names = await to_thread.run_sync(
+                    _find_workers, celery, redis_url, abandon_on_cancel=True
+                )
+            cache.names, cache.error = names, None
+        except TimeoutError:
+            cache.names, cache.error = [], "the worker ping did not return in time"
+        except Exception as exc:  # the broker's errors vary by transport
+            cache.names, cache.error = [], f"the worker ping failed: {exc}"
+        cache.at = time.monotonic()
+    if cache.error:
+        return Check(ok=False, detail=cache.error)
+    if not cache.names:
+        return Check(ok=False, detail="no worker answered a ping; start one with `cnnserve worker`")
+    return Check(ok=True, detail=f"{len(cache.names)} worker(s): {', '.join(cache.names)}")
+
+
+@router.get(
+    "/healthz",
+    summary="Liveness",
+    description="200 while the process serves requests; checks nothing else.",
+    response_model=Liveness,
+)
+async def healthz() -> Liveness:
+    return Liveness(status="ok")
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness",
+    description="Redis answers a ping, the data directory is writable and at least one "
+    "training worker is alive (its heartbeat in Redis, or a Celery ping; cached a few "
+    "seconds). 503 naming what is wrong otherwise.",
+    response_model=Readiness,
+    responses=problem_responses(
+        503, s503="not ready: workers: no worker answered a ping; start one with cnnserve worker"
+    ),
+)
+async def readyz(
+    request: Request, settings: SettingsDep, store: JobStoreDep, celery: CeleryDep
+) -> Readiness:
+    checks: dict[str, Check] = {}
+    try:
+        with anyio.fail_after(CHECK_DEADLINE_S):
+            await to_thread.run_sync(store.r.ping, abandon_on_cancel=True)
+        checks["redis"] = Check(ok=True, detail=f"PONG from {_redact(settings.redis_url)}")
+    except TimeoutError:
+        checks["redis"] = Check(ok=False, detail="Redis did not answer a ping in time")
+    except Exception as exc:  # redis-py raises several kinds for a dead server
+        checks["redis"] = Check(
+            ok=False, detail=f"Redis at {_redact(settings.redis_url)} is not reachable: {exc}"
+        )
+    checks["storage"] = await to_thread.run_sync(_check_storage, settings.checkpoints_dir)
+    if checks["redis"].ok:
+        checks["workers"] = await _check_workers(request, celery, settings.redis_url)
+    else:
+        checks["workers"] = Check(ok=False, detail="not checked: the broker is not reachable")
+    failing = [f"{name}: {c.detail}" for name, c in checks.items() if not c.ok]
+    if failing:
+        raise ServiceUnavailableError(
+            "not ready: " + "; ".join(failing),
+            headers={"Retry-After": "5"},
+            checks={k: v.model_dump() for k, v in checks.items()},
+        )
+    return Readiness(status="ready", checks=checks)
+
+
+def metrics_access(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> None:
+    """Open, or the scope `CNNSERVE_METRICS_SCOPE` names (when the server has keys)."""
+    settings = request.app.state.settings
+    if settings.metrics_scope:
+        authorize(request.app.state.key_ring, settings, settings.metrics_scope, credentials)
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    description="Request counts and latencies by route, jobs by status, queue depth, "
+    "inference latency and batch sizes, and model cache hits, in Prometheus text format.",
+    response_class=Response,
+    responses={
+        200: {"description": "Prometheus text.", "content": {"text/plain": {}}},
+        **problem_responses(401, 403),
+    },
+    dependencies=[Depends(metrics_access)],
+    # a key only where CNNSERVE_METRICS_SCOPE names a scope: `{}` says it may be left out
+    openapi_extra={"security": [{}]},
+)
+def metrics(store: JobStoreDep) -> Response:
+    try:
+        refresh_job_gauges(store)
+    except Exception as exc:  # metrics must still answer when Redis is down
+        logger.warning("could not refresh job gauges: %s", exc)
+    body, content_type = render_latest()
+    return Response(body, media_type=content_type)

@@ -1,0 +1,177 @@
+"""`/v1/jobs/{id}/events` and `/v1/jobs/{id}/curves.*`: a job's live events and its plots."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import Annotated
+
+from anyio import to_thread
+from fastapi import APIRouter, Header, Query, Request, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from service.access.auth import Allow
+from service.api.deps import JobStoreDep, ValidJob
+from service.api.plots import MEDIA_TYPES, CurveFormat, render_curves
+from service.api.problems import problem_responses
+from service.errors import BadRequestError
+from workers.contracts import JobStatus
+from workers.store.jobs import JobNotFoundError, JobRecord, JobStore
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+#: Blocking stream reads run in threads with their own limiter (`app.state.sse_threads`), so
+#: many SSE clients cannot starve the thread pool that sync routes share.
+SSE_THREADS = 64
+SSE_BLOCK_MS = 1000
+SSE_PING_S = 15
+EVENT_ID_RE = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+
+
+_EVENTS_DESCRIPTION = """Server-Sent Events of the job: `status` ({status, error?}), `progress`
+(epoch, batch, images/s, ETA) and `epoch` (the epoch's metrics and its checkpoint id), each with
+its id. Replays from the start, or after the id in the `Last-Event-ID` header (or the
+`last_event_id` query parameter), then follows live, with keep-alive comments; the stream ends
+after the `status` event that finishes the job.
+
+```
+id: 1735733200000-0
+event: status
+data: {"status": "queued"}
+```
+"""
+
+
+#: One event of the stream, as an SSE client parses it.
+SSE_EVENT_SCHEMA: dict[str, object] = {
+    "type": "object",
+    "required": ["id", "event", "data"],
+    "properties": {
+        "id": {
+            "type": "string",
+            "pattern": "^[0-9]+-[0-9]+$",
+            "description": "The event's id; send it back as Last-Event-ID to resume after it.",
+        },
+        "event": {"type": "string", "enum": ["status", "progress", "epoch"]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": "A JSON object: {status, error?}, a Progress, or EpochMetrics with "
+            "the epoch's checkpoint id.",
+        },
+        "retry": {"type": "integer", "minimum": 0},
+    },
+}
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="Follow a job's events",
+    description=_EVENTS_DESCRIPTION,
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "description": "An event stream.",
+            "content": {
+                "text/event-stream": {
+                    # as OpenAPI 3.2 models SSE: the schema of one event, not of the stream
+                    "schema": SSE_EVENT_SCHEMA,
+                    "example": 'id: 1735733200000-0\nevent: status\ndata: {"status": "queued"}\n\n',
+                }
+            },
+        },
+        **problem_responses(401, 403, 404, 422, s422="Last-Event-ID is not an event id like 1-0"),
+    },
+    dependencies=[Allow("read")],
+)
+async def job_events(
+    request: Request,
+    job: ValidJob,
+    store: JobStoreDep,
+    last_event_id_header: Annotated[
+        str | None, Header(alias="Last-Event-ID", description="Resume after this event id.")
+    ] = None,
+    last_event_id: Annotated[
+        str | None,
+        Query(description="Resume after this event id (for clients that cannot set headers)."),
+    ] = None,
+) -> EventSourceResponse:
+    after = last_event_id_header or last_event_id
+    if after is not None and not EVENT_ID_RE.fullmatch(after):
+        raise BadRequestError(f"Last-Event-ID {after!r} is not an event id like 1735733200000-0")
+    # a missing (or another tenant's) job was a 404 before the stream started
+    return EventSourceResponse(_event_stream(request, store, job.id, after), ping=SSE_PING_S)
+
+
+async def _event_stream(
+    request: Request, store: JobStore, job_id: str, after: str | None
+) -> AsyncIterator[ServerSentEvent]:
+    cursor = after
+    while True:
+        batch = await to_thread.run_sync(
+            partial(store.events, job_id, after=cursor, block_ms=SSE_BLOCK_MS),
+            abandon_on_cancel=True,
+            limiter=request.app.state.sse_threads,
+        )
+        for event_id, kind, data in batch:
+            cursor = event_id
+            yield ServerSentEvent(data=json.dumps(data), event=kind, id=event_id)
+            if kind == "status" and data.get("status") in _FINISHED:
+                return
+        if not batch:
+            if await request.is_disconnected():
+                return
+            try:
+                record = await to_thread.run_sync(store.get, job_id)
+            except JobNotFoundError:
+                return  # deleted while we followed it
+            if record.status.finished:
+                return  # finished, and its final event was before `after`
+
+
+_FINISHED = {s.value for s in JobStatus if s.finished}
+
+
+def _curves(job: JobRecord, fmt: CurveFormat) -> Response:
+    body = render_curves(
+        job.metrics, fmt, epochs=job.spec.epochs, title=f"{job.spec.model} · job {job.id}"
+    )
+    return Response(body, media_type=MEDIA_TYPES[fmt], headers={"Cache-Control": "no-store"})
+
+
+_CURVES_DESCRIPTION = (
+    "Train loss, validation loss and validation accuracy against epoch, as d2l plots them "
+    "(solid, dashed and dash-dot lines with a legend). Before the first epoch ends: empty axes."
+)
+
+
+@router.get(
+    "/{job_id}/curves.png",
+    summary="Plot a job's curves as PNG",
+    description=_CURVES_DESCRIPTION,
+    response_class=Response,
+    responses={
+        200: {"description": "A PNG image.", "content": {"image/png": {}}},
+        **problem_responses(401, 403, 404),
+    },
+    dependencies=[Allow("read")],
+)
+def job_curves_png(job: ValidJob) -> Response:
+    return _curves(job, "png")
+
+
+@router.get(
+    "/{job_id}/curves.svg",
+    summary="Plot a job's curves as SVG",
+    description=_CURVES_DESCRIPTION,
+    response_class=Response,
+    responses={
+        200: {"description": "An SVG image.", "content": {"image/svg+xml": {}}},
+        **problem_responses(401, 403, 404),
+    },
+    dependencies=[Allow("read")],
+)
+def job_curves_svg(job: ValidJob) -> Response:
+    return _curves(job, "svg")

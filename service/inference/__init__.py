@@ -1,0 +1,1 @@
+"""The inference pipeline: decode, preprocess, batch, forward and encode, for every protocol."""

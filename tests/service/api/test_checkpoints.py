@@ -1,0 +1,217 @@
+"""`/v1/checkpoints`: list, manifest, weights download, delete, refs that never become paths."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load
+
+from service.api.app import create_app
+from tests.http_checks import PROBLEM, assert_problem
+from tests.service.checkpoint_helpers import JOB_A, JOB_B, lenet, save
+from workers.settings import Settings
+from workers.store.checkpoints import CheckpointStore, Manifest
+
+KEY = "test-key-123"
+
+
+@pytest.fixture
+def store(settings: Settings) -> CheckpointStore:
+    return CheckpointStore(settings.checkpoints_dir)
+
+
+@pytest.fixture
+def saved(store: CheckpointStore) -> dict[str, Manifest]:
+    """Job A: epochs 1 (val_acc 0.6), 2 (0.8, best), 3 (0.7, latest); job B: one of 0.75."""
+    model = lenet(trained=False)
+    return {
+        "a1": save(store, model, job_id=JOB_A, epoch=1, val_acc=0.6),
+        "a2": save(store, model, job_id=JOB_A, epoch=2, val_acc=0.8),
+        "a3": save(store, model, job_id=JOB_A, epoch=3, val_acc=0.7),
+        "b1": save(store, model, job_id=JOB_B, epoch=1, val_acc=0.75),
+    }
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+@pytest.fixture
+def keyed_client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings.model_copy(update={"api_keys": KEY}))) as c:
+        yield c
+
+
+def test_list_all_and_filtered(client: TestClient, saved: dict[str, Manifest]) -> None:
+    r = client.get("/v1/checkpoints")
+    assert r.status_code == 200
+    ids = [c["id"] for c in r.json()["checkpoints"]]
+    assert sorted(ids) == sorted(m.id for m in saved.values())
+    entry = next(c for c in r.json()["checkpoints"] if c["id"] == saved["a2"].id)
+    assert entry["model"] == "lenet" and entry["epoch"] == 2
+    assert entry["metrics"]["val_acc"] == 0.8 and entry["input_size"] == 28
+
+    only_b = client.get("/v1/checkpoints", params={"job_id": JOB_B}).json()["checkpoints"]
+    assert [c["id"] for c in only_b] == [saved["b1"].id]
+    assert client.get("/v1/checkpoints", params={"model": "vgg"}).json() == {"checkpoints": []}
+    assert len(client.get("/v1/checkpoints", params={"model": "lenet"}).json()["checkpoints"]) == 4
+
+
+def test_list_filters_are_validated(client: TestClient) -> None:
+    assert_problem(client.get("/v1/checkpoints", params={"job_id": "../etc"}), 422, "job_id")
+    assert_problem(client.get("/v1/checkpoints", params={"model": "A/B"}), 422, "model")
+
+
+def test_manifest_by_id_and_by_alias(client: TestClient, saved: dict[str, Manifest]) -> None:
+    r = client.get(f"/v1/checkpoints/{saved['a1'].id}")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["id"] == saved["a1"].id and body["model"] == "lenet"
+    assert body["preprocessing"]["resize"] == 28 and body["preprocessing"]["invert"] == "auto"
+    assert body["classes"][9] == "ankle boot"
+    assert body["weights_sha256"] == saved["a1"].weights_sha256
+    for ref, want in [
+        (f"{JOB_A}:latest", "a3"),
+        (f"{JOB_A}:best", "a2"),
+        (f"{JOB_B}:best", "b1"),
+        ("lenet:best", "a2"),
+    ]:
+        assert client.get(f"/v1/checkpoints/{ref}").json()["id"] == saved[want].id, ref
+
+
+def test_unknown_refs_are_404_problems(client: TestClient, saved: dict[str, Manifest]) -> None:
+    assert_problem(client.get(f"/v1/checkpoints/{JOB_A}-e099"), 404, "<job>:latest")
+    assert_problem(client.get("/v1/checkpoints/0000000000000000:latest"), 404, "latest")
+    assert_problem(client.get("/v1/checkpoints/vgg:best"), 404, "vgg")
+    assert_problem(client.get("/v1/checkpoints/lenet:worst"), 404)
+    assert_problem(client.get("/v1/checkpoints/nonsense"), 404)
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "..",
+        "%2e%2e",
+        "%2E%2E%2F%2E%2E%2Fetc%2Fpasswd",
+        "..%2F..%2F..%2Fetc%2Fpasswd",
+        "%2Fetc%2Fpasswd",
+        "/etc/passwd",
+        "0123456789abcdef-e001%2F..%2F..",
+        "0123456789abcdef%2Fe001",
+        "0123456789abcdef%2Faliases.json",
+        "....%2F%2F",
+        "%252e%252e%252f",
+        "..%5C..%5Cwindows",
+        "0123456789abcdef-e001%00",
+        "lenet:best%2F..",
+        "~root",
+    ],
+)
+@pytest.mark.parametrize("suffix", ["", "/weights"])
+def test_refs_never_become_paths(
+    client: TestClient, saved: dict[str, Manifest], ref: str, suffix: str
+) -> None:
+    r = client.get(f"/v1/checkpoints/{ref}{suffix}")
+    assert r.status_code == 404, (ref, r.status_code, r.text[:200])
+    assert r.headers["content-type"].startswith(PROBLEM)
+    assert b"root:" not in r.content and b"safetensors" not in r.content
+    r = client.delete(f"/v1/checkpoints/{ref}")
+    assert r.status_code in (404, 405), r.text
+    r = client.post(f"/v1/checkpoints/{ref}/predict", json={"pixels": [[0, 1], [1, 0]]})
+    assert r.status_code in (404, 405), r.text
+    assert len(client.get("/v1/checkpoints").json()["checkpoints"]) == 4
+
+
+def test_weights_download_is_the_verified_safetensors_file(
+    client: TestClient, saved: dict[str, Manifest], store: CheckpointStore
+) -> None:
+    m = saved["a2"]
+    r = client.get(f"/v1/checkpoints/{JOB_A}:best/weights")
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/octet-stream"
+    assert f'filename="{m.id}.safetensors"' in r.headers["content-disposition"]
+    assert r.content == store.weights_path(m.id).read_bytes()
+    state = load(r.content)
+    want = lenet(trained=False).state_dict()
+    assert state.keys() == want.keys()
+    assert all(torch.equal(state[k], want[k]) for k in want)
+
+
+def test_altered_weights_are_refused_not_served(
+    client: TestClient, saved: dict[str, Manifest], store: CheckpointStore
+) -> None:
+    m = saved["a1"]
+    path = store.root / JOB_A / "e001" / "weights.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    body = assert_problem(client.get(f"/v1/checkpoints/{m.id}/weights"), 409, "sha256")
+    assert body["type"].endswith("checkpoint-corrupt")
+    r = client.post(f"/v1/checkpoints/{m.id}/predict", json={"pixels": [[0, 1], [2, 3]]})
+    assert_problem(r, 409, "sha256")
+
+
+def test_delete_needs_a_key_when_keys_are_configured(
+    keyed_client: TestClient, saved: dict[str, Manifest]
+) -> None:
+    ref = f"/v1/checkpoints/{saved['a2'].id}"
+    r = keyed_client.delete(ref)
+    assert_problem(r, 401, "Authorization: Bearer")
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    assert_problem(keyed_client.delete(ref, headers={"Authorization": "Bearer nope"}), 401)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert keyed_client.get(ref, headers=auth).status_code == 200  # still there
+    # with keys, reading and classifying need one too (unless the operator made them public)
+    assert_problem(keyed_client.get(f"{ref}/weights"), 401, "read scope")
+    assert keyed_client.get(f"{ref}/weights", headers=auth).status_code == 200
+    r = keyed_client.post(f"{ref}/predict", json={"pixels": [[0, 255], [255, 0]]}, headers=auth)
+    assert r.status_code == 200
+
+    r = keyed_client.delete(ref, headers=auth)
+    assert r.status_code == 204 and r.content == b""
+    assert_problem(keyed_client.get(ref, headers=auth), 404)
+    # the job's best alias moved to what is left
+    assert (
+        keyed_client.get(f"/v1/checkpoints/{JOB_A}:best", headers=auth).json()["id"]
+        == saved["a3"].id
+    )
+
+
+def test_delete_by_alias_and_open_server(client: TestClient, saved: dict[str, Manifest]) -> None:
+    assert client.delete(f"/v1/checkpoints/{JOB_B}:latest").status_code == 204
+    assert_problem(client.get(f"/v1/checkpoints/{JOB_B}:latest"), 404)
+    assert_problem(client.delete(f"/v1/checkpoints/{saved['b1'].id}"), 404)
+    ids = {c["id"] for c in client.get("/v1/checkpoints").json()["checkpoints"]}
+    assert ids == {saved["a1"].id, saved["a2"].id, saved["a3"].id}
+
+
+def test_deleted_checkpoint_is_not_served_from_the_model_cache(
+    client: TestClient, saved: dict[str, Manifest], settings: Settings
+) -> None:
+    ref = f"/v1/checkpoints/{saved['a1'].id}"
+    assert client.post(f"{ref}/predict", json={"pixels": [[0, 9], [9, 0]]}).status_code == 200
+    exported = list((settings.data_dir / "onnx-cache").glob("*.onnx"))
+    assert exported, "the predict call exported no ONNX graph"
+    assert client.delete(ref).status_code == 204
+    assert_problem(client.post(f"{ref}/predict", json={"pixels": [[0, 9], [9, 0]]}), 404)
+    assert not any(p.exists() for p in exported), "the deleted checkpoint's graph is left over"
+
+
+def test_openapi_documents_the_checkpoint_operations(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    predict = paths["/v1/checkpoints/{ref}/predict"]["post"]
+    assert set(predict["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+    assert {"413", "415", "422", "404"} <= set(predict["responses"])
+    for path, method in [
+        ("/v1/checkpoints", "get"),
+        ("/v1/checkpoints/{ref}", "get"),
+        ("/v1/checkpoints/{ref}", "delete"),
+        ("/v1/checkpoints/{ref}/weights", "get"),
+    ]:
+        op = paths[path][method]
+        assert op["summary"] and op["description"], path

@@ -1,0 +1,1 @@
+"""The stores both sides share: job records and their indexes, checkpoints, evaluations."""
