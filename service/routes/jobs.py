@@ -95,7 +95,7 @@ def _job(
 ) -> Response:
     """One job as `Job`: the record as read, and why it waits (`job_control.waiting_note`)."""
     body = record.model_dump_json()
-    body = f"{body[:-1]},\"waiting\":{json.dumps(note)}}}"
+    body = f'{body[:-1]},"waiting":{json.dumps(note)}}}'
     return Response(body, status_code=status_code, headers=headers, media_type=JSON)
 
 
