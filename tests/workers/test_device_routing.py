@@ -15,7 +15,7 @@ import torch
 from celery import Celery
 
 from service.job_control import waiting_note
-from tests.workers.helpers import WorkerProcess, lenet_spec, wait_finished
+from tests.workers.helpers import WorkerProcess, lenet_spec, wait_finished, wait_for
 from workers.celery_app import WORKER_KEY, enqueue_job, worker_heartbeats, write_heartbeat
 from workers.contracts import CUDA_QUEUE, QUEUE, JobStatus, queue_for, queues_for_worker
 from workers.cuda_check import Driver, cuda_problem
@@ -141,3 +141,27 @@ def test_the_start_up_check_names_the_driver_the_requirement_and_the_fix() -> No
 
     missing = _problem(good, device="cuda:3", gpu_count=2)
     assert missing is not None and "cuda:0 to cuda:1" in missing
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_an_orphaned_cuda_job_goes_back_to_the_gpu_queue_not_to_a_cpu_worker(
+    settings: Settings, store: JobStore, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    # a GPU worker died mid-job: its job is `running` with no live lease
+    orphan = store.create(lenet_spec(epochs=1, train_limit=256, device="cuda"))
+    store.update(
+        orphan.id,
+        lambda r: (setattr(r, "status", JobStatus.running), setattr(r, "worker", "gpu@gone")),
+    )
+    worker = start_worker()  # a CPU worker's maintenance thread finds the orphan ...
+    record = wait_for(
+        store, orphan.id, lambda r: r.status is JobStatus.queued, 60, "the requeue", worker
+    )
+    # ... and sends it back where only GPU workers look; it does not train it
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        assert client.llen(CUDA_QUEUE) == 1 and client.llen(QUEUE) == 0
+    finally:
+        client.close()
+    assert record.attempts == 0 and record.error is None
