@@ -10,7 +10,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cnnserve-pyproject.sha256
-APT_PACKAGES := dataset-fashion-mnist redis-server chromium chromium-driver docker-compose
+APT_PACKAGES := dataset-fashion-mnist redis-server chromium chromium-driver docker.io docker-compose debootstrap
 REDIS_HOST := 127.0.0.1
 REDIS_PORT := 6379
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make up         set up, then start Redis with AOF (if none answers), a worker and the API on http://127.0.0.1:8000"
-	@echo "make test       set up, then pytest, ruff check, ruff format --check and mypy (what .ci/run runs)"
+	@echo "make test       set up, then pytest (the Docker tests on a real engine), ruff check, ruff format --check and mypy (what .ci/run runs)"
 	@echo "make setup      virtualenv, Python packages, Debian packages, Redis (idempotent)"
 	@echo "make format     ruff format and ruff check --fix in place"
 
@@ -78,10 +78,13 @@ redis: apt
 up: venv packages apt
 	$(BIN)/cnnserve up $(UP_ARGS)
 
-# Run every check even when an earlier one fails, then fail if any did.
+# Run every check even when an earlier one fails, then fail if any did. The Docker tests need an
+# engine: start one when none answers (tests/deploy/dockerd.sh), and stop only that one after.
 test: setup
 	@failed=""; \
-	$(MAKE) --no-print-directory pytest || failed="$$failed pytest"; \
+	tests/deploy/dockerd.sh start || failed="$$failed dockerd"; \
+	CNNSERVE_DOCKER_TESTS=require $(MAKE) --no-print-directory pytest || failed="$$failed pytest"; \
+	tests/deploy/dockerd.sh stop || true; \
 	$(MAKE) --no-print-directory lint || failed="$$failed lint"; \
 	$(MAKE) --no-print-directory typecheck || failed="$$failed mypy"; \
 	if [ -n "$$failed" ]; then echo "make test: FAILED:$$failed" >&2; exit 1; fi; \

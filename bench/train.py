@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,7 +49,9 @@ from workers.training.engine import TrainOptions, resolve_device, train, train_s
 
 log = logging.getLogger(__name__)
 
-WAYS = ("d2l", "cnnserve")
+#: The d2l way, cnnserve's engine as configured, and the engine with CUDA graphs off (ablation).
+WAYS = ("d2l", "cnnserve", "cnnserve-eager")
+DEFAULT_WAYS = ("d2l", "cnnserve")
 DEFAULT_MODELS = ("lenet", "vgg", "resnet18")
 DOC = Path("docs/benchmarks.md")
 DOC_SECTION = "## Training"
@@ -173,9 +175,25 @@ def run_cnnserve(
         "images_per_epoch": min(n, int(data.train_images.shape[0])),
         "precision": result.precision,
         "cuda_graph": result.cuda_graph,
+        "cuda_graph_note": _graph_note(result.cuda_graph, result.cuda_graph_failure, spec, options),
         "outcome": str(result.outcome),
         "wall_s": round(time.perf_counter() - started, 3),
     }
+
+
+def _graph_note(captured: bool, failure: str | None, spec: JobSpec, options: TrainOptions) -> str:
+    """Whether the training step replayed from a CUDA graph, and if not, why not."""
+    if captured:
+        return "captured"
+    if failure is not None:
+        return f"capture failed, trained eagerly: {failure}"
+    if not options.cuda_graphs:
+        return "off (eager steps asked for)"
+    if not options.device.startswith("cuda"):
+        return "not applicable: not a CUDA device"
+    if options.compile:
+        return "not applicable: torch.compile"
+    return f"not applicable: optimizer {spec.optimizer} is not captured"
 
 
 def summarize_way(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -195,6 +213,7 @@ def summarize_way(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "precision": runs[0]["precision"],
         # every run replayed a captured CUDA graph (cnnserve only; None for the d2l way)
         "cuda_graph": all(r["cuda_graph"] for r in runs) if "cuda_graph" in runs[0] else None,
+        "cuda_graph_notes": sorted({r["cuda_graph_note"] for r in runs if "cuda_graph_note" in r}),
     }
 
 
@@ -213,12 +232,15 @@ def bench_model(
     data_dir: Path,
     loader_workers: int,
     options: TrainOptions,
+    ways: Sequence[str] = DEFAULT_WAYS,
+    on_run: Callable[[dict[str, list[dict[str, Any]]]], None] | None = None,
 ) -> dict[str, Any]:
-    """Both ways for one model over all seeds (alternating which goes first), summarized.
+    """The chosen ways for one model over all seeds (alternating which goes first), summarized.
 
-    The d2l way trains `d2l_epochs` on the seeds of `d2l_seeds` only.
+    The d2l way trains `d2l_epochs` on the seeds of `d2l_seeds` only. `on_run` gets every
+    run so far after each one (so a report can be written before the model is done).
     """
-    runs: dict[str, list[dict[str, Any]]] = {way: [] for way in WAYS}
+    runs: dict[str, list[dict[str, Any]]] = {way: [] for way in ways}
     if val_limit:
         n_val = min(val_limit, int(data.test_images.shape[0]))
         data = replace(
@@ -233,7 +255,7 @@ def bench_model(
             device=device.type,
             train_limit=train_limit,
         )
-        order = WAYS if i % 2 == 0 else WAYS[::-1]
+        order = list(ways) if i % 2 == 0 else list(ways)[::-1]
         for way in order:
             if way == "d2l" and seed not in d2l_seeds:
                 continue
@@ -241,6 +263,8 @@ def bench_model(
             if way == "d2l":
                 d2l_spec = spec.model_copy(update={"epochs": d2l_epochs})
                 run = run_d2l(d2l_spec, device, data_dir, val_limit, loader_workers)
+            elif way == "cnnserve-eager":
+                run = run_cnnserve(spec, device, data, replace(options, cuda_graphs=False))
             else:
                 run = run_cnnserve(spec, device, data, options)
             run["seed"] = seed
@@ -254,12 +278,15 @@ def bench_model(
                 run["val_acc"][-1],
             )
             runs[way].append(run)
-    summary = {way: summarize_way(runs[way]) for way in WAYS}
-    d2l, ours = summary["d2l"], summary["cnnserve"]
+            if on_run is not None:
+                on_run(runs)
+    summary = {way: summarize_way(runs[way]) for way in ways if runs[way]}
+    d2l, ours = summary.get("d2l"), summary.get("cnnserve")
+    eager = summary.get("cnnserve-eager")
     entry = get_model_entry(name)
-    n_train = runs["cnnserve"][0]["images_per_epoch"]
+    n_train = runs[next(iter(summary))][0]["images_per_epoch"]
     goal = GOALS_S.get(device.type, {}).get(name)
-    scaled = ours["median_epoch_s"] * FULL_TRAIN / n_train
+    scaled = ours["median_epoch_s"] * FULL_TRAIN / n_train if ours else None
     return {
         "model": name,
         "input_size": entry.input_size,
@@ -269,17 +296,27 @@ def bench_model(
         "seeds": list(seeds),
         "train_images": n_train,
         "val_images": val_limit or int(data.test_images.shape[0]),
-        "d2l": d2l,
-        "cnnserve": ours,
-        "speedup": round(d2l["median_epoch_s"] / ours["median_epoch_s"], 2),
+        **summary,
+        "speedup": _ratio(d2l, ours),
+        # what the CUDA graph gives over eager steps, on the same seeds and epochs
+        "graph_speedup": _ratio(eager, ours),
         # accuracies compare only after the same epochs on the same seeds
         "val_acc_delta": round(ours["val_acc"] - d2l["val_acc"], 4)
-        if (d2l["epochs"], d2l["seeds"]) == (ours["epochs"], ours["seeds"])
+        if d2l and ours and (d2l["epochs"], d2l["seeds"]) == (ours["epochs"], ours["seeds"])
         else None,
         "goal_epoch_s": goal,
-        "goal_met": (scaled <= goal) if goal is not None and n_train == FULL_TRAIN else None,
+        "goal_met": (scaled <= goal)
+        if goal is not None and scaled is not None and n_train == FULL_TRAIN
+        else None,
         "runs": runs,
     }
+
+
+def _ratio(slow: Mapping[str, Any] | None, fast: Mapping[str, Any] | None) -> float | None:
+    """How many times faster `fast` ran an epoch than `slow` (None without both)."""
+    if not slow or not fast:
+        return None
+    return round(slow["median_epoch_s"] / fast["median_epoch_s"], 2)
 
 
 def markdown(report: Mapping[str, Any]) -> str:
@@ -300,6 +337,8 @@ def markdown(report: Mapping[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
+        if "d2l" not in r or "cnnserve" not in r:
+            continue  # an ablation or a window's short run: its numbers are in the JSON
         d, c = r["d2l"], r["cnnserve"]
         goal = "–"
         if r["goal_epoch_s"] is not None:
@@ -359,7 +398,9 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = report["results"]
+    results = [r for r in report["results"] if "d2l" in r and "cnnserve" in r]
+    if not results:
+        return
     names = [f"{r['model']}\n{r['train_images']} img" for r in results]
     d2l = [r["d2l"]["median_epoch_s"] for r in results]
     ours = [r["cnnserve"]["median_epoch_s"] for r in results]
@@ -408,6 +449,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-cuda-graphs", action="store_true", help="eager training steps on a GPU (ablation)"
     )
+    parser.add_argument(
+        "--ways",
+        default=",".join(DEFAULT_WAYS),
+        help=f"what to run per model and seed, of {', '.join(WAYS)} (cnnserve-eager: the "
+        "engine with CUDA graphs off, beside `cnnserve` to measure what the graph gives)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the arguments and the imports, write the report's skeleton, train nothing",
+    )
     parser.add_argument("--fashion-mnist-dir", type=Path, default=None)
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON report (default docs/bench-train-DEVICE.json)"
@@ -451,9 +503,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     if not set(d2l_seeds) <= set(seeds):
         parser.error(f"--d2l-seeds {d2l_seeds} must be among --seeds {seeds}")
+    ways = [w.strip() for w in args.ways.split(",") if w.strip()]
+    if not ways or not set(ways) <= set(WAYS):
+        parser.error(f"--ways {args.ways!r}: choose among {', '.join(WAYS)}")
+    command = "python -m bench train " + " ".join(sys.argv[2:] if argv is None else argv)
+    report: dict[str, Any] = {
+        "benchmark": "training",
+        "command": command.strip(),
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "loader_workers": args.loader_workers,
+        "compile": args.compile,
+        "cuda_graphs": not args.no_cuda_graphs,
+        "ways": ways,
+        # false until every model has run: the report is written after every run
+        "complete": False,
+        "results": [],
+    }
+    out = args.out or Path(f"docs/bench-train-{args.device.partition(':')[0]}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.dry_run:
+        report["dry_run"] = True
+        report["plan"] = [
+            {"model": name, "ways": ways, "seeds": seeds, "epochs": epochs[name] or 2,
+             "train_limit": train_limits[name], "val_limit": val_limits[name]}
+            for name in models
+        ]  # fmt: skip
+        _write(out, report)
+        sys.stdout.write(f"dry run: would train {', '.join(models)} ({', '.join(ways)}); {out}\n")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    report["device"] = str(device)
     options = TrainOptions(
         device=str(device),
         keep_checkpoints=1,
@@ -464,43 +546,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cnnserve-bench-data-") as tmp:
         settings = Settings(data_dir=Path(tmp), **_data_dir_override(args.fashion_mnist_dir))
         data = load_fashion_mnist(settings)
-        machine = machine_info(device)
-        results = [
-            bench_model(
-                name,
-                device=device,
-                seeds=seeds,
-                epochs=epochs[name] or 2,
-                d2l_epochs=d2l_epochs[name] or epochs[name] or 2,
-                d2l_seeds=d2l_seeds,
-                batch_size=args.batch_size,
-                train_limit=train_limits[name],
-                val_limit=val_limits[name],
-                data=data,
-                data_dir=data.directory,
-                loader_workers=args.loader_workers,
-                options=options,
+        report["machine"] = machine_info(device)
+        results: list[dict[str, Any]] = report["results"]
+        for name in models:
+
+            def written(runs: dict[str, list[dict[str, Any]]], name: str = name) -> None:
+                _write(out, {**report, "running": {"model": name, "runs": runs}})
+
+            results.append(
+                bench_model(
+                    name,
+                    device=device,
+                    seeds=seeds,
+                    epochs=epochs[name] or 2,
+                    d2l_epochs=d2l_epochs[name] or epochs[name] or 2,
+                    d2l_seeds=d2l_seeds,
+                    batch_size=args.batch_size,
+                    train_limit=train_limits[name],
+                    val_limit=val_limits[name],
+                    data=data,
+                    data_dir=data.directory,
+                    loader_workers=args.loader_workers,
+                    options=options,
+                    ways=ways,
+                    on_run=written,
+                )
             )
-            for name in models
-        ]
-    machine["load_average_end"] = list(os.getloadavg())
-    command = "python -m bench train " + " ".join(sys.argv[2:] if argv is None else argv)
-    report: dict[str, Any] = {
-        "benchmark": "training",
-        "command": command.strip(),
-        "device": str(device),
-        "machine": machine,
-        "batch_size": args.batch_size,
-        "loader_workers": args.loader_workers,
-        "compile": args.compile,
-        "cuda_graphs": not args.no_cuda_graphs,
-        "results": results,
-    }
-    out = args.out or Path(f"docs/bench-train-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+            _write(out, report)
+    report["machine"]["load_average_end"] = list(os.getloadavg())
+    report["complete"] = True
+    _write(out, report)
     publish(report, out, args)
     return 0
+
+
+def _write(path: Path, report: Mapping[str, Any]) -> None:
+    """Write the report whole or not at all (a reader never sees half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def merge_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:

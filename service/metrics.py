@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, His
 from prometheus_client import generate_latest as _generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from workers.contracts import QUEUE, JobStatus
+from workers.contracts import CUDA_QUEUE, QUEUE, JobStatus
 from workers.store.jobs import JobStore
 
 HTTP_REQUESTS = Counter(
@@ -136,7 +136,7 @@ def refresh_job_gauges(store: JobStore) -> None:
         JOBS.labels(status.value).set(counts.get(status.value, 0))
     r: Any = store.r
     # Celery's Redis transport keeps a queue as a list named after it
-    QUEUE_DEPTH.set(int(r.llen(QUEUE)))
+    QUEUE_DEPTH.set(int(r.llen(QUEUE)) + int(r.llen(CUDA_QUEUE)))
 
 
 def render_latest() -> tuple[bytes, str]:

@@ -4,7 +4,7 @@ The API imports this module to enqueue jobs and to see live workers; it never im
 training engine (only workers load `workers.tasks`, through `include`).
 
 What the API calls:
-- `enqueue_job(app, job_id)` after `JobStore.create(spec)` to queue the job;
+- `enqueue_job(app, job_id, spec.device)` after `JobStore.create(spec)` to queue the job;
 - `live_workers(app, timeout)` (Celery ping) or `worker_heartbeats(redis_url)` (instant, from
   the heartbeat keys workers keep in Redis) for `/readyz`;
 - to cancel: `JobStore.request_cancel(id)`, and if the job is still `queued`, mark it
@@ -21,7 +21,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from workers.contracts import QUEUE, TRAIN_TASK
+from workers.contracts import QUEUE, TRAIN_TASK, queue_for
 from workers.settings import Settings, get_settings
 from workers.store.jobs import PREFIX
 
@@ -67,12 +67,15 @@ app = make_celery(get_settings())
 ENQUEUE_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2}
 
 
-def enqueue_job(celery: Celery, job_id: str) -> str:
-    """Queue a training job by task name (no engine import); returns the Celery task id."""
-    return enqueue(celery, TRAIN_TASK, job_id)
+def enqueue_job(celery: Celery, job_id: str, device: str = "auto") -> str:
+    """Queue a training job by task name (no engine import); returns the Celery task id.
+
+    `device` is the spec's: a job that asks for a GPU goes where only GPU workers look.
+    """
+    return enqueue(celery, TRAIN_TASK, job_id, queue=queue_for(device))
 
 
-def enqueue(celery: Celery, task: str, object_id: str) -> str:
+def enqueue(celery: Celery, task: str, object_id: str, queue: str = QUEUE) -> str:
     """Queue one piece of worker work by task name; returns the Celery task id.
 
     The one way work is sent, by the API and by orphan recovery alike: the task id is the
@@ -83,7 +86,7 @@ def enqueue(celery: Celery, task: str, object_id: str) -> str:
     result = celery.send_task(
         task,
         args=[object_id],
-        queue=QUEUE,
+        queue=queue,
         task_id=object_id,
         retry=True,
         retry_policy=ENQUEUE_RETRY_POLICY,

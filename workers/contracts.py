@@ -23,6 +23,21 @@ from workers.settings import DEVICE_PATTERN
 TRAIN_TASK = "cnnserve.train"
 EVALUATE_TASK = "cnnserve.evaluate"
 QUEUE = "training"
+#: Jobs that ask for a GPU (`cuda`, `cuda:N`): only workers that train on one take from it, so
+#: such a job waits for a GPU worker instead of reaching a CPU worker and failing there. GPU
+#: workers take from both queues; `auto` and `cpu` jobs go to `QUEUE`.
+CUDA_QUEUE = "training-cuda"
+
+
+def queue_for(device: str) -> str:
+    """The queue of a job whose spec asks for `device`."""
+    return CUDA_QUEUE if device.startswith("cuda") else QUEUE
+
+
+def queues_for_worker(device: str) -> list[str]:
+    """The queues a worker that trains on `device` (`cpu`, `cuda:N`) takes jobs from."""
+    return [QUEUE, CUDA_QUEUE] if device.startswith("cuda") else [QUEUE]
+
 
 MIN_INPUT_SIZE = 28
 MAX_INPUT_SIZE = 224

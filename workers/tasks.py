@@ -13,8 +13,8 @@ from typing import Any
 from celery import Task
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from workers.celery_app import app, enqueue_job
-from workers.contracts import EVALUATE_TASK, TRAIN_TASK
+from workers.celery_app import app, enqueue
+from workers.contracts import EVALUATE_TASK, QUEUE, TRAIN_TASK
 from workers.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,13 @@ def train_job(self: Task, job_id: str) -> str:
     """Train the job `job_id` (an id, never the spec: the record in Redis is the truth)."""
     from workers.training.runner import run_job
 
+    # a job put back (the worker stops mid-job) goes back to the queue it came from
+    queue = (self.request.delivery_info or {}).get("routing_key") or QUEUE
     return run_job(
         job_id,
         worker=str(self.request.hostname or "worker"),
         settings=get_settings(),
-        enqueue=lambda jid: enqueue_job(app, jid),
+        enqueue=lambda jid: enqueue(app, TRAIN_TASK, jid, queue=queue),
     )
 
 

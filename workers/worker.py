@@ -17,7 +17,7 @@ import threading
 
 import redis
 
-from workers.contracts import QUEUE
+from workers.contracts import queues_for_worker
 from workers.settings import DEVICE_PATTERN, Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,13 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         from workers.celery_app import WORKER_HEARTBEAT_S, clear_heartbeat, write_heartbeat
         from workers.training import runner
+        from workers.training.devices import describe_device
 
         client = redis.Redis.from_url(self.settings.redis_url, decode_responses=True)
         tick = min(WORKER_HEARTBEAT_S, self.settings.lease_seconds / 2)
         info = {
             "name": self.node,
-            "device": self.settings.worker_device,
+            **describe_device(self.settings.worker_device),
             "pid": os.getpid(),
             "host": socket.gethostname(),
         }
@@ -77,12 +78,17 @@ class Maintenance(threading.Thread):
         from workers.training.runner import recover_orphans
 
         store = JobStore.from_url(self.settings.redis_url)
+
+        def requeue_job(store: JobStore, job_id: str) -> str:
+            # back on the queue its device asks for: a `cuda` job only ever reaches a GPU worker
+            return enqueue_job(app, job_id, store.get(job_id).spec.device)
+
         retention = self.settings.job_retention
         try:
             while True:
                 try:
                     store.ensure_indexed()
-                    recover_orphans(store, self.settings, lambda jid: enqueue_job(app, jid))
+                    recover_orphans(store, self.settings, lambda jid: requeue_job(store, jid))
                     if retention is not None:
                         store.purge_finished(retention.total_seconds())
                 except redis.RedisError as exc:
@@ -136,18 +142,18 @@ def run_worker(device: str = "auto", name: str | None = None) -> int:
         log.error("unknown device %r; use auto, cpu, cuda or cuda:N", device)
         return 2
     if device.startswith("cuda"):
-        import torch  # the pool does not fork, so asking about CUDA here is safe
+        from workers.training.cuda_check import worker_cuda_problem
 
-        index = int(device.partition(":")[2] or 0)
-        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            log.error(
-                "cannot start a worker on %s: torch sees %d CUDA GPU(s) here; "
-                "use --device cpu (or auto) on this machine",
-                device,
-                torch.cuda.device_count() if torch.cuda.is_available() else 0,
-            )
+        problem = worker_cuda_problem(device)
+        if problem is not None:
+            log.error("cannot start a worker on %s: %s", device, problem)
             return 2
-        log.info("training on %s (%s)", device, torch.cuda.get_device_name(device))
+    elif device == "auto":
+        from workers.training.cuda_check import read_driver, worker_cuda_problem
+
+        problem = worker_cuda_problem("cuda") if read_driver().visible else None
+        if problem is not None:  # never fall back to the CPU without a word
+            log.warning("an NVIDIA driver is here, but this worker trains on the CPU: %s", problem)
     # tasks read the worker's device from the settings; set it before anything reads them
     os.environ["CNNSERVE_WORKER_DEVICE"] = device
     get_settings.cache_clear()
@@ -160,19 +166,28 @@ def run_worker(device: str = "auto", name: str | None = None) -> int:
             settings.job_max_seconds,
         )
     from workers.celery_app import app
+    from workers.training.devices import describe_device
 
+    trains_on = describe_device(device)
+    queues = queues_for_worker(trains_on["device"])
     node = name or f"cnnserve-{device.replace(':', '')}-{os.getpid()}@%h"
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     argv = [
         "worker",
         "--pool=threads",
         "--concurrency=1",
-        f"--queues={QUEUE}",
+        f"--queues={','.join(queues)}",
         f"--hostname={node}",
         f"--loglevel={level}",
         "--without-gossip",
         "--without-mingle",
     ]
-    log.info("starting a training worker for device %s as %s", device, node)
+    log.info(
+        "starting a training worker for device %s (%s) as %s, taking jobs from %s",
+        device,
+        ", ".join(f"{k} {v}" for k, v in trains_on.items()),
+        node,
+        ", ".join(queues),
+    )
     code = app.start(argv=argv)
     return int(code or 0)

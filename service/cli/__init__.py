@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="a Celery training worker (one per GPU)")
     worker.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     worker.add_argument("--name", default=None, help="the worker's node name")
+    worker.add_argument(
+        "--check",
+        action="store_true",
+        help="start nothing: exit 0 if a worker on this host beats in Redis (a health check)",
+    )
 
     train = sub.add_parser("train", help="train one job in-process with a progress bar")
     _add_spec_args(train)
@@ -89,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if args.command in ("api", "worker", "up"):
+    if args.command in ("api", "worker", "up") and not getattr(args, "check", False):
         from service.api.logs import configure_logging
         from workers.settings import get_settings
 
@@ -102,6 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from service.cli.server import serve
 
         return serve(host=args.host, port=args.port, workers=args.workers)
+    if args.command == "worker" and args.check:
+        from workers.healthcheck import check_worker
+        from workers.settings import get_settings
+
+        healthy, line = check_worker(get_settings().redis_url)
+        sys.stdout.write(line + "\n")
+        return 0 if healthy else 1
     if args.command == "worker":
         from workers.worker import run_worker
 

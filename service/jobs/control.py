@@ -29,7 +29,7 @@ from service.errors import (
     QueueFullError,
     ServiceUnavailableError,
 )
-from workers.celery_app import enqueue_job
+from workers.celery_app import enqueue_job, worker_heartbeats
 from workers.contracts import JobSpec, JobStatus
 from workers.settings import Settings
 from workers.store.checkpoints import CheckpointStore, Lineage, LineageError
@@ -153,7 +153,7 @@ def submit(
     sent: list[str] = []
     try:
         for job in jobs:
-            enqueue_job(celery, job.id)
+            enqueue_job(celery, job.id, job.spec.device)
             sent.append(job.id)
     except (KombuError, redis.RedisError, OSError) as exc:
         logger.warning("could not enqueue job %s: %s", jobs[len(sent)].id, exc)
@@ -202,3 +202,32 @@ def cancel(store: JobStore, job_id: str) -> tuple[JobRecord, bool]:
     if unfinished:
         store.request_cancel(job_id)  # what a running job's worker looks for
     return record, unfinished
+
+
+def may_wait_for_a_gpu(record: JobRecord) -> bool:
+    """A queued job that asks for a GPU: `waiting_note` has something to look up."""
+    return record.status is JobStatus.queued and record.spec.device.startswith("cuda")
+
+
+def waiting_note(record: JobRecord, redis_url: str) -> str | None:
+    """Why a queued job that asks for a GPU is not starting: no worker trains on one.
+
+    Such a job sits on the GPU workers' queue (`workers.contracts.CUDA_QUEUE`), where CPU
+    workers never look: it waits, and this says so, instead of training on the CPU or failing.
+    None for every other job, and while a GPU worker is up.
+    """
+    if not may_wait_for_a_gpu(record):
+        return None
+    try:
+        beating = worker_heartbeats(redis_url)
+    except redis.RedisError:
+        return None
+    if any(str(w.get("device") or "").startswith("cuda") for w in beating):
+        return None
+    seen = ", ".join(f"{w.get('name')} ({w.get('device') or '?'})" for w in beating) or "none"
+    return (
+        f"waiting for a worker with a CUDA GPU (the job asks for {record.spec.device!r}); "
+        f"no GPU worker is running (workers now: {seen}). Start one on a GPU machine with "
+        "`cnnserve worker --device cuda`, or with Docker the GPU override "
+        "(docker-compose.gpu.yml), or cancel the job and submit it with device 'auto'"
+    )

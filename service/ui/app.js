@@ -222,7 +222,10 @@ function statusBadge(status) {
 
 function progressCell(job) {
   const p = job.progress || {};
-  if (job.status === "queued") return h("span", { class: "muted", text: "waiting for a worker" });
+  if (job.status === "queued") {
+    const gpu = (job.spec.device || "").startsWith("cuda");
+    return h("span", { class: "muted", text: job.waiting || (gpu ? "waiting for a GPU worker" : "waiting for a worker") });
+  }
   if (FINISHED.has(job.status)) {
     const done = job.metrics.length;
     return h("span", { class: "muted", text: job.error ? job.error.slice(0, 120) : `${done} epoch${done === 1 ? "" : "s"}` });
@@ -242,6 +245,19 @@ function progressCell(job) {
 
 const bestAcc = (job) => (job.metrics.length ? Math.max(...job.metrics.map((m) => m.val_acc)) : null);
 
+// The training workers /readyz sees and the device each trains on (open, no key needed).
+async function workersLine(el) {
+  let workers = [];
+  try {
+    const r = await fetch(url("/readyz"));
+    workers = (await r.json()).workers || [];
+  } catch { /* the line says no worker */ }
+  const label = (w) => `${w.name} (${[w.device || "device unknown", w.gpu].filter(Boolean).join(", ")})`;
+  el.replaceChildren(
+    h("strong", { text: "Workers: " }),
+    workers.length ? workers.map(label).join(" · ") : "none running; jobs wait until one starts (cnnserve worker)");
+}
+
 // --- views -------------------------------------------------------------------------------
 
 async function jobsView(el, signal) {
@@ -257,8 +273,10 @@ async function jobsView(el, signal) {
   let cursor = null;
   let liveCtl = null;
 
+  const workers = h("p", { class: "muted workers", id: "workers", "aria-live": "polite" });
   el.append(
     h("h1", { text: "Jobs" }),
+    workers,
     h("div", { class: "card row" },
       h("div", { class: "field" }, h("label", { for: "f-status", text: "Status" }), statusSel),
       h("div", { class: "field" }, h("label", { for: "f-model", text: "Model" }), modelSel),
@@ -339,7 +357,7 @@ async function jobsView(el, signal) {
     relive();
   };
   more.addEventListener("click", () => loadPage(false).catch(showError));
-  await loadPage(true);
+  await Promise.all([loadPage(true), workersLine(workers)]);
 
   // new jobs (from anywhere) appear at the top within a few seconds
   const poll = setInterval(async () => {
@@ -351,6 +369,7 @@ async function jobsView(el, signal) {
         for (const job of fresh.reverse()) body.prepend(render(job));
         relive();
       }
+      await workersLine(workers);
     } catch { /* shown on the next action */ }
   }, 4000);
   signal.addEventListener("abort", () => clearInterval(poll));

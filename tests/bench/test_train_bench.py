@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +116,40 @@ def test_reports_of_one_machine_merge_into_one_table() -> None:
     assert merged["command"] == "bench lenet; bench vgg"
     with pytest.raises(SystemExit, match="different devices"):
         merge_reports([report("cuda:0", "lenet"), report("cpu", "vgg")])
+
+
+@pytest.mark.slow
+def test_a_window_run_writes_its_report_after_every_run_and_says_why_no_graph(
+    tmp_path: Path,
+) -> None:
+    """The GPU window's runs: no d2l way, the engine with and without its CUDA graph; the report
+    is on disk after each run, not only at the end (a window may be cut short)."""
+    out = tmp_path / "lenet.json"
+    cmd = [sys.executable, "-m", "bench", "train", "--device", "cpu", "--models", "lenet",
+           "--ways", "cnnserve,cnnserve-eager", "--epochs", "1", "--seeds", "0",
+           "--train-limit", "256", "--val-limit", "500", "--threads", "1",
+           "--fashion-mnist-dir", str(FASHION_MNIST_DIR), "--out", str(out),
+           "--no-doc", "--no-plot"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    snapshots: list[dict[str, Any]] = []
+    seen = 0.0
+    while proc.poll() is None:
+        if out.exists() and out.stat().st_mtime != seen:
+            seen = out.stat().st_mtime
+            snapshots.append(json.loads(out.read_text()))
+        time.sleep(0.05)
+    assert proc.returncode == 0, proc.stderr.read()[-3000:] if proc.stderr else ""
+
+    report = json.loads(out.read_text())
+    assert report["complete"] is True and report["ways"] == ["cnnserve", "cnnserve-eager"]
+    (result,) = report["results"]
+    assert "d2l" not in result and result["speedup"] is None
+    assert result["graph_speedup"] > 0
+    assert result["cnnserve"]["cuda_graph_notes"] == ["not applicable: not a CUDA device"]
+    assert result["cnnserve-eager"]["cuda_graph_notes"] == ["off (eager steps asked for)"]
+    # a partial report was on disk while the model's second run trained
+    partial = [s for s in snapshots if not s["complete"] and "running" in s]
+    assert partial and any(len(s["running"]["runs"]["cnnserve"]) == 1 for s in partial), [
+        s.get("running") for s in snapshots
+    ]

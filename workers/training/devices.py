@@ -45,6 +45,20 @@ def resolve_device(request: str) -> torch.device:
     return torch.device("cuda", index)
 
 
+def describe_device(request: str) -> dict[str, str]:
+    """What a worker for `request` trains on: `device` (`cpu`, `cuda:N`) and the GPU's name.
+
+    Its heartbeat carries this, so `/readyz` and the dashboard show each worker's device.
+    """
+    try:
+        device = resolve_device(request)
+    except DeviceError as exc:
+        return {"device": request, "problem": str(exc)}
+    if device.type == "cuda":
+        return {"device": str(device), "gpu": torch.cuda.get_device_name(device)}
+    return {"device": "cpu"}
+
+
 def prepare_device(request: str, precision: str) -> tuple[torch.device, torch.dtype | None]:
     """The device a run trains on, made current, and the autocast dtype for `precision`.
 

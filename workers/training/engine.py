@@ -145,6 +145,9 @@ class TrainResult:
     seconds: float = 0.0
     #: Whether full batches were replayed from a captured CUDA graph.
     cuda_graph: bool = False
+    #: Why capturing the training step failed, when it was tried and failed (the run went on
+    #: eagerly); None when it was captured or never tried.
+    cuda_graph_failure: str | None = None
 
 
 def make_optimizer(name: str, params: Iterator[nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -527,6 +530,7 @@ class _Run:
             stopped_at=self.stopped_at if outcome is not Outcome.completed else None,
             seconds=round(time.monotonic() - self.started, 3),
             cuda_graph=self.graph is not None and self.graph.captured,
+            cuda_graph_failure=self.graph.failure if self.graph is not None else None,
         )
 
 

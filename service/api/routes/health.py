@@ -46,6 +46,20 @@ class Check(BaseModel):
     detail: str
 
 
+class WorkerInfo(BaseModel):
+    """A training worker seen lately, and what it trains on."""
+
+    name: str
+    device: str | None = Field(
+        None,
+        description="What it trains on: `cpu` or `cuda:N` (null when it does not say: an older "
+        "worker, or one seen only by a Celery ping). Jobs that ask for `cuda` wait for a "
+        "worker on a GPU.",
+    )
+    gpu: str | None = Field(None, description="The GPU's name, on a GPU worker.")
+    job: str | None = Field(None, description="The job it trains now, if any.")
+
+
 class Readiness(BaseModel):
     """The service is ready: every check passed."""
 
@@ -57,8 +71,9 @@ class Readiness(BaseModel):
                     "checks": {
                         "redis": {"ok": True, "detail": "PONG from redis://127.0.0.1:6379/0"},
                         "storage": {"ok": True, "detail": "data/checkpoints is writable"},
-                        "workers": {"ok": True, "detail": "1 worker: celery@host"},
+                        "workers": {"ok": True, "detail": "1 worker(s): celery@host (cpu)"},
                     },
+                    "workers": [{"name": "celery@host", "device": "cpu", "gpu": None, "job": None}],
                 }
             ]
         }
@@ -66,6 +81,9 @@ class Readiness(BaseModel):
 
     status: str = Field(description="`ready`.")
     checks: dict[str, Check]
+    workers: list[WorkerInfo] = Field(
+        default_factory=list, description="The training workers seen lately and their devices."
+    )
 
 
 class Liveness(BaseModel):
@@ -81,7 +99,7 @@ class WorkerPingCache:
     """The last answer of a worker ping, kept a few seconds so probes stay cheap."""
 
     at: float = 0.0
-    names: list[str] = field(default_factory=list)
+    workers: list[WorkerInfo] = field(default_factory=list)
     error: str | None = None
 
 
@@ -108,11 +126,24 @@ def _check_storage(path: Path) -> Check:
     return Check(ok=True, detail=f"{path} is writable")
 
 
-def _find_workers(celery: Celery, redis_url: str) -> list[str]:
+def _find_workers(celery: Celery, redis_url: str) -> list[WorkerInfo]:
     """Workers seen lately: their heartbeat keys (instant), else a Celery ping."""
     # a solo-pool worker busy training cannot answer a ping, but keeps its heartbeat
-    beating = sorted({str(b.get("name")) for b in worker_heartbeats(redis_url) if b.get("name")})
-    return beating or live_workers(celery, WORKER_PING_TIMEOUT_S)
+    beating = {
+        str(b["name"]): WorkerInfo(
+            name=str(b["name"]), device=b.get("device"), gpu=b.get("gpu"), job=b.get("job")
+        )
+        for b in worker_heartbeats(redis_url)
+        if b.get("name")
+    }
+    if beating:
+        return [beating[name] for name in sorted(beating)]
+    return [WorkerInfo(name=name) for name in live_workers(celery, WORKER_PING_TIMEOUT_S)]
+
+
+def _label(worker: WorkerInfo) -> str:
+    on = ", ".join(part for part in (worker.device, worker.gpu) if part)
+    return f"{worker.name} ({on})" if on else worker.name
 
 
 async def _check_workers(request: Request, celery: Celery, redis_url: str) -> Check:
@@ -120,20 +151,21 @@ async def _check_workers(request: Request, celery: Celery, redis_url: str) -> Ch
     if time.monotonic() - cache.at > WORKER_CACHE_S:
         try:
             with anyio.fail_after(CHECK_DEADLINE_S):
-                names = await to_thread.run_sync(
+                workers = await to_thread.run_sync(
                     _find_workers, celery, redis_url, abandon_on_cancel=True
                 )
-            cache.names, cache.error = names, None
+            cache.workers, cache.error = workers, None
         except TimeoutError:
-            cache.names, cache.error = [], "the worker ping did not return in time"
+            cache.workers, cache.error = [], "the worker ping did not return in time"
         except Exception as exc:  # the broker's errors vary by transport
-            cache.names, cache.error = [], f"the worker ping failed: {exc}"
+            cache.workers, cache.error = [], f"the worker ping failed: {exc}"
         cache.at = time.monotonic()
     if cache.error:
         return Check(ok=False, detail=cache.error)
-    if not cache.names:
+    if not cache.workers:
         return Check(ok=False, detail="no worker answered a ping; start one with `cnnserve worker`")
-    return Check(ok=True, detail=f"{len(cache.names)} worker(s): {', '.join(cache.names)}")
+    labels = ", ".join(_label(w) for w in cache.workers)
+    return Check(ok=True, detail=f"{len(cache.workers)} worker(s): {labels}")
 
 
 @router.get(
@@ -151,7 +183,8 @@ async def healthz() -> Liveness:
     summary="Readiness",
     description="Redis answers a ping, the data directory is writable and at least one "
     "training worker is alive (its heartbeat in Redis, or a Celery ping; cached a few "
-    "seconds). 503 naming what is wrong otherwise.",
+    "seconds). 503 naming what is wrong otherwise. Either way `workers` lists the workers "
+    "seen and the device each trains on (`cpu`, `cuda:N`).",
     response_model=Readiness,
     responses=problem_responses(
         503, s503="not ready: workers: no worker answered a ping; start one with cnnserve worker"
@@ -176,14 +209,16 @@ async def readyz(
         checks["workers"] = await _check_workers(request, celery, settings.redis_url)
     else:
         checks["workers"] = Check(ok=False, detail="not checked: the broker is not reachable")
+    workers = request.app.state.worker_ping_cache.workers if checks["redis"].ok else []
     failing = [f"{name}: {c.detail}" for name, c in checks.items() if not c.ok]
     if failing:
         raise ServiceUnavailableError(
             "not ready: " + "; ".join(failing),
             headers={"Retry-After": "5"},
             checks={k: v.model_dump() for k, v in checks.items()},
+            workers=[w.model_dump() for w in workers],
         )
-    return Readiness(status="ready", checks=checks)
+    return Readiness(status="ready", checks=checks, workers=workers)
 
 
 def metrics_access(

@@ -8,6 +8,7 @@ import json
 import logging
 from typing import Annotated, Any
 
+from anyio import to_thread
 from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -77,6 +78,25 @@ class Job(JobRecord):
     """A training job: its spec, status, live progress, per-epoch metrics and checkpoints."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [_EXAMPLE_JOB]})
+
+    waiting: str | None = Field(
+        None,
+        description="Why a queued job is not starting, when it is known: a job that asks for "
+        "`cuda` waits for a worker on a GPU (CPU workers never take it). Null otherwise, and "
+        "left out of listings.",
+    )
+
+
+def _job(
+    record: JobRecord,
+    note: str | None,
+    status_code: int = 200,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """One job as `Job`: the record as read, and why it waits (`job_control.waiting_note`)."""
+    body = record.model_dump_json()
+    body = f'{body[:-1]},"waiting":{json.dumps(note)}}}'
+    return Response(body, status_code=status_code, headers=headers, media_type=JSON)
 
 
 class JobPage(BaseModel):
@@ -185,7 +205,8 @@ def submit_job(
     except BaseException:
         job_control.release_key(store, idempotency_key, record.id, caller.owner)
         raise
-    return _json(record, 202, {"Location": f"/v1/jobs/{record.id}"})
+    note = job_control.waiting_note(record, settings.redis_url)
+    return _job(record, note, 202, {"Location": f"/v1/jobs/{record.id}"})
 
 
 @router.get(
@@ -232,13 +253,17 @@ def list_jobs(
     "/{job_id}",
     summary="Read a job",
     description="The job's status, spec, live progress, per-epoch metrics (train loss, "
-    "validation loss and accuracy, seconds) and checkpoints.",
+    "validation loss and accuracy, seconds) and checkpoints; for a queued job that asks for "
+    "`cuda` while no GPU worker runs, `waiting` says so.",
     response_model=Job,
     dependencies=[Allow("read")],
     responses=problem_responses(401, 403, 404),
 )
-async def get_job(job: ValidJob) -> Response:
-    return _json(job)
+async def get_job(job: ValidJob, settings: SettingsDep) -> Response:
+    note = None
+    if job_control.may_wait_for_a_gpu(job):  # reads the workers' heartbeats: off the loop
+        note = await to_thread.run_sync(job_control.waiting_note, job, settings.redis_url)
+    return _job(job, note)
 
 
 @router.post(

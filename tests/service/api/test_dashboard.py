@@ -106,7 +106,7 @@ def test_a_person_trains_lenet_watches_it_and_classifies_with_it(
     tmp_path: Path,
 ) -> None:
     server = uvicorn_server()
-    start_worker()
+    worker = start_worker()
     browser.get(f"{server.url}/#/train")
     wait(browser, "the form", lambda d: d.find_elements(By.ID, "spec-epochs"))
     Select(browser.find_element(By.ID, "spec-model")).select_by_value("lenet")
@@ -167,6 +167,16 @@ def test_a_person_trains_lenet_watches_it_and_classifies_with_it(
         lambda d: d.find_elements(By.CSS_SELECTOR, f"tr[data-job='{job_id}']"),
     )
     assert "succeeded" in row[0].text and "%" in row[0].text  # status and best val acc
+    # the workers, and what each trains on
+    line = wait(
+        browser,
+        "the workers line",
+        lambda d: (
+            worker.name in d.find_element(By.ID, "workers").text
+            and d.find_element(By.ID, "workers").text
+        ),
+    )
+    assert f"Workers: {worker.name} (cpu)" in str(line)
     browser.save_screenshot(str(shots / "jobs.png"))
 
     best = browser.execute_script(f"return fetch('v1/jobs/{job_id}').then(r => r.json())")[

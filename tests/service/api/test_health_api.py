@@ -88,3 +88,29 @@ def test_readyz_is_ready_with_a_live_worker_heartbeat(client: TestClient, store:
     assert body["status"] == "ready"
     assert all(c["ok"] for c in body["checks"].values())
     assert "trainer-1@gpu-host" in body["checks"]["workers"]["detail"]
+
+
+def test_readyz_lists_each_worker_and_the_device_it_trains_on(
+    client: TestClient, store: JobStore
+) -> None:
+    write_heartbeat(store.r, {"name": "cpu-1@host-a", "device": "cpu", "job": None})
+    write_heartbeat(
+        store.r, {"name": "gpu-1@host-b", "device": "cuda:0", "gpu": "NVIDIA H100", "job": "j1"}
+    )
+    r = client.get("/readyz")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["workers"] == [
+        {"name": "cpu-1@host-a", "device": "cpu", "gpu": None, "job": None},
+        {"name": "gpu-1@host-b", "device": "cuda:0", "gpu": "NVIDIA H100", "job": "j1"},
+    ]
+    assert (
+        "cpu-1@host-a (cpu), gpu-1@host-b (cuda:0, NVIDIA H100)"
+        in (body["checks"]["workers"]["detail"])
+    )
+
+
+def test_readyz_without_workers_lists_none(client: TestClient) -> None:
+    r = client.get("/readyz")
+    assert r.status_code == 503
+    assert r.json()["workers"] == []

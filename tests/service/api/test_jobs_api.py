@@ -10,7 +10,8 @@ from celery import Celery
 from fastapi.testclient import TestClient
 
 from tests.service.conftest import API_KEY
-from workers.contracts import QUEUE, JobSpec, JobStatus
+from workers.celery_app import write_heartbeat
+from workers.contracts import CUDA_QUEUE, QUEUE, JobSpec, JobStatus
 from workers.store.jobs import EpochMetrics, JobStore
 
 PROBLEM = "application/problem+json"
@@ -40,6 +41,27 @@ def test_submit_queues_a_job_and_a_task(client: TestClient, store: JobStore) -> 
     assert queued_task_ids(store) == [job["id"]]
     body = json.loads(store.r.lrange(QUEUE, 0, -1)[0])
     assert body["headers"]["task"] == "cnnserve.train"
+
+
+def test_a_job_for_cuda_goes_to_the_gpu_queue_and_says_it_waits_without_a_gpu_worker(
+    client: TestClient, store: JobStore
+) -> None:
+    write_heartbeat(store.r, {"name": "cpu-1@host", "device": "cpu"})
+    r = client.post("/v1/jobs", json={**SPEC, "device": "cuda"})
+    assert r.status_code == 202
+    job = r.json()
+    assert job["status"] == "queued"
+    assert "waiting for a worker with a CUDA GPU" in job["waiting"]
+    assert "cpu-1@host (cpu)" in job["waiting"]
+    # on the queue only GPU workers read, not the one every worker reads
+    assert store.r.llen(CUDA_QUEUE) == 1 and queued_task_ids(store) == []
+    assert client.get(f"/v1/jobs/{job['id']}").json()["waiting"] == job["waiting"]
+
+    write_heartbeat(store.r, {"name": "gpu-1@host", "device": "cuda:0", "gpu": "NVIDIA H100"})
+    assert client.get(f"/v1/jobs/{job['id']}").json()["waiting"] is None
+    # a job for the CPU or any device never waits for a GPU
+    other = client.post("/v1/jobs", json=SPEC).json()
+    assert other["waiting"] is None and queued_task_ids(store) == [other["id"]]
 
 
 def test_get_job_has_the_contract_fields(client: TestClient, store: JobStore) -> None:

@@ -105,6 +105,11 @@ def test_a_failed_capture_trains_on_eagerly(
         fallen_back = run(data, store)
 
     assert fallen_back.outcome is Outcome.completed and not fallen_back.cuda_graph
+    # the reason travels with the result (the GPU window's report records it)
+    assert fallen_back.cuda_graph_failure == (
+        "RuntimeError: operation not permitted when stream is capturing"
+    )
+    assert eager.cuda_graph_failure is None
     assert stand_in.replays == 0
     assert "training eagerly" in caplog.text and "not permitted" in caplog.text
     assert numbers(fallen_back.history) == numbers(eager.history)
