@@ -44,7 +44,7 @@ import redis
 
 from bench.http import api_server, cnnserve_command, stop_group
 from bench.infer import machine_info
-from service.cli.stack import free_port
+from bench.stores import private_redis
 from workers.contracts import JobSpec, JobStatus
 from workers.store.checkpoints import Manifest, Preprocessing
 from workers.store.jobs import EpochMetrics, JobRecord
@@ -148,46 +148,6 @@ def write_manifests(checkpoints: Path, n: int) -> None:
         (directory / "manifest.json").write_text(manifest.model_dump_json())
         aliases = {"latest": manifest.id, "best": manifest.id}
         (checkpoints / job_id / "aliases.json").write_text(json.dumps(aliases))
-
-
-@contextmanager
-def private_redis(workdir: Path) -> Iterator[str]:
-    """A `redis-server` of the benchmark's own on a free loopback port; stopped by PID."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the benchmark's redis-server did not start") from None
-                time.sleep(0.05)
-        yield url
-    finally:
-        client.close()
-        stop_group(proc)
 
 
 class Client:
