@@ -72,7 +72,7 @@ def settings(
     """Settings pointing at the test Redis database, a fresh data directory and checkpoint
     store (the data dir's, or a fresh prefix of the S3 bucket with
     CNNSERVE_TEST_CHECKPOINT_STORE=s3)."""
-    if CHECKPOINT_STORE == "s3":
+    if CHECKPOINT_STORE == "s3" or "s3_url" in request.fixturenames:
         request.getfixturevalue("s3_url")
     else:
         monkeypatch.delenv("CNNSERVE_CHECKPOINT_URL", raising=False)

@@ -54,7 +54,8 @@ class Blobs(Protocol):
     remote: bool
 
     def put_file(self, key: str, path: Path) -> None:
-        """Store the file at `path` under `key`, atomically; `path` is consumed (moved)."""
+        """Store the file at `path` under `key`, atomically; a local store moves it there (the
+        caller's copy is gone), a remote one leaves it (the caller removes it)."""
 
     def put_bytes(self, key: str, data: bytes) -> None:
         """Store `data` under `key`, atomically."""
@@ -210,7 +211,6 @@ class S3Blobs:
 
     def put_file(self, key: str, path: Path) -> None:
         self._call("upload", None, self.client.upload_file, str(path), self.bucket, self._key(key))
-        Path(path).unlink(missing_ok=True)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._call(
