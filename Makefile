@@ -17,7 +17,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 UP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv packages apt redis up test pytest lint format typecheck
+.PHONY: help setup venv packages apt redis up test pytest pytest-s3 lint format typecheck
 
 help:
 	@echo "make up         set up, then start Redis with AOF (if none answers), a worker and the API on http://127.0.0.1:8000"
@@ -85,6 +85,7 @@ test: setup
 	tests/deploy/dockerd.sh start || failed="$$failed dockerd"; \
 	CNNSERVE_DOCKER_TESTS=require $(MAKE) --no-print-directory pytest || failed="$$failed pytest"; \
 	tests/deploy/dockerd.sh stop || true; \
+	$(MAKE) --no-print-directory pytest-s3 || failed="$$failed pytest-s3"; \
 	$(MAKE) --no-print-directory lint || failed="$$failed lint"; \
 	$(MAKE) --no-print-directory typecheck || failed="$$failed mypy"; \
 	if [ -n "$$failed" ]; then echo "make test: FAILED:$$failed" >&2; exit 1; fi; \
@@ -92,6 +93,16 @@ test: setup
 
 pytest:
 	$(BIN)/pytest -q --durations=15 $(PYTEST_ARGS)
+
+# The checkpoint-store suites again, every store a bucket of moto's S3 server (tests/s3.py), as
+# with CNNSERVE_CHECKPOINT_URL=s3://...; the several-hosts tests run on it in `pytest` anyway.
+S3_TESTS := tests/workers/store tests/workers/training/test_engine.py \
+	tests/workers/training/test_validation.py tests/service/api/test_checkpoints.py \
+	tests/service/api/test_v2_api.py tests/service/inference/test_inference.py \
+	tests/reliability/test_storage_faults.py
+
+pytest-s3:
+	CNNSERVE_TEST_CHECKPOINT_STORE=s3 $(BIN)/pytest -q $(S3_TESTS)
 
 lint:
 	@rc=0; \

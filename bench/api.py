@@ -4,12 +4,13 @@ For each size (jobs on record) it fills a private `redis-server` with that many 
 as the version before the indexes wrote them (a record per job and the `jobs` set, so the
 upgrade runs at start-up too): the three models in turn, 85 % succeeded, 5 % each failed,
 cancelled and queued, ten epochs of metrics on the finished ones, and one running job whose
-worker holds its lease. A tenth as many checkpoint manifests lie in the data directory. Then
-it starts `cnnserve api` on them and times, one request at a time over a keep-alive
-connection, in interleaved rounds: `GET /healthz` (the floor), submit, get one ResNet-18 job,
-a page of 20 (plain, `status=failed`, `model=resnet18`), cancel, `/metrics` and
-`GET /v1/checkpoints/lenet:best`; and, in a separate process as a worker runs it, one orphan
-scan (`runner.recover_orphans`).
+worker holds its lease. As many checkpoint manifests lie in the data directory, laid out as the
+version before the Redis checkpoint index wrote them (with `aliases.json`), so the API's start
+indexes them. Then it starts `cnnserve api` on them and times, one request at a time over a
+keep-alive connection, in interleaved rounds: `GET /healthz` (the floor), submit, get one
+ResNet-18 job, a page of 20 (plain, `status=failed`, `model=resnet18`), cancel, `/metrics`,
+`GET /v1/checkpoints/lenet:best` and the newest 20 LeNet checkpoints; and, in a separate
+process as a worker runs it, one orphan scan (`runner.recover_orphans`).
 
 With `--baseline-rev REV` the same runs against a git worktree of REV, size by size in the same
 process, so the table has before and after side by side. An operation stops sampling once it
@@ -44,7 +45,7 @@ import redis
 
 from bench.http import api_server, cnnserve_command, stop_group
 from bench.infer import machine_info
-from service.cli.stack import free_port
+from bench.stores import private_redis
 from workers.contracts import JobSpec, JobStatus
 from workers.store.checkpoints import Manifest, Preprocessing
 from workers.store.jobs import EpochMetrics, JobRecord
@@ -68,6 +69,7 @@ OPS = (
     "cancel",
     "metrics",
     "model_best",
+    "checkpoints_page",
 )
 
 
@@ -126,7 +128,8 @@ def fill(r: Any, n: int, *, finished_only: bool = False, running: bool = True) -
 
 
 def write_manifests(checkpoints: Path, n: int) -> None:
-    """`n` checkpoints' manifests and aliases (no weights: nothing measured loads them)."""
+    """`n` checkpoints' manifests and aliases as the version before the Redis index wrote them
+    (no weights: nothing measured loads them); the API indexes them at start-up."""
     rng = random.Random(0)
     for i in range(n):
         job_id = f"{i:016x}"
@@ -148,46 +151,6 @@ def write_manifests(checkpoints: Path, n: int) -> None:
         (directory / "manifest.json").write_text(manifest.model_dump_json())
         aliases = {"latest": manifest.id, "best": manifest.id}
         (checkpoints / job_id / "aliases.json").write_text(json.dumps(aliases))
-
-
-@contextmanager
-def private_redis(workdir: Path) -> Iterator[str]:
-    """A `redis-server` of the benchmark's own on a free loopback port; stopped by PID."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the benchmark's redis-server did not start") from None
-                time.sleep(0.05)
-        yield url
-    finally:
-        client.close()
-        stop_group(proc)
 
 
 class Client:
@@ -264,6 +227,8 @@ def time_operations(
                 run(op, "GET", "/metrics")
             case "model_best":
                 run(op, "GET", "/v1/checkpoints/lenet:best")
+            case "checkpoints_page":
+                run(op, "GET", "/v1/checkpoints?model=lenet&limit=20")
 
     for op in OPS:  # one warm-up call each (imports, caches, connections)
         request(op, 0)
@@ -329,7 +294,7 @@ def measure_size(
         t0 = time.perf_counter()
         history = fill(client, n)
         data_dir = workdir / f"data-{label}-{n}"
-        write_manifests(data_dir / "checkpoints", max(1, n // 10))
+        write_manifests(data_dir / "checkpoints", n)  # as many checkpoints as jobs
         logger.info("%s, %d jobs: store filled in %.1f s", label, n, time.perf_counter() - t0)
         env = {"CNNSERVE_REDIS_URL": url, "CNNSERVE_MAX_QUEUED_JOBS": str(10**9)}
         started = time.perf_counter()

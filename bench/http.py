@@ -263,21 +263,15 @@ class ModelAlone:
     once (`cpu_budget`'s compute threads) of so many intra-op threads each. No HTTP at all."""
 
     def __init__(self, data_dir: Path, ref: str) -> None:
+        from bench.stores import open_store
         from service.inference.backends import (
             cpu_budget,
             load_for_inference,
         )
-        from workers.store.checkpoints import CheckpointStore
 
         self.streams, threads = cpu_budget()
-        store = CheckpointStore(data_dir / "checkpoints")
-        self.loaded = load_for_inference(
-            store,
-            store.resolve(ref),
-            backend="auto",
-            cache_dir=data_dir / "onnx-cache",
-            threads=threads,
-        )
+        store = open_store(data_dir / "checkpoints")
+        self.loaded = load_for_inference(store, store.resolve(ref), backend="auto", threads=threads)
         self.layout = f"{self.streams} × {threads} threads"
         self.x = sample_images(64).astype(np.float32)[:, None] / 255
         for _ in range(20):
@@ -387,9 +381,9 @@ def ratios(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def make_lenet_checkpoint(data_dir: Path) -> str:
     """Save a freshly initialised LeNet checkpoint under `data_dir`; returns its id."""
-    from workers.store.checkpoints import CheckpointStore
+    from bench.stores import open_store
 
-    store = CheckpointStore(data_dir / "checkpoints")
+    store = open_store(data_dir / "checkpoints")
     return save_fresh_checkpoint(store, "lenet", "00000000000be7c4").id
 
 
@@ -510,6 +504,8 @@ def markdown(runs: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from bench.stores import bench_redis
+
     parser = argparse.ArgumentParser(prog="python -m bench http", description=__doc__)
     parser.add_argument("--url", help="an already running server (else one is started)")
     parser.add_argument("--ref", help="the checkpoint to load (with --url)")
@@ -539,7 +535,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs.append({"batching": "server's setting", **result})
     else:
         modes = {"both": [True, False], "on": [True], "off": [False]}[args.batching]
-        with tempfile.TemporaryDirectory(prefix="cnnserve-bench-http-") as tmp:
+        with (
+            tempfile.TemporaryDirectory(prefix="cnnserve-bench-http-") as tmp,
+            bench_redis(Path(tmp)),
+        ):
             data_dir = Path(tmp) / "data"
             ref = make_lenet_checkpoint(data_dir)
             alone = ModelAlone(data_dir, ref)

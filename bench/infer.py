@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from bench.machine import core_count, cpu_name
+from bench.stores import bench_redis, open_store
 from models import build_model, get_model_entry
 from service.inference.backends import (
     LoadedModel,
@@ -142,11 +143,11 @@ def save_fresh_checkpoint(store: CheckpointStore, name: str, job_id: str) -> Man
 def _load(
     store: CheckpointStore, ckpt_id: str, backend: str, cache: Path, threads: int
 ) -> LoadedModel:
+    # `cache`: the exported graph lives beside the checkpoint in the store now
     return load_for_inference(
         store,
         ckpt_id,
         backend=backend,  # type: ignore[arg-type]
-        cache_dir=cache,
         threads=threads,
         max_batch_size=1024,
     )
@@ -248,8 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = args.threads or threads
     torch.set_num_threads(threads)
     results = []
-    with tempfile.TemporaryDirectory(prefix="cnnserve-bench-") as tmp:
-        store = CheckpointStore(Path(tmp) / "checkpoints")
+    with (
+        tempfile.TemporaryDirectory(prefix="cnnserve-bench-") as tmp,
+        bench_redis(Path(tmp)),
+    ):
+        store = open_store(Path(tmp) / "checkpoints")
         for name in args.models.split(","):
             results.append(
                 bench_model(

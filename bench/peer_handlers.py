@@ -35,12 +35,12 @@ class Classifier:
     """The checkpoint, ready for batches of encoded images."""
 
     def __init__(self) -> None:
+        from bench.stores import open_store
         from service.inference.backends import InferenceNet
-        from workers.store.checkpoints import CheckpointStore
 
         threads = int(os.environ.get("PEER_THREADS", "2"))
         torch.set_num_threads(threads)
-        store = CheckpointStore(Path(os.environ["PEER_CHECKPOINTS"]))
+        store = open_store(Path(os.environ["PEER_CHECKPOINTS"]))  # CNNSERVE_REDIS_URL's index
         net, manifest = store.load_model(os.environ["PEER_CHECKPOINT"], "cpu")
         self.module = InferenceNet(net, manifest.preprocessing.resize).eval()
         self.classes = manifest.classes

@@ -386,12 +386,10 @@ def run_model(
     model: str, names: list[str], work: Path, env: dict[str, str], args: argparse.Namespace
 ) -> dict[str, dict[str, Any]]:
     """Start every server for one model, load them in interleaved rounds, stop them."""
-    from workers.store.checkpoints import CheckpointStore
+    from bench.stores import open_store
 
     data_dir = work / f"data-{model}"
-    ckpt = save_fresh_checkpoint(
-        CheckpointStore(data_dir / "checkpoints"), model, "0000000000be7c4a"
-    )
+    ckpt = save_fresh_checkpoint(open_store(data_dir / "checkpoints"), model, "0000000000be7c4a")
     servers: list[Server] = []
     try:
         for name in names:
@@ -488,6 +486,8 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from bench.stores import bench_redis
+
     parser = argparse.ArgumentParser(prog="python -m bench peers", description=__doc__)
     parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated")
     parser.add_argument("--models", default=",".join(MODELS), help="lenet,resnet18")
@@ -547,6 +547,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             work = args.work.resolve()
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cnnserve-peers-")))
+        # the servers (and the peers' handlers) read the checkpoint index from this Redis
+        stack.enter_context(bench_redis(work))
         for model in models:
             results[model] = run_model(model, names, work, env, args)
     report = {

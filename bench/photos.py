@@ -74,14 +74,12 @@ def accuracy(classify: Any, blobs: list[bytes], labels: np.ndarray, batch: int =
 
 def local_classifier(store_root: Path, checkpoint: str, mode: str) -> Any:
     """Classify encoded images as the server does: its decoding, preprocessing and model."""
+    from bench.stores import open_store
     from service.inference.backends import load_for_inference
     from service.inference.images import decode_image, preprocess
-    from workers.store.checkpoints import CheckpointStore
 
-    store = CheckpointStore(store_root)
-    loaded = load_for_inference(
-        store, checkpoint, backend="auto", cache_dir=store_root.parent / "onnx-cache", threads=2
-    )
+    store = open_store(store_root)
+    loaded = load_for_inference(store, checkpoint, backend="auto", threads=2)
     prep = loaded.manifest.preprocessing
 
     def classify(blobs: list[bytes]) -> np.ndarray:
@@ -100,15 +98,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from bench.stores import open_store
     from workers.settings import Settings
-    from workers.store.checkpoints import CheckpointStore
     from workers.training.data import load_fashion_mnist
 
     data = load_fashion_mnist(Settings(data_dir=args.data_dir))
     images = data.test_images[: args.images].numpy()
     labels = data.test_labels[: args.images].numpy()
     root = args.data_dir / "checkpoints"
-    ckpt = CheckpointStore(root).resolve(args.checkpoint)
+    ckpt = open_store(root).resolve(args.checkpoint)  # indexed in CNNSERVE_REDIS_URL
     raw = [png(im) for im in images]
     photos = [catalogue_photo(im, seed=i) for i, im in enumerate(images)]
     result = {

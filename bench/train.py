@@ -39,10 +39,10 @@ import torch
 
 from bench.d2l_way import train_d2l_way
 from bench.machine import core_count, cpu_name
+from bench.stores import bench_redis, open_store
 from models import get_model_entry, list_models
 from workers.contracts import JobSpec
 from workers.settings import Settings
-from workers.store.checkpoints import CheckpointStore
 from workers.store.jobs import new_job_id
 from workers.training.data import FashionMNIST, load_fashion_mnist
 from workers.training.engine import TrainOptions, resolve_device, train, train_subset
@@ -159,12 +159,12 @@ def run_cnnserve(
 ) -> dict[str, Any]:
     """One run of cnnserve's engine, checkpointing into a throw-away store."""
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="cnnserve-bench-ckpt-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cnnserve-bench-ckpt-") as tmp, bench_redis(Path(tmp)):
         result = train(
             spec,
             job_id=new_job_id(),
             data=data,
-            store=CheckpointStore(Path(tmp)),
+            store=open_store(Path(tmp) / "checkpoints"),
             options=options,
         )
     n = spec.train_limit or int(data.train_images.shape[0])

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Literal
 
 import limits
-from pydantic import Field, field_validator
+from pydantic import ByteSize, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: A device a job or worker may name: `auto`, `cpu`, `cuda` or `cuda:N`.
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:[0-9]{1,2})$"
+#: Where checkpoints may be kept: `s3://bucket[/prefix]` (any S3-compatible store).
+CHECKPOINT_URL_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$"
 #: What a principal's name (the `owner` of jobs, sweeps, checkpoints) may look like: it
 #: becomes part of Redis keys.
 OWNER_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
@@ -33,7 +35,26 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CNNSERVE_", env_file=None, extra="ignore")
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker and job records.")
-    data_dir: Path = Field(Path("./data"), description="Checkpoints and job files.")
+    data_dir: Path = Field(
+        Path("./data"),
+        description="Checkpoints (unless CNNSERVE_CHECKPOINT_URL names a bucket) and this "
+        "process's cache of checkpoint files.",
+    )
+    checkpoint_url: str | None = Field(
+        None,
+        pattern=CHECKPOINT_URL_PATTERN,
+        description="Keep checkpoints in an S3-compatible bucket (`s3://bucket/prefix`) instead "
+        "of `data_dir/checkpoints`; credentials, endpoint and region come from the standard "
+        "AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, "
+        "AWS_DEFAULT_REGION) or the instance's role.",
+    )
+    cache_bytes: ByteSize = Field(
+        ByteSize(4 * 1024**3),
+        ge=0,
+        description="Bytes of checkpoint weights and ONNX graphs this process keeps on local "
+        "disk (`data_dir/cache`, least recently used out first) when checkpoints are in a "
+        "bucket: a number of bytes or a size such as 2GiB.",
+    )
     fashion_mnist_dir: Path = Field(
         Path("/usr/share/datasets/fashion-mnist"),
         description="Directory with the four Fashion-MNIST IDX .gz files.",
@@ -134,7 +155,7 @@ class Settings(BaseSettings):
         """The configured API keys, blanks dropped."""
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 
-    @field_validator("predict_rate", "api_keys_file", mode="before")
+    @field_validator("predict_rate", "api_keys_file", "checkpoint_url", mode="before")
     @classmethod
     def _blank_is_unset(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v
@@ -172,7 +193,13 @@ class Settings(BaseSettings):
 
     @property
     def checkpoints_dir(self) -> Path:
+        """The local checkpoint store (used when no `checkpoint_url` is set)."""
         return self.data_dir / "checkpoints"
+
+    @property
+    def cache_dir(self) -> Path:
+        """This process's cache of files read from (or written to) a remote checkpoint store."""
+        return self.data_dir / "cache"
 
 
 @lru_cache

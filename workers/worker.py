@@ -64,7 +64,8 @@ class Maintenance(threading.Thread):
     """Every `lease_seconds`: queue again the jobs of workers that died, drop expired jobs.
 
     Its own thread (and Redis connection), so a slow scan never holds up the heartbeat; it
-    also indexes a store written by an earlier version before the first scan.
+    also indexes a job store and a checkpoint store written by an earlier version before the
+    first scan.
     """
 
     def __init__(self, settings: Settings, halt: threading.Event) -> None:
@@ -74,6 +75,7 @@ class Maintenance(threading.Thread):
 
     def run(self) -> None:
         from workers.celery_app import app, enqueue_job
+        from workers.store.checkpoints import CheckpointStore, StoreUnavailableError
         from workers.store.jobs import JobStore
         from workers.training.runner import recover_orphans
 
@@ -83,16 +85,18 @@ class Maintenance(threading.Thread):
             # back on the queue its device asks for: a `cuda` job only ever reaches a GPU worker
             return enqueue_job(app, job_id, store.get(job_id).spec.device)
 
+        checkpoints = CheckpointStore.from_settings(self.settings, store.r)
         retention = self.settings.job_retention
         try:
             while True:
                 try:
                     store.ensure_indexed()
+                    checkpoints.ensure_indexed()
                     recover_orphans(store, self.settings, lambda jid: requeue_job(store, jid))
                     if retention is not None:
                         store.purge_finished(retention.total_seconds())
-                except redis.RedisError as exc:
-                    log.warning("worker maintenance: Redis unavailable (%s)", exc)
+                except (redis.RedisError, StoreUnavailableError) as exc:
+                    log.warning("worker maintenance: %s", exc)
                 except Exception:
                     log.exception("worker maintenance failed; retrying")
                 if self.halt.wait(float(self.settings.lease_seconds)):

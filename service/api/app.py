@@ -47,7 +47,7 @@ from service.metrics import RequestMetricsMiddleware
 from workers.celery_app import make_celery
 from workers.contracts import warm_network_fit
 from workers.settings import Settings, get_settings
-from workers.store.checkpoints import CheckpointStore
+from workers.store.checkpoints import CheckpointStore, StoreUnavailableError
 from workers.store.jobs import JobStore
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def _lifespan(settings: Settings) -> Any:
         )
         app.state.settings = settings
         app.state.job_store = JobStore(client)
-        app.state.checkpoint_store = CheckpointStore(settings.checkpoints_dir)
+        app.state.checkpoint_store = CheckpointStore.from_settings(settings, client)
         # enqueues by task name only: workers.celery_app never imports the engine here
         app.state.celery = make_celery(settings)
         app.state.worker_ping_cache = WorkerPingCache()
@@ -126,6 +126,7 @@ def _lifespan(settings: Settings) -> Any:
         reload_on_hup = _reload_keys_on_sighup(ring)
         log_auth_mode(settings, ring)
         await _index_job_store(app.state.job_store)
+        await _index_checkpoint_store(app.state.checkpoint_store)
         logger.info("cnnserve API ready (Redis %s)", settings.redis_url.rsplit("@", 1)[-1])
         try:
             async with anyio.create_task_group() as tasks:
@@ -168,6 +169,17 @@ async def _index_job_store(store: JobStore) -> None:
         return
     if indexed:
         logger.info("job store upgraded: %d earlier job(s) indexed", indexed)
+
+
+async def _index_checkpoint_store(store: CheckpointStore) -> None:
+    """Index a checkpoint store written by an earlier version before serving (once per store)."""
+    try:
+        indexed = await anyio.to_thread.run_sync(store.ensure_indexed)
+    except (redis.RedisError, StoreUnavailableError) as exc:  # indexed on first use instead
+        logger.warning("checkpoint store not indexed at start-up (%s); will retry", exc)
+        return
+    if indexed:
+        logger.info("checkpoint store upgraded: %d earlier checkpoint(s) indexed", indexed)
 
 
 async def _purge_expired_jobs(store: JobStore, settings: Settings) -> None:

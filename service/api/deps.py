@@ -35,7 +35,7 @@ async def get_job_store(request: Request) -> JobStore:
 
 
 async def get_checkpoint_store(request: Request) -> CheckpointStore:
-    """The app's checkpoint store under `settings.checkpoints_dir`."""
+    """The app's checkpoint store (`CNNSERVE_CHECKPOINT_URL`, else `data_dir/checkpoints`)."""
     store: CheckpointStore = request.app.state.checkpoint_store
     return store
 

@@ -24,7 +24,11 @@ from service.api.problems import (
     problem_response,
 )
 from service.errors import ProblemError
-from workers.store.checkpoints import CheckpointCorruptError, CheckpointNotFoundError
+from workers.store.checkpoints import (
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    StoreUnavailableError,
+)
 from workers.store.jobs import JobNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -202,6 +206,20 @@ async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _store_down(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning(
+        "checkpoint store unavailable on %s %s: %s", request.method, request.url.path, exc
+    )
+    return problem_response(
+        503,
+        str(exc),
+        instance=_path(request),
+        slug="checkpoint-store-unavailable",
+        title="Service unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem_response(
@@ -227,4 +245,5 @@ def register_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(CheckpointCorruptError, _checkpoint_corrupt)
     app.add_exception_handler(redis.ConnectionError, _redis_down)
     app.add_exception_handler(redis.TimeoutError, _redis_down)
+    app.add_exception_handler(StoreUnavailableError, _store_down)
     app.add_exception_handler(Exception, _unhandled)

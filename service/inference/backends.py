@@ -4,7 +4,8 @@
   antialias) and a softmax, so every backend takes N×1×28×28 floats and returns probabilities.
 - ONNX Runtime where the export works and agrees with PyTorch (on this 2-core CPU it is
   2–6× faster at batch 1, see docs/benchmarks.md), eager PyTorch otherwise. The exported graph
-  is cached under `data_dir/onnx-cache`, keyed by the weights' sha256.
+  is kept in the checkpoint store beside its checkpoint (named by the weights' sha256, so
+  exported once for every process on every host), read through the store's bounded cache.
 - `cpu_budget` splits this machine's cores between compute threads and intra-op threads.
 """
 
@@ -180,13 +181,13 @@ def onnx_runner(path: Path, threads: int) -> RunFn:
     return run
 
 
-def onnx_cache_path(cache_dir: Path, manifest: Manifest) -> Path:
-    """Where a checkpoint's exported graph lives: keyed by its weights and input size."""
-    name = (
+def onnx_name(manifest: Manifest) -> str:
+    """The name of a checkpoint's exported graph: keyed by its weights, input size, opset and
+    the export's version."""
+    return (
         f"{manifest.model}-{manifest.weights_sha256[:32]}-r{manifest.preprocessing.resize}"
         f"-o{manifest.onnx.opset}-{EXPORT_VERSION}.onnx"
     )
-    return cache_dir / name
 
 
 def load_for_inference(
@@ -194,7 +195,6 @@ def load_for_inference(
     ckpt_id: str,
     *,
     backend: Literal["auto", "onnxruntime", "eager"],
-    cache_dir: Path,
     threads: int,
     max_batch_size: int = 64,
 ) -> LoadedModel:
@@ -207,7 +207,7 @@ def load_for_inference(
     exported: Path | None = None
     if backend in ("auto", "onnxruntime"):
         try:
-            path = exported = ensure_onnx(module, manifest, cache_dir)
+            path = exported = ensure_onnx(module, manifest, store)
             candidate = onnx_runner(path, threads)
             probe = np.random.default_rng(0).random((2, 1, NATIVE_SIZE, NATIVE_SIZE))
             probe = probe.astype(np.float32)
@@ -218,7 +218,6 @@ def load_for_inference(
                     ckpt_id,
                     diff,
                 )
-                path.unlink(missing_ok=True)
                 exported = None
             else:
                 run, chosen = candidate, "onnxruntime"
@@ -238,13 +237,13 @@ def load_for_inference(
     )
 
 
-def ensure_onnx(module: InferenceNet, manifest: Manifest, cache_dir: Path) -> Path:
-    """The checkpoint's exported graph in the cache, exported first if it is not there."""
-    path = onnx_cache_path(cache_dir, manifest)
-    if not path.is_file():
+def ensure_onnx(module: InferenceNet, manifest: Manifest, store: CheckpointStore) -> Path:
+    """A local file of the checkpoint's exported graph: from the store (through its cache), or
+    exported here and published beside the checkpoint."""
+
+    def export(path: Path) -> None:
         started = time.perf_counter()
         export_onnx(module, path, manifest)
-        logger.info(
-            "exported %s to ONNX in %.2f s: %s", manifest.id, time.perf_counter() - started, path
-        )
-    return path
+        logger.info("exported %s to ONNX in %.2f s", manifest.id, time.perf_counter() - started)
+
+    return store.onnx_path(manifest, onnx_name(manifest), export)

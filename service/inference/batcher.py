@@ -32,7 +32,6 @@ from service.inference.backends import (
     cpu_budget,
     ensure_onnx,
     load_for_inference,
-    onnx_cache_path,
 )
 from service.inference.cache import ModelCache
 from service.metrics import observe_batch
@@ -114,7 +113,6 @@ class InferenceService:
         self._loaders = ThreadPoolExecutor(2, thread_name_prefix="cnnserve-load")
         #: Explanations (gradients, many forward passes) one at a time, beside predictions.
         self.explainers = ThreadPoolExecutor(1, thread_name_prefix="cnnserve-explain")
-        self.onnx_cache_dir = settings.data_dir / "onnx-cache"
         self.cache = ModelCache(self._load, settings.model_cache_size)
         self._queues: dict[str, _Queue] = {}
         #: Images each checkpoint's last busy spell served (one drain, start to end).
@@ -129,7 +127,6 @@ class InferenceService:
             self.store,
             ckpt_id,
             backend=self.settings.inference_backend,
-            cache_dir=self.onnx_cache_dir,
             threads=self.threads,
             max_batch_size=self.settings.max_batch_size,
         )
@@ -164,7 +161,7 @@ class InferenceService:
             return loaded.onnx_path
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._loaders, ensure_onnx, loaded.module, loaded.manifest, self.onnx_cache_dir
+            self._loaders, ensure_onnx, loaded.module, loaded.manifest, self.store
         )
 
     async def predict(self, manifest: Manifest, x: np.ndarray) -> tuple[LoadedModel, np.ndarray]:
@@ -282,12 +279,12 @@ class InferenceService:
             del self._queues[queue.loaded.checkpoint_id]
 
     def forget(self, deleted: Manifest) -> None:
-        """Drop a deleted checkpoint: its cached model, every ref resolved to it, its graph."""
+        """Drop a deleted checkpoint: its cached model and every ref resolved to it (the store
+        removed its files, exported graph included)."""
         self.cache.evict(deleted.id)
         for ref, (_, manifest) in list(self._refs.items()):
             if manifest.id == deleted.id:
                 self._refs.pop(ref, None)
-        onnx_cache_path(self.onnx_cache_dir, deleted).unlink(missing_ok=True)
 
     def close(self) -> None:
         """Stop the thread pools (pending forward passes finish first)."""

@@ -43,7 +43,7 @@ FUZZ = settings(
 @pytest.fixture
 def app(settings: Settings, store: JobStore) -> Iterator[FastAPI]:
     """The API with keys, one finished job and checkpoints under the documented example ids."""
-    ckpts = CheckpointStore(settings.checkpoints_dir)
+    ckpts = CheckpointStore.from_settings(settings)
     model = lenet(trained=False)
     for epoch in (1, 2):
         save(ckpts, model, job_id=JOB_A, epoch=epoch)

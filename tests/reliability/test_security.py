@@ -79,7 +79,7 @@ def test_no_endpoint_serves_a_file_outside_the_data_directory(
     settings: Settings, tmp_path: Path, start_api: Callable[..., ApiProcess]
 ) -> None:
     (tmp_path / "secret.txt").write_text(SECRET)  # beside the data directory, not in it
-    ckpts = CheckpointStore(settings.checkpoints_dir)
+    ckpts = CheckpointStore.from_settings(settings)
     save(ckpts, lenet(trained=False), job_id=JOB_A, epoch=1)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     api = start_api()
@@ -113,7 +113,7 @@ def test_a_pickle_planted_in_a_checkpoint_is_never_executed_on_resume(
 ) -> None:
     spec = lenet_spec(epochs=2, train_limit=256)
     job = store.create(spec)
-    ckpts = CheckpointStore(settings.checkpoints_dir)
+    ckpts = CheckpointStore.from_settings(settings)
     train(spec.model_copy(update={"epochs": 1}), job_id=job.id, data=load_fashion_mnist(settings),
           store=ckpts)  # fmt: skip
     directory = settings.checkpoints_dir / job.id / "e001"
@@ -138,7 +138,7 @@ def test_a_pickle_planted_in_a_checkpoint_is_never_executed_on_resume(
 def test_a_pickle_posing_as_weights_is_refused_when_served(
     settings: Settings, tmp_path: Path
 ) -> None:
-    ckpts = CheckpointStore(settings.checkpoints_dir)
+    ckpts = CheckpointStore.from_settings(settings)
     save(ckpts, lenet(trained=False), job_id=JOB_A, epoch=1)
     directory = settings.checkpoints_dir / JOB_A / "e001"
     marker = tmp_path / "pwned"
@@ -158,7 +158,7 @@ def test_api_keys_never_reach_the_log(
     settings: Settings, start_api: Callable[..., ApiProcess]
 ) -> None:
     good, wrong = "good-key-5b1e0c9d2a", "wrong-key-8d7f6e5c4b"
-    save(CheckpointStore(settings.checkpoints_dir), lenet(trained=False), job_id=JOB_A, epoch=1)
+    save(CheckpointStore.from_settings(settings), lenet(trained=False), job_id=JOB_A, epoch=1)
     api = start_api(log_level="DEBUG", CNNSERVE_API_KEYS=f"{good},second-key-0a1b2c")
     job = {"model": "lenet", "epochs": 1, "train_limit": 256}
     with httpx.Client(base_url=api.url, timeout=20) as c:

@@ -93,7 +93,7 @@ def test_sixteen_clients_of_mixed_traffic(
     start_api: Callable[..., ApiProcess],
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
-    save(CheckpointStore(settings.checkpoints_dir), lenet(), job_id=JOB_A, epoch=1)
+    save(CheckpointStore.from_settings(settings), lenet(), job_id=JOB_A, epoch=1)
     images = [png(a) for a in fashion_test_set()[0][:64]]
     worker = start_worker()
     api = start_api(log_level="WARNING")

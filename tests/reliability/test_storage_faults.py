@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from tests.service.checkpoint_helpers import JOB_A, fashion_test_set, lenet, png, save
+from tests.service.checkpoint_helpers import damage as damage_file
 from tests.workers.helpers import lenet_spec, statuses
 from workers.contracts import JobStatus
 from workers.settings import Settings
@@ -30,26 +31,26 @@ def client(settings: Settings) -> Iterator[TestClient]:
         yield c
 
 
-def truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+def truncate(data: bytes) -> bytes:
+    return data[: len(data) // 2]
 
 
-def flip_a_byte(path: Path) -> None:
-    blob = bytearray(path.read_bytes())
+def flip_a_byte(data: bytes) -> bytes:
+    blob = bytearray(data)
     blob[len(blob) // 2] ^= 0xFF  # same size, one weight changed
-    path.write_bytes(bytes(blob))
+    return bytes(blob)
 
 
 @pytest.mark.parametrize("damage", [truncate, flip_a_byte], ids=["truncated", "altered"])
 def test_a_damaged_checkpoint_is_refused_and_the_previous_one_still_serves(
     settings: Settings, client: TestClient, damage: object
 ) -> None:
-    ckpts = CheckpointStore(settings.checkpoints_dir)
+    ckpts = CheckpointStore.from_settings(settings)
     model = lenet()
     save(ckpts, model, job_id=JOB_A, epoch=1, val_acc=0.7)
     save(ckpts, model, job_id=JOB_A, epoch=2, val_acc=0.6)  # latest, not best
     assert callable(damage)
-    damage(settings.checkpoints_dir / JOB_A / "e002" / "weights.safetensors")
+    damage_file(ckpts, f"{JOB_A}-e002", "weights.safetensors", damage)
     image = png(fashion_test_set()[0][0])
 
     for ref in (f"{JOB_A}-e002", f"{JOB_A}:latest"):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import shutil
 import struct
 import zlib
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -97,6 +99,19 @@ def save(
         keep=10,
     )
     return saved.manifest
+
+
+def damage(
+    store: CheckpointStore, ckpt_id: str, name: str, change: Callable[[bytes], bytes]
+) -> None:
+    """Rewrite one of a checkpoint's files in its store (a directory or a bucket) behind the
+    store's back; with a bucket, this host's verified copies are dropped too, as on a host that
+    has not read it yet."""
+    job, _, epoch = ckpt_id.partition("-")
+    key = f"{job}/{epoch}/{name}"
+    store.blobs.put_bytes(key, change(store.blobs.get_bytes(key)))
+    if store.cache is not None:
+        shutil.rmtree(store.cache.root, ignore_errors=True)
 
 
 def png(arr: np.ndarray) -> bytes:

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from workers.contracts import TRUSTED, JobSpec, network_fit
 from workers.settings import Settings
+from workers.store.checkpoints import CheckpointStore
 from workers.training.cli import run_train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,8 +98,11 @@ def test_train_prints_a_metrics_table_and_keeps_checkpoints(
     assert [line.split()[0] for line in lines[1:3]] == ["1", "2"]
     assert "10/10" in err  # the progress bar reached the last batch
     assert "checkpoint" in out
-    jobs = [d for d in settings.checkpoints_dir.iterdir() if d.is_dir()]
-    assert len(jobs) == 1 and (jobs[0] / "e002" / "weights.safetensors").is_file()
+    store = CheckpointStore.from_settings(settings)
+    listed = [c.id for c in store.list()]
+    assert len({c.partition("-")[0] for c in listed}) == 1 and listed[0].endswith("-e002")
+    assert store.weights_path(listed[0]).is_file()  # where the API will find it
+    store.close()
 
 
 def test_train_with_a_bad_spec_exits_2_naming_the_field(

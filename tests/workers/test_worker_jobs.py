@@ -62,7 +62,7 @@ def test_lenet_job_goes_queued_running_succeeded(
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert [e["checkpoint"] for e in epochs] == [f"{job.id}-e001", f"{job.id}-e002"]
 
-    ckpts = CheckpointStore(settings.checkpoints_dir)
+    ckpts = CheckpointStore.from_settings(settings)
     assert record.checkpoints == [f"{job.id}-e001", f"{job.id}-e002"]
     assert record.latest_checkpoint == f"{job.id}-e002"
     assert record.best_checkpoint in record.checkpoints
@@ -137,7 +137,7 @@ def test_killed_worker_job_resumes_from_last_checkpoint_on_a_fresh_worker(
     after = [d["epoch"] for _, k, d in events[restart:] if k == "epoch"]
     assert after == list(range(resumed_epoch + 1, epochs + 1))
 
-    manifest = CheckpointStore(settings.checkpoints_dir).manifest(f"{job.id}-e{epochs:03d}")
+    manifest = CheckpointStore.from_settings(settings).manifest(f"{job.id}-e{epochs:03d}")
     assert [int(h["epoch"]) for h in manifest.history] == list(range(1, epochs + 1))
 
 
@@ -187,7 +187,7 @@ def test_cancel_stops_a_running_job_within_seconds_and_keeps_its_checkpoints(
     assert record.finished_at is not None and record.error is None
     assert statuses(store, job.id)[-1]["status"] == "cancelled"
     assert len(record.metrics) < 50
-    ckpts = CheckpointStore(settings.checkpoints_dir)
+    ckpts = CheckpointStore.from_settings(settings)
     latest = ckpts.resolve(f"{job.id}:latest")
     assert latest == record.latest_checkpoint
     ckpts.weights_path(latest)  # still there and intact

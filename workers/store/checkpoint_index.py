@@ -1,35 +1,46 @@
-"""The checkpoint store's index: one row per checkpoint in a SQLite file beside the checkpoints.
+"""The checkpoint index in Redis: every checkpoint's summary, per job, per model and per tenant,
+ordered for `best` and `latest`, beside the job index.
 
-`<model>:best`, a job's best and the checkpoint listing read the index, not every manifest:
-one indexed query whatever the number of checkpoints. The store writes a row when it saves a
-checkpoint and removes it when it prunes or deletes one; the first process to open a store
-written before the index existed indexes its manifests once (under SQLite's write lock, so
-processes starting together do it once). SQLite's locking works between the processes of one
-machine, and between containers sharing a local volume; put the data directory on a file
-system with working POSIX locks (not NFS).
+The checkpoint store publishes a checkpoint (its files complete in the store, manifest last)
+by filing it here in one Lua script, which also moves the job's aliases and prunes its old
+epochs; a delete unfiles it in one script before its files go. So an alias can never name a
+checkpoint the index does not have, whichever API processes and workers save and delete at
+once, and `best` and `latest` are never stored: they are the first entry of an ordered set.
+
+One rule for "best", everywhere (a job's, a model's, a tenant's): the highest `val_acc`, ties
+to the newest (`created_at`), then to the larger id. `rank` writes it as a string that Redis
+orders lexicographically, so the best is one ZREVRANGEBYLEX away whatever the number of
+checkpoints.
+
+Keys (prefix `cnnserve:`):
+- `ckpt:{id}`                         hash: job, model, owner, epoch, created, rank, summary
+                                      (the listing's JSON), manifest_sha256, evaluation_sha256,
+                                      `onnx:{name}` (the sha256 of each exported graph)
+- `ckpts`, `ckpts:model:{model}`      every checkpoint (of a model), scored by creation (ms):
+                                      listings newest first, `<model>:latest`
+- `ckpts:model:{model}:best`          the same by rank (score 0, member `rank`): `<model>:best`
+- `ckpts:job:{job}`                   a job's checkpoints scored by epoch: `<job>:latest`
+- `ckpts:job:{job}:best`              by rank: `<job>:best`
+- `owner:{owner}:ckpts...`            the three model/all sets again for one principal's
+- `ckpts:indexed:{store}`             set once a store written by an earlier version (files,
+                                      SQLite, aliases.json) is indexed here; `...:lock` meanwhile
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import sqlite3
-import threading
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+import math
+import struct
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from workers.store.checkpoints import Manifest
+from workers.store.job_index import PREFIX
 
-log = logging.getLogger(__name__)
-
-INDEX_FILE = "index.sqlite3"
-#: Bump when the schema changes; a store indexed by another version is indexed again.
-INDEX_VERSION = "2"  # 2: the owner column
-#: Fields of a manifest the listing shows (the rest is one file read away).
+#: Fields of a manifest a listing shows (the rest is one object read away).
 SUMMARY_FIELDS = (
     "id",
     "job_id",
@@ -42,187 +53,359 @@ SUMMARY_FIELDS = (
     "created_at",
     "owner",
 )
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS checkpoints (
-    id TEXT PRIMARY KEY,
-    job_id TEXT NOT NULL,
-    model TEXT NOT NULL,
-    epoch INTEGER NOT NULL,
-    val_acc REAL NOT NULL,
-    created REAL NOT NULL,
-    summary TEXT NOT NULL,
-    owner TEXT
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
-#: Made after an older table has been given its owner column.
-_INDEXES = """
-CREATE INDEX IF NOT EXISTS checkpoints_best ON checkpoints (model, val_acc DESC, created DESC);
-CREATE INDEX IF NOT EXISTS checkpoints_job ON checkpoints (job_id, epoch);
-CREATE INDEX IF NOT EXISTS checkpoints_newest ON checkpoints (created DESC, epoch DESC);
-CREATE INDEX IF NOT EXISTS checkpoints_owner_best
-    ON checkpoints (owner, model, val_acc DESC, created DESC);
-CREATE INDEX IF NOT EXISTS checkpoints_owner_newest
-    ON checkpoints (owner, created DESC, epoch DESC);
-"""
+INDEX_LOCK_S = 60
 
 
-def _created(iso: str) -> float:
+def record_key(ckpt_id: str) -> str:
+    return f"{PREFIX}ckpt:{ckpt_id}"
+
+
+def _base(owner: str | None) -> str:
+    return PREFIX if owner is None else f"{PREFIX}owner:{owner}:"
+
+
+def listing_key(model: str | None = None, owner: str | None = None) -> str:
+    """Checkpoints (of a model, of one owner's) scored by creation time."""
+    key = f"{_base(owner)}ckpts"
+    return key if model is None else f"{key}:model:{model}"
+
+
+def best_key(model: str, owner: str | None = None) -> str:
+    return f"{listing_key(model, owner)}:best"
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}ckpts:job:{job_id}"
+
+
+def created_ms(iso: str) -> int:
+    """Milliseconds since the epoch of an ISO 8601 time (0 when it cannot be read)."""
     try:
-        return datetime.fromisoformat(iso).timestamp()
+        return max(0, int(datetime.fromisoformat(iso).timestamp() * 1000))
     except ValueError:
-        return 0.0
+        return 0
 
 
-_INSERT = (
-    "INSERT OR REPLACE INTO checkpoints (id, job_id, model, epoch, val_acc, created, summary, "
-    "owner) VALUES (?,?,?,?,?,?,?,?)"
+def rank(val_acc: float | None, created: int, ckpt_id: str) -> str:
+    """The one rule for "best" as a string that sorts like it: higher `val_acc` first, then
+    newer, then the larger id. A checkpoint without a validation accuracy ranks last.
+
+    A non-negative double's IEEE 754 bits order as its value, so 16 hex digits of them compare
+    exactly (no rounding: 0.85 ties 0.85 and nothing else); '-' sorts before any digit.
+    """
+    if val_acc is None or math.isnan(val_acc) or val_acc < 0:
+        acc = "-"
+    else:
+        acc = f"{struct.unpack('>Q', struct.pack('>d', val_acc + 0.0))[0]:016x}"
+    return f"{acc}|{created:015d}|{ckpt_id}"
+
+
+def id_of_rank(member: str) -> str:
+    return member.rsplit("|", 1)[-1]
+
+
+_COMMON = """
+local P = ARGV[1]
+local function bases(owner)
+  if owner and owner ~= '' then return {P, P .. 'owner:' .. owner .. ':'} end
+  return {P}
+end
+local function unfile(id)
+  local rec = P .. 'ckpt:' .. id
+  local f = redis.call('HMGET', rec, 'job', 'model', 'owner', 'rank')
+  if not f[1] then return false end
+  for _, b in ipairs(bases(f[3])) do
+    redis.call('ZREM', b .. 'ckpts', id)
+    redis.call('ZREM', b .. 'ckpts:model:' .. f[2], id)
+    redis.call('ZREM', b .. 'ckpts:model:' .. f[2] .. ':best', f[4])
+  end
+  redis.call('ZREM', P .. 'ckpts:job:' .. f[1], id)
+  redis.call('ZREM', P .. 'ckpts:job:' .. f[1] .. ':best', f[4])
+  redis.call('DEL', rec)
+  return true
+end
+local function aliases(job)
+  local latest = redis.call('ZREVRANGE', P .. 'ckpts:job:' .. job, 0, 0)[1]
+  local top = redis.call('ZREVRANGEBYLEX', P .. 'ckpts:job:' .. job .. ':best', '+', '-',
+                         'LIMIT', 0, 1)[1]
+  local best = top and string.match(top, '([^|]+)$') or false
+  return latest or false, best
+end
+"""
+
+#: Lua: file one checkpoint (replacing an earlier filing of the same id), then, with a `keep`,
+#: prune the job's epochs that are neither among its last `keep`, nor its best or latest.
+#: ARGV: prefix, id, job, model, owner ('' none), epoch, created ms, rank, summary JSON,
+#: manifest sha256, keep ('' for no pruning). Returns JSON {latest, best, kept, pruned}.
+PUBLISH = (
+    _COMMON
+    + """
+local id, job, model, owner = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local epoch, created, rank, keep = ARGV[6], ARGV[7], ARGV[8], ARGV[11]
+unfile(id)
+redis.call('HSET', P .. 'ckpt:' .. id, 'job', job, 'model', model, 'owner', owner,
+           'epoch', epoch, 'created', created, 'rank', rank, 'summary', ARGV[9],
+           'manifest_sha256', ARGV[10])
+for _, b in ipairs(bases(owner)) do
+  redis.call('ZADD', b .. 'ckpts', created, id)
+  redis.call('ZADD', b .. 'ckpts:model:' .. model, created, id)
+  redis.call('ZADD', b .. 'ckpts:model:' .. model .. ':best', 0, rank)
+end
+redis.call('ZADD', P .. 'ckpts:job:' .. job, epoch, id)
+redis.call('ZADD', P .. 'ckpts:job:' .. job .. ':best', 0, rank)
+local latest, best = aliases(job)
+local ids = redis.call('ZRANGE', P .. 'ckpts:job:' .. job, 0, -1)
+local kept, pruned = {}, {}
+local n = #ids
+for i, cid in ipairs(ids) do
+  if keep == '' or i > n - tonumber(keep) or cid == latest or cid == best then
+    table.insert(kept, cid)
+  else
+    unfile(cid)
+    table.insert(pruned, cid)
+  end
+end
+return cjson.encode({latest = latest, best = best, kept = kept, pruned = pruned})
+"""
 )
 
+#: Lua: unfile one checkpoint. ARGV: prefix, id. Returns JSON {found, latest, best} (the job's
+#: aliases after it).
+UNFILE = (
+    _COMMON
+    + """
+local found = unfile(ARGV[2])
+local job = ARGV[3]
+local latest, best = aliases(job)
+return cjson.encode({found = found, latest = latest, best = best})
+"""
+)
 
-def _row(m: Manifest) -> tuple[str, str, str, int, float, float, str, str | None]:
-    summary = {name: getattr(m, name) for name in SUMMARY_FIELDS}
-    val_acc = float(m.metrics.get("val_acc", -1.0))
-    created = _created(m.created_at)
-    return (m.id, m.job_id, m.model, m.epoch, val_acc, created, json.dumps(summary), m.owner)
+#: Lua: record a field (the sha256 of an evaluation or an exported graph) of a checkpoint that
+#: is still filed; nothing for one deleted meanwhile. ARGV: prefix, id, field, value.
+#: Returns 1 if recorded.
+ANNOTATE = """
+local rec = ARGV[1] .. 'ckpt:' .. ARGV[2]
+if redis.call('EXISTS', rec) == 0 then return 0 end
+redis.call('HSET', rec, ARGV[3], ARGV[4])
+return 1
+"""
 
 
-def _owner_clause(within: str | None, where: list[str], args: list[Any]) -> None:
-    """Restrict a query to one owner's checkpoints (None: everyone's)."""
-    if within is not None:
-        where.append("owner = ?")
-        args.append(within)
+@dataclass(frozen=True)
+class Filed:
+    """What publishing a checkpoint left: the job's aliases, what it kept and pruned."""
+
+    latest: str
+    best: str
+    kept: list[str]
+    pruned: list[str]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One checkpoint as the index has it."""
+
+    summary: dict[str, Any]
+    owner: str | None
+    manifest_sha256: str
+    fields: dict[str, str]
+
+
+Cursor = tuple[float, str]
 
 
 class CheckpointIndex:
-    """Checkpoint summaries by id, job and model, in `root/index.sqlite3`."""
+    """The index of one checkpoint store, in Redis (see the module's docstring)."""
 
-    def __init__(self, root: Path, scan: Callable[[], Iterable[Manifest]]) -> None:
-        self.path = Path(root) / INDEX_FILE
-        self._scan = scan
-        self._local = threading.local()
-
-    @contextmanager
-    def _db(self, write: bool = False) -> Iterator[sqlite3.Connection | None]:
-        """This thread's connection (None when no store exists yet and this is a read)."""
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            if not write and not self.path.parent.is_dir():
-                yield None
-                return
-            conn = self._open()
-            self._local.conn = conn
-        if write:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        else:
-            yield conn
-
-    def _open(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        # the default rollback journal: one file, no shared memory (safe on any local volume)
-        conn.executescript(_SCHEMA)
-        conn.execute("BEGIN IMMEDIATE")  # one process indexes an older store; others wait
-        try:
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(checkpoints)")}
-            if "owner" not in columns:  # a version 1 index: rebuilt below
-                conn.execute("ALTER TABLE checkpoints ADD COLUMN owner TEXT")
-            for statement in _INDEXES.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            built = conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
-            if built is None or built[0] != INDEX_VERSION:
-                conn.execute("DELETE FROM checkpoints")
-                rows = [_row(m) for m in self._scan()]
-                conn.executemany(_INSERT, rows)
-                conn.execute("INSERT OR REPLACE INTO meta VALUES ('version', ?)", (INDEX_VERSION,))
-                if rows:
-                    log.info("checkpoint index built: %d checkpoint(s) in %s", len(rows), self.path)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            conn.close()
-            raise
-        conn.execute("COMMIT")
-        return conn
+    def __init__(self, client: Any) -> None:
+        self.r: Any = client
+        self._publish = client.register_script(PUBLISH)
+        self._unfile = client.register_script(UNFILE)
+        self._annotate = client.register_script(ANNOTATE)
 
     # writing
-    def add(self, manifest: Manifest) -> None:
-        with self._db(write=True) as db:
-            assert db is not None
-            db.execute(_INSERT, _row(manifest))
+    def publish(
+        self, summary: dict[str, Any], val_acc: float | None, manifest_sha256: str, keep: int | None
+    ) -> Filed:
+        """File a checkpoint (its files already complete in the store) and prune its job."""
+        ckpt_id = summary["id"]
+        created = created_ms(summary["created_at"])
+        raw = self._publish(
+            args=[
+                PREFIX,
+                ckpt_id,
+                summary["job_id"],
+                summary["model"],
+                summary.get("owner") or "",
+                summary["epoch"],
+                created,
+                rank(val_acc, created, ckpt_id),
+                json.dumps(summary),
+                manifest_sha256,
+                "" if keep is None else keep,
+            ]
+        )
+        out = json.loads(raw)
+        return Filed(out["latest"], out["best"], _list(out["kept"]), _list(out["pruned"]))
 
-    def remove(self, ckpt_ids: Iterable[str]) -> None:
-        ids = [(i,) for i in ckpt_ids]
-        if not ids:
-            return
-        with self._db(write=True) as db:
-            assert db is not None
-            db.executemany("DELETE FROM checkpoints WHERE id = ?", ids)
+    def publish_many(self, entries: Iterable[tuple[dict[str, Any], float | None, str]]) -> int:
+        """File many checkpoints without pruning (an upgrade), one round trip per 500."""
+        pipe = self.r.pipeline(transaction=False)
+        n = 0
+        for summary, val_acc, sha in entries:
+            created = created_ms(summary["created_at"])
+            self._publish(
+                args=[
+                    PREFIX,
+                    summary["id"],
+                    summary["job_id"],
+                    summary["model"],
+                    summary.get("owner") or "",
+                    summary["epoch"],
+                    created,
+                    rank(val_acc, created, summary["id"]),
+                    json.dumps(summary),
+                    sha,
+                    "",
+                ],
+                client=pipe,
+            )
+            n += 1
+            if n % 500 == 0:
+                pipe.execute()
+        pipe.execute()
+        return n
+
+    def unfile(self, ckpt_id: str, job_id: str) -> tuple[bool, str | None, str | None]:
+        """Remove a checkpoint: whether it was filed, and its job's latest and best after."""
+        out = json.loads(self._unfile(args=[PREFIX, ckpt_id, job_id]))
+        return bool(out["found"]), out["latest"] or None, out["best"] or None
+
+    def annotate(self, ckpt_id: str, field: str, value: str) -> bool:
+        """Record `field` on a checkpoint still filed (False: it was deleted meanwhile)."""
+        return bool(self._annotate(args=[PREFIX, ckpt_id, field, value]))
 
     # reading
-    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._db() as db:
-            return [] if db is None else db.execute(sql, args).fetchall()
-
-    def best(self, model: str, within: str | None = None) -> list[str]:
-        """Checkpoint ids of `model` (of one owner's, with `within`), best validation accuracy
-        first (newest among equals)."""
-        where, args = ["model = ?"], [model]
-        _owner_clause(within, where, args)
-        rows = self._query(
-            f"SELECT id FROM checkpoints WHERE {' AND '.join(where)} "
-            "ORDER BY val_acc DESC, created DESC LIMIT 8",
-            tuple(args),
+    def entry(self, ckpt_id: str) -> Entry | None:
+        raw = self.r.hgetall(record_key(ckpt_id))
+        if not raw:
+            return None
+        return Entry(
+            summary=json.loads(raw["summary"]),
+            owner=raw.get("owner") or None,
+            manifest_sha256=raw.get("manifest_sha256", ""),
+            fields=raw,
         )
-        return [r[0] for r in rows]
 
-    def owner(self, ckpt_id: str) -> tuple[bool, str | None]:
-        """Whether the index has the checkpoint, and its owner (None: none recorded)."""
-        rows = self._query("SELECT owner FROM checkpoints WHERE id = ?", (ckpt_id,))
-        return (True, rows[0][0]) if rows else (False, None)
+    def field(self, ckpt_id: str, name: str) -> tuple[bool, str | None]:
+        """Whether the checkpoint is filed, and one field of it."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.exists(record_key(ckpt_id))
+        pipe.hget(record_key(ckpt_id), name)
+        exists, value = pipe.execute()
+        return bool(exists), value
 
-    def val_acc(self, ckpt_id: str) -> float | None:
-        rows = self._query("SELECT val_acc FROM checkpoints WHERE id = ?", (ckpt_id,))
-        return float(rows[0][0]) if rows else None
+    def aliases(self, job_id: str) -> dict[str, str]:
+        """A job's `latest` and `best` (empty when it has no checkpoint)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zrevrange(job_key(job_id), 0, 0)
+        pipe.zrevrangebylex(f"{job_key(job_id)}:best", "+", "-", start=0, num=1)
+        latest, best = pipe.execute()
+        out = {}
+        if latest:
+            out["latest"] = latest[0]
+        if best:
+            out["best"] = id_of_rank(best[0])
+        return out
 
-    def of_job(self, job_id: str) -> list[tuple[str, float]]:
-        """`(id, val_acc)` of a job's checkpoints, by epoch."""
-        rows = self._query(
-            "SELECT id, val_acc FROM checkpoints WHERE job_id = ? ORDER BY epoch", (job_id,)
-        )
-        return [(r[0], float(r[1])) for r in rows]
+    def best(self, model: str, owner: str | None = None, count: int = 1) -> list[str]:
+        """Ids of `model`'s best checkpoints (of one owner's), best first."""
+        top = self.r.zrevrangebylex(best_key(model, owner), "+", "-", start=0, num=count)
+        return [id_of_rank(m) for m in top]
 
-    def summaries(
+    def newest(self, model: str, owner: str | None = None, count: int = 1) -> list[str]:
+        """Ids of `model`'s newest checkpoints (of one owner's), newest first."""
+        return list(self.r.zrevrange(listing_key(model, owner), 0, count - 1))
+
+    def job_ids(self, job_id: str) -> list[str]:
+        """A job's checkpoint ids by epoch."""
+        return list(self.r.zrange(job_key(job_id), 0, -1))
+
+    def page(
         self,
         *,
         job_id: str | None = None,
         model: str | None = None,
+        owner: str | None = None,
         limit: int | None = None,
-        within: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """Summaries of the checkpoints (of a job, of a model, of one owner), newest first (at
-        most `limit`)."""
-        where: list[str] = []
-        args: list[Any] = []
-        _owner_clause(within, where, args)
-        if job_id is not None:
-            where.append("job_id = ?")
-            args.append(job_id)
-        if model is not None:
-            where.append("model = ?")
-            args.append(model)
-        sql = "SELECT summary FROM checkpoints"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created DESC, epoch DESC"
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(limit)
-        return [json.loads(r[0]) for r in self._query(sql, tuple(args))]
+        cursor: Cursor | None = None,
+    ) -> tuple[list[dict[str, Any]], Cursor | None]:
+        """Summaries newest first (of a job, a model, one owner's), `limit` at most after
+        `cursor`, and the cursor of the next page."""
+        from workers.store.job_index import page
+
+        key = job_key(job_id) if job_id is not None else listing_key(model, owner)
+        if limit is None:
+            ids, after = list(self.r.zrevrange(key, 0, -1)), None
+        else:
+            ids, after = page(self.r, key, limit, cursor)
+        pipe = self.r.pipeline(transaction=False)
+        for ckpt_id in ids:
+            pipe.hmget(record_key(ckpt_id), "summary", "owner")
+        rows = []
+        for found in pipe.execute():
+            raw, who = found
+            if raw is None:  # deleted between the two reads
+                continue
+            summary = json.loads(raw)
+            # a job's checkpoints are one model's, one owner's: filtered here, not indexed
+            wrong_model = model is not None and summary["model"] != model
+            if job_id is not None and (wrong_model or (owner is not None and who != owner)):
+                continue
+            rows.append(summary)
+        return rows, after
+
+    def count(self) -> int:
+        return int(self.r.zcard(listing_key()))
+
+    # the upgrade from an earlier version
+    def indexed_key(self, location: str) -> str:
+        import hashlib
+
+        return f"{PREFIX}ckpts:indexed:{hashlib.sha256(location.encode()).hexdigest()[:16]}"
+
+    def is_indexed(self, location: str) -> bool:
+        return bool(self.r.exists(self.indexed_key(location)))
+
+    def lock(self, location: str, wait_s: float) -> str | None:
+        """Take the upgrade's lock (a token), or None once another process has indexed."""
+        token = uuid.uuid4().hex
+        mark = self.indexed_key(location)
+        deadline = time.monotonic() + wait_s
+        while not self.r.set(f"{mark}:lock", token, nx=True, ex=INDEX_LOCK_S):
+            if self.r.exists(mark):
+                return None
+            if time.monotonic() > deadline:
+                raise TimeoutError("another process is still indexing the checkpoint store")
+            time.sleep(0.1)
+        if self.r.exists(mark):
+            self.unlock(location, token)
+            return None
+        return token
+
+    def renew(self, location: str) -> None:
+        self.r.expire(f"{self.indexed_key(location)}:lock", INDEX_LOCK_S)
+
+    def mark_indexed(self, location: str) -> None:
+        self.r.set(self.indexed_key(location), location)
+
+    def unlock(self, location: str, token: str) -> None:
+        key = f"{self.indexed_key(location)}:lock"
+        if self.r.get(key) == token:
+            self.r.delete(key)
+
+
+def _list(value: Any) -> list[str]:
+    # cjson writes an empty Lua table as {}
+    return [str(v) for v in value] if isinstance(value, list) else []

@@ -1,49 +1,114 @@
-"""The checkpoint store: safetensors weights, a JSON manifest and resume state per epoch.
+"""The checkpoint store: safetensors weights, a JSON manifest and resume state per epoch, in a
+store named by a URL, indexed in Redis, read through a bounded local cache.
 
-Layout under `root` (the settings' `data_dir/checkpoints`):
+Files (keys) in the store, a local directory (`data_dir/checkpoints`, the default) or an
+S3-compatible bucket (`CNNSERVE_CHECKPOINT_URL=s3://bucket/prefix`; `workers.store.blobs`):
 
     <job_id>/e<epoch:03d>/weights.safetensors   the model's state_dict
-    <job_id>/e<epoch:03d>/manifest.json         a `Manifest`
     <job_id>/e<epoch:03d>/state.pt              optimizer + RNG state (loaded weights_only)
-    <job_id>/aliases.json                       {"latest": id, "best": id}
-    index.sqlite3                               every checkpoint's summary (`checkpoint_index`)
+    <job_id>/e<epoch:03d>/manifest.json         a `Manifest`, naming the others' sha256
+    <job_id>/e<epoch:03d>/evaluation.json       a `StoredEvaluation`, when one was made
+    <job_id>/e<epoch:03d>/onnx/<name>.onnx      the graph ONNX Runtime serves, once exported
+
+A checkpoint is published in order: its weights and state, then its manifest, then its entry in
+the Redis index (`workers.store.checkpoint_index`), which also moves the job's `latest` and
+`best` and prunes old epochs in the same atomic step. Readers find checkpoints only through the
+index, so one is visible only when complete, and every file read is checked against the sha256
+the manifest (or the index, for the manifest itself) records. A delete unfiles the checkpoint
+first, then removes its files.
 
 A checkpoint id is `<job_id>-e<epoch:03d>`; ids are made here and checked against a strict
-pattern, so no client string ever becomes a path.
+pattern, so no client string ever becomes a key.
 """
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import hashlib
-import json
-import os
+import logging
 import pickle
 import platform
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, TypeVar
 
+import redis
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models import CLASSES, build_model
-from workers.store.checkpoint_index import CheckpointIndex
+from models import build_model
+from workers.store.blobs import (
+    BlobNotFoundError,
+    Blobs,
+    LocalBlobs,
+    StoreUnavailableError,
+    open_blobs,
+)
+from workers.store.cache import CacheVerifyError, DiskCache, sha256_file
+from workers.store.checkpoint_index import SUMMARY_FIELDS, CheckpointIndex, Cursor
+from workers.store.manifest import (
+    CheckpointSummary,
+    Manifest,
+    OnnxExport,
+    Preprocessing,
+    StoredEvaluation,
+)
+
+__all__ = [
+    "CHECKPOINT_ID_RE",
+    "JOB_ID_RE",
+    "STORE_UNAVAILABLE",
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CheckpointStore",
+    "CheckpointSummary",
+    "Lineage",
+    "LineageError",
+    "Manifest",
+    "OnnxExport",
+    "Preprocessing",
+    "SavedCheckpoint",
+    "StagedCheckpoint",
+    "StoreUnavailableError",
+    "StoredEvaluation",
+    "checkpoint_id",
+    "retry_unavailable",
+    "sha256_file",
+]
+
+log = logging.getLogger(__name__)
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 CHECKPOINT_ID_RE = re.compile(r"^(?P<job>[0-9a-f]{16})-e(?P<epoch>[0-9]{3})$")
 MODEL_NAME_RE = re.compile(r"^[a-z0-9_]{1,32}$")
+WEIGHTS = "weights.safetensors"
+STATE = "state.pt"
+MANIFEST = "manifest.json"
 EVALUATION_FILE = "evaluation.json"
+#: Manifests of a remote store kept parsed in memory (each checked against the index's hash).
+MANIFEST_MEMORY = 512
 #: An arch as a manifest records it: [count, channels] pairs, a name, or none.
 ManifestArch = list[list[int]] | str | None
+#: What a store that cannot be reached raises: the files' store, or Redis under the index.
+STORE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    StoreUnavailableError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+)
+T = TypeVar("T")
 
 
 class CheckpointError(Exception):
@@ -62,129 +127,6 @@ class CheckpointCorruptError(CheckpointError):
     """A checkpoint whose files do not match its manifest."""
 
 
-class Preprocessing(BaseModel):
-    """What inference must do to an image so it matches what training saw."""
-
-    grayscale: bool = True
-    pad_to_square: bool = True
-    resize: int = Field(description="Square side the image is resized to.")
-    interpolation: str = "bilinear"
-    scale: float = Field(1 / 255, description="Pixel values are multiplied by this (to 0..1).")
-    mean: float = 0.0
-    std: float = 1.0
-    invert: str = Field(
-        "auto",
-        description="Fashion-MNIST is light-on-dark; 'auto' inverts dark-on-light photos.",
-    )
-    photos: Literal["fashion-mnist", "pad-resize"] = Field(
-        "fashion-mnist",
-        description="What inference does to an input larger than 28×28 by default: "
-        "'fashion-mnist' runs the conversion that made the data set from product photos "
-        "(Xiao et al. 2017, §2: trim, subsample to 28, sharpen, centre, negate, grayscale); "
-        "'pad-resize' pads to a square and resizes with Lanczos.",
-    )
-
-
-class OnnxExport(BaseModel):
-    """The ONNX graph `GET /v1/checkpoints/{ref}/model.onnx` gives (and ONNX Runtime serves)."""
-
-    opset: int = Field(17, description="The ONNX opset the graph is exported with.")
-    input: str = Field(
-        "image",
-        description="N×1×28×28 float32: 28×28 grayscale pixels scaled as `preprocessing` says "
-        "(0..1); the graph resizes them to the network's input itself.",
-    )
-    output: str = Field("probabilities", description="N×classes float32 softmax probabilities.")
-    dynamic_batch: bool = Field(True, description="The batch axis N may be any size.")
-
-
-class Manifest(BaseModel):
-    """What a checkpoint is: the role torchvision's `Weights.meta` plays."""
-
-    id: str
-    job_id: str
-    epoch: int
-    model: str
-    arch: list[list[int]] | str | None = None
-    input_size: int
-    in_channels: int = 1
-    num_classes: int = 10
-    classes: list[str] = Field(default_factory=lambda: list(CLASSES))
-    preprocessing: Preprocessing
-    metrics: dict[str, float] = Field(default_factory=dict)
-    history: list[dict[str, Any]] = Field(default_factory=list)
-    spec: dict[str, Any] = Field(default_factory=dict)
-    dataset: dict[str, Any] = Field(default_factory=dict)
-    weights_sha256: str
-    state_sha256: str | None = None
-    versions: dict[str, str] = Field(default_factory=dict)
-    onnx: OnnxExport = Field(default_factory=OnnxExport)
-    confusion_matrix: list[list[int]] | None = Field(
-        None,
-        description="This epoch's validation confusion matrix (rows: true class, columns: "
-        "predicted); absent in checkpoints written before it was kept.",
-    )
-    parent: str | None = Field(
-        None, description="The checkpoint this job started from (`init_from`), if any."
-    )
-    owner: str | None = Field(
-        None, description="The principal whose job wrote it (null: a server without keys)."
-    )
-    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
-
-    @property
-    def arch_value(self) -> str | tuple[tuple[int, int], ...] | None:
-        if isinstance(self.arch, list):
-            return tuple((int(a), int(b)) for a, b in self.arch)
-        return self.arch
-
-
-class CheckpointSummary(BaseModel):
-    """One checkpoint in a listing: what it is and how good it was."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": "0123456789abcdef-e002",
-                    "job_id": "0123456789abcdef",
-                    "epoch": 2,
-                    "model": "lenet",
-                    "arch": None,
-                    "input_size": 28,
-                    "metrics": {"train_loss": 0.71, "val_loss": 0.69, "val_acc": 0.73},
-                    "weights_sha256": "9f2c…",
-                    "created_at": "2025-01-01T12:00:00+00:00",
-                }
-            ]
-        }
-    )
-
-    id: str = Field(description="The checkpoint id, `<job>-eNNN`.")
-    job_id: str = Field(description="The training job that wrote it.")
-    epoch: int = Field(description="The epoch after which it was saved (1-based).")
-    model: str = Field(description="The registered model name.")
-    arch: list[list[int]] | str | None = Field(None, description="The arch, if the model has one.")
-    input_size: int = Field(description="The square input side the network was trained at.")
-    metrics: dict[str, float] = Field(description="train_loss, val_loss, val_acc of that epoch.")
-    weights_sha256: str = Field(description="sha256 of the safetensors weights file.")
-    created_at: str = Field(description="When it was written (ISO 8601, UTC).")
-    owner: str | None = Field(None, description="The principal whose job wrote it.")
-
-
-class StoredEvaluation(BaseModel):
-    """A checkpoint evaluated on test images after training (`evaluation.json` beside it)."""
-
-    checkpoint: str
-    images: int = Field(description="Test images evaluated (the first N).")
-    limit: int | None = Field(None, description="The limit asked for (None: all).")
-    loss: float
-    accuracy: float
-    confusion_matrix: list[list[int]]
-    device: str
-    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
-
-
 @dataclass(frozen=True)
 class SavedCheckpoint:
     """What `CheckpointStore.save` wrote: the manifest, the job's aliases and what is kept."""
@@ -194,6 +136,15 @@ class SavedCheckpoint:
     best: str
     #: The job's checkpoint ids after pruning, oldest first.
     kept: list[str]
+
+
+@dataclass(frozen=True)
+class StagedCheckpoint:
+    """A checkpoint written to local disk and not yet published (nobody can see it)."""
+
+    manifest: Manifest
+    directory: Path
+    manifest_sha256: str
 
 
 class LineageError(ValueError):
@@ -210,36 +161,6 @@ class Lineage:
 
     parent: str | None = None
     epoch_offset: int = 0
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def versions() -> dict[str, str]:
@@ -262,24 +183,107 @@ def checkpoint_id(job_id: str, epoch: int) -> str:
     return f"{job_id}-e{epoch:03d}"
 
 
+def retry_unavailable(
+    op: Callable[[], T], *, stop: Callable[[], bool], what: str, max_delay_s: float = 10.0
+) -> T:
+    """`op()`, tried again (backing off) while the store is unreachable, until `stop()`."""
+    delay = 0.25
+    while True:
+        try:
+            return op()
+        except STORE_UNAVAILABLE as exc:
+            if stop():
+                raise
+            log.warning("%s: the checkpoint store is unavailable (%s); retrying", what, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, max_delay_s)
+
+
+def redis_client(url: str) -> Any:
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=2,
+        socket_timeout=10,
+        health_check_interval=30,
+    )
+
+
 class CheckpointStore:
-    """Saves, finds, verifies, loads and deletes checkpoints under one directory."""
+    """Saves, finds, verifies, loads and deletes checkpoints: files in a store (a directory
+    or a bucket), their index in Redis, a bounded local cache of what is read from a bucket."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.index = CheckpointIndex(self.root, scan=self._scan)
+    def __init__(self, blobs: Blobs, client: Any, *, cache: DiskCache | None = None) -> None:
+        self.blobs = blobs
+        self.location = blobs.location
+        self.remote = blobs.remote
+        self.index = CheckpointIndex(client)
+        self.cache = cache
+        if self.remote and cache is None:
+            raise ValueError("a remote checkpoint store needs a local cache directory")
+        self._client = client
+        self._owns_client = False
+        self._indexed = False
+        self._manifests: OrderedDict[str, tuple[str, Manifest]] = OrderedDict()
+        self._lock = threading.Lock()
 
-    # paths (only from validated ids)
-    def _dir(self, ckpt_id: str) -> Path:
+    @classmethod
+    def open(
+        cls,
+        location: Path | str,
+        *,
+        redis_url: str,
+        cache_dir: Path | None = None,
+        cache_bytes: int = 4 * 1024**3,
+        client: Any = None,
+    ) -> CheckpointStore:
+        """The store at `location` (a directory, or `s3://bucket/prefix`), indexed in the Redis
+        at `redis_url` (through `client`, when the caller has one); files read from a bucket
+        are cached under `cache_dir`."""
+        remote = isinstance(location, str) and location.startswith("s3://")
+        blobs = open_blobs(str(location) if remote else None, Path(location))
+        cache = None
+        if remote:
+            if cache_dir is None:
+                raise ValueError("a remote checkpoint store needs a cache directory")
+            cache = DiskCache(cache_dir, cache_bytes)
+        store = cls(blobs, client or redis_client(redis_url), cache=cache)
+        store._owns_client = client is None
+        if cache is not None:
+            cache.clear_staging()
+        return store
+
+    @classmethod
+    def from_settings(cls, settings: Any, client: Any = None) -> CheckpointStore:
+        """The store `CNNSERVE_CHECKPOINT_URL` names (else `data_dir/checkpoints`), indexed in
+        the settings' Redis (through `client`, when the caller has one)."""
+        return cls.open(
+            settings.checkpoint_url or settings.checkpoints_dir,
+            redis_url=settings.redis_url,
+            cache_dir=settings.cache_dir,
+            cache_bytes=int(settings.cache_bytes),
+            client=client,
+        )
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
+
+    # keys (only from validated ids)
+    @staticmethod
+    def _parts(ckpt_id: str) -> tuple[str, str]:
         m = CHECKPOINT_ID_RE.match(ckpt_id)
         if not m:
             raise CheckpointNotFoundError(ckpt_id, f"{ckpt_id!r} is not a checkpoint id")
-        return self.root / m["job"] / f"e{m['epoch']}"
+        return m["job"], f"e{m['epoch']}"
 
-    def _job_dir(self, job_id: str) -> Path:
-        if not JOB_ID_RE.match(job_id):
-            raise CheckpointNotFoundError(job_id, f"{job_id!r} is not a job id")
-        return self.root / job_id
+    def _key(self, ckpt_id: str, name: str) -> str:
+        job, epoch = self._parts(ckpt_id)
+        return f"{job}/{epoch}/{name}"
+
+    def _folder(self, ckpt_id: str) -> str:
+        job, epoch = self._parts(ckpt_id)
+        return f"{job}/{epoch}/"
 
     # writing
     def save(
@@ -296,18 +300,41 @@ class CheckpointStore:
 
         `manifest_fields` holds the Manifest fields other than id, job, epoch and hashes.
         """
-        final = self._dir(checkpoint_id(job_id, epoch))
-        job_dir = final.parent
-        job_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=job_dir, prefix=f".tmp-{final.name}-"))
+        staged = self.stage(
+            job_id=job_id, epoch=epoch, model=model, manifest_fields=manifest_fields, state=state
+        )
+        return self.publish(staged, keep=keep)
+
+    def _staging_dir(self) -> Path:
+        if self.cache is not None:
+            return self.cache.staging_dir()
+        assert isinstance(self.blobs, LocalBlobs)
+        parent = self.blobs.root / ".staging"  # the same file system: published by rename
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=parent))
+
+    def stage(
+        self,
+        *,
+        job_id: str,
+        epoch: int,
+        model: nn.Module,
+        manifest_fields: dict[str, Any],
+        state: dict[str, Any] | None = None,
+    ) -> StagedCheckpoint:
+        """Write a checkpoint's files to local disk (a snapshot of `model` and `state` now);
+        `publish` makes it visible. Blocking only for as long as local disk takes."""
+        if not JOB_ID_RE.match(job_id):
+            raise CheckpointNotFoundError(job_id, f"{job_id!r} is not a job id")
+        directory = self._staging_dir()
         try:
-            weights = tmp / "weights.safetensors"
+            weights = directory / WEIGHTS
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
             save_file(tensors, str(weights))
             state_sha = None
             if state is not None:
-                torch.save(state, tmp / "state.pt")
-                state_sha = sha256_file(tmp / "state.pt")
+                torch.save(state, directory / STATE)
+                state_sha = sha256_file(directory / STATE)
             manifest = Manifest(
                 id=checkpoint_id(job_id, epoch),
                 job_id=job_id,
@@ -317,102 +344,190 @@ class CheckpointStore:
                 versions=versions(),
                 **manifest_fields,
             )
-            (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2))
-            for f in tmp.iterdir():
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
-            if final.exists():  # a resumed job rewrites an epoch it had not finished recording
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(job_dir)
+            raw = manifest.model_dump_json(indent=2).encode()
+            (directory / MANIFEST).write_bytes(raw)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(directory, ignore_errors=True)
             raise
-        self.index.add(manifest)
-        return self._update_aliases(job_id, manifest, keep)
+        return StagedCheckpoint(manifest, directory, hashlib.sha256(raw).hexdigest())
 
-    def _update_aliases(self, job_id: str, manifest: Manifest, keep: int) -> SavedCheckpoint:
-        aliases = self.aliases(job_id)
-        aliases["latest"] = manifest.id
-        best_id = aliases.get("best")
-        best_acc = self.index.val_acc(best_id) if best_id else None
-        if best_acc is None or manifest.metrics.get("val_acc", -1.0) >= best_acc:
-            aliases["best"] = manifest.id
-        _write_json_atomic(self._job_dir(job_id) / "aliases.json", aliases)
-        epochs = sorted(self._epoch_ids(job_id))
-        protected = {aliases["best"], aliases["latest"], *epochs[-keep:]}
-        pruned = [old for old in epochs if old not in protected]
-        for old in pruned:
-            shutil.rmtree(self._dir(old), ignore_errors=True)
-        self.index.remove(pruned)
-        kept = [e for e in epochs if e in protected]
-        return SavedCheckpoint(manifest, aliases["latest"], aliases["best"], kept)
+    def publish(self, staged: StagedCheckpoint, keep: int | None = 3) -> SavedCheckpoint:
+        """Put a staged checkpoint's files in the store (manifest last), file it in the index
+        with the job's aliases and pruning in one atomic step, then remove what was pruned.
+
+        May be called again after a `STORE_UNAVAILABLE` error; the staged files stay until it
+        succeeds (or `discard`).
+        """
+        m = staged.manifest
+        for name in (WEIGHTS, STATE, MANIFEST):
+            path = staged.directory / name
+            if path.is_file():  # a local store moves them: gone when retried after that
+                self.blobs.put_file(self._key(m.id, name), path)
+        self._ready()
+        summary = m.model_dump(mode="json", include=set(SUMMARY_FIELDS))
+        filed = self.index.publish(summary, m.metrics.get("val_acc"), staged.manifest_sha256, keep)
+        self._forget_manifest(m.id)
+        if self.cache is not None and (staged.directory / WEIGHTS).is_file():
+            # what this process just wrote is what it will read: keep it, verified
+            self.cache.adopt(staged.directory / WEIGHTS, _weights_name(m.weights_sha256))
+        self.discard(staged)
+        self._remove_files(filed.pruned)
+        return SavedCheckpoint(m, filed.latest, filed.best, filed.kept)
+
+    @staticmethod
+    def discard(staged: StagedCheckpoint) -> None:
+        """Drop a staged checkpoint's local files (published or given up)."""
+        shutil.rmtree(staged.directory, ignore_errors=True)
+
+    def _remove_files(self, ckpt_ids: list[str]) -> None:
+        """Remove the files of checkpoints already unfiled (pruned or deleted)."""
+        for ckpt_id in ckpt_ids:
+            self._forget_manifest(ckpt_id)
+            try:
+                self.blobs.delete_prefix(self._folder(ckpt_id))
+            except StoreUnavailableError as exc:  # unlisted already: only space is lost
+                log.warning("files of checkpoint %s left in the store: %s", ckpt_id, exc)
 
     def save_evaluation(self, evaluation: StoredEvaluation) -> None:
         """Keep an evaluation beside its checkpoint (replacing an earlier one)."""
-        directory = self._dir(evaluation.checkpoint)
-        if not (directory / "manifest.json").is_file():
-            raise CheckpointNotFoundError(evaluation.checkpoint)
-        _write_json_atomic(directory / EVALUATION_FILE, evaluation.model_dump(mode="json"))
+        ckpt_id = evaluation.checkpoint
+        key = self._key(ckpt_id, EVALUATION_FILE)
+        self._ready()
+        if not self.index.field(ckpt_id, "job")[0]:
+            raise CheckpointNotFoundError(ckpt_id)
+        raw = evaluation.model_dump_json(indent=2).encode()
+        self.blobs.put_bytes(key, raw)
+        if not self.index.annotate(ckpt_id, "evaluation_sha256", hashlib.sha256(raw).hexdigest()):
+            self._remove_files([ckpt_id])  # deleted meanwhile: take the evaluation with it
+            raise CheckpointNotFoundError(ckpt_id)
 
     def evaluation(self, ckpt_id: str) -> StoredEvaluation | None:
-        """The evaluation stored beside a checkpoint, if one was made."""
-        try:
-            raw = (self._dir(ckpt_id) / EVALUATION_FILE).read_bytes()
-        except FileNotFoundError:
+        """The evaluation stored beside a checkpoint, if one was made (and is intact)."""
+        key = self._key(ckpt_id, EVALUATION_FILE)
+        self._ready()
+        _, sha = self.index.field(ckpt_id, "evaluation_sha256")
+        if not sha:
             return None
+        try:
+            raw = self.blobs.get_bytes(key)
+        except BlobNotFoundError:
+            return None
+        if hashlib.sha256(raw).hexdigest() != sha:
+            log.warning("checkpoint %s: its evaluation fails its sha256; ignored", ckpt_id)
+            return None  # damaged: evaluate again
         try:
             return StoredEvaluation.model_validate_json(raw)
         except ValidationError:
-            return None  # damaged: evaluate again
+            return None
+
+    def onnx_path(self, manifest: Manifest, name: str, export: Callable[[Path], None]) -> Path:
+        """A local file of the checkpoint's exported graph `name`: from the store (through the
+        cache), else made with `export(path)` and published beside the checkpoint, so every
+        process (on any host) exports it once. Checked against the sha256 the index records."""
+        ckpt_id = manifest.id
+        key = self._key(ckpt_id, f"onnx/{name}")
+        self._ready()
+        filed, sha = self.index.field(ckpt_id, f"onnx:{name}")
+        if not filed:
+            raise CheckpointNotFoundError(ckpt_id)
+        if sha:
+            try:
+                return self._read_through(key, f"onnx/{name}", sha)
+            except CheckpointCorruptError:
+                log.warning(
+                    "checkpoint %s: exported graph %s unusable; exporting again", ckpt_id, name
+                )
+        staging = self._staging_dir()
+        try:
+            made = staging / name
+            export(made)
+            sha = sha256_file(made)
+            self.blobs.put_file(key, made)
+            if not self.index.annotate(ckpt_id, f"onnx:{name}", sha):
+                self._remove_files([ckpt_id])
+                raise CheckpointNotFoundError(ckpt_id)
+            if self.cache is not None:
+                return self.cache.adopt(made, f"onnx/{name}")
+            path = self.blobs.local_path(key)
+            assert path is not None
+            return path
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _read_through(self, key: str, cache_name: str, sha: str) -> Path:
+        """A verified local file of `key`: the store's own (local) or the cache's copy."""
+        local = self.blobs.local_path(key)
+        if local is not None:
+            try:
+                found = sha256_file(local)
+            except FileNotFoundError:
+                raise CheckpointCorruptError(f"{key} is missing from the store") from None
+            if found != sha:
+                raise CheckpointCorruptError(f"{key} does not match its recorded sha256")
+            return local
+        assert self.cache is not None
+        try:
+            return self.cache.get(cache_name, sha, lambda dest: self.blobs.download(key, dest))
+        except BlobNotFoundError:
+            raise CheckpointCorruptError(f"{key} is missing from the store") from None
+        except CacheVerifyError as exc:
+            raise CheckpointCorruptError(f"{key} does not match its recorded {exc}") from None
 
     # reading
+    def _ready(self) -> None:
+        """Index a store written by an earlier version before its first use here."""
+        if not self._indexed:
+            self.ensure_indexed()
+
     def aliases(self, job_id: str) -> dict[str, str]:
-        path = self._job_dir(job_id) / "aliases.json"
-        try:
-            return dict(json.loads(path.read_text()))
-        except (FileNotFoundError, NotADirectoryError):  # no checkpoints (or no data dir) yet
-            return {}
-        except (json.JSONDecodeError, TypeError, ValueError):
-            return {}
-
-    def _epoch_ids(self, job_id: str) -> list[str]:
-        job_dir = self._job_dir(job_id)
-        if not job_dir.is_dir():
-            return []
-        return [
-            f"{job_id}-{d.name}"
-            for d in job_dir.iterdir()
-            if d.is_dir() and re.fullmatch(r"e[0-9]{3}", d.name)
-        ]
-
-    def _job_ids(self) -> Iterator[str]:
-        if not self.root.is_dir():
-            return
-        for d in sorted(self.root.iterdir()):
-            if d.is_dir() and JOB_ID_RE.match(d.name):
-                yield d.name
+        """A job's `latest` and `best` checkpoint ids (empty before its first checkpoint)."""
+        if not JOB_ID_RE.match(job_id):
+            raise CheckpointNotFoundError(job_id, f"{job_id!r} is not a job id")
+        self._ready()
+        return self.index.aliases(job_id)
 
     def manifest(self, ckpt_id: str) -> Manifest:
-        """The manifest of a checkpoint id (not an alias)."""
-        path = self._dir(ckpt_id) / "manifest.json"
+        """The manifest of a checkpoint id (not an alias), checked against the index's sha256."""
+        key = self._key(ckpt_id, MANIFEST)
+        self._ready()
+        filed, sha = self.index.field(ckpt_id, "manifest_sha256")
+        if not filed:
+            raise CheckpointNotFoundError(ckpt_id)
+        if self.remote:
+            with self._lock:
+                known = self._manifests.get(ckpt_id)
+                if known is not None and known[0] == sha:
+                    self._manifests.move_to_end(ckpt_id)
+                    return known[1]
         try:
-            return Manifest.model_validate_json(path.read_bytes())
-        except FileNotFoundError:
-            raise CheckpointNotFoundError(ckpt_id) from None
+            raw = self.blobs.get_bytes(key)
+        except BlobNotFoundError:
+            # its files were removed behind the store's back: forget it, so aliases move on
+            self.index.unfile(ckpt_id, self._parts(ckpt_id)[0])
+            raise CheckpointNotFoundError(
+                ckpt_id, f"checkpoint {ckpt_id}'s files are gone from the store"
+            ) from None
+        if sha and hashlib.sha256(raw).hexdigest() != sha:
+            raise CheckpointCorruptError(
+                f"checkpoint {ckpt_id}: its manifest does not match the sha256 recorded when "
+                "it was saved (the file was altered)"
+            )
+        try:
+            manifest = Manifest.model_validate_json(raw)
         except ValidationError as exc:
             raise CheckpointCorruptError(
                 f"checkpoint {ckpt_id}: its manifest is damaged and cannot be read"
             ) from exc
+        if self.remote and sha:
+            with self._lock:
+                self._manifests[ckpt_id] = (sha, manifest)
+                while len(self._manifests) > MANIFEST_MEMORY:
+                    self._manifests.popitem(last=False)
+        return manifest
 
-    def _scan(self) -> Iterator[Manifest]:
-        """Every readable manifest on disk (what the index is built from, once)."""
-        for jid in self._job_ids():
-            for cid in sorted(self._epoch_ids(jid)):
-                try:
-                    yield self.manifest(cid)
-                except CheckpointError:
-                    continue
+    def _forget_manifest(self, ckpt_id: str) -> None:
+        with self._lock:
+            self._manifests.pop(ckpt_id, None)
 
     def list(
         self,
@@ -423,23 +538,37 @@ class CheckpointStore:
         within: str | None = None,
     ) -> list[CheckpointSummary]:
         """Summaries of the checkpoints (of a job, of a model, of the owner `within`), newest
-        first, from the index.
+        first, from the index."""
+        return self.page(job_id=job_id, model=model, limit=limit, within=within)[0]
 
-        A checkpoint whose files were removed by hand is left out, and out of the index.
-        """
-        rows = self.index.summaries(job_id=job_id, model=model, limit=limit, within=within)
-        present = [r for r in rows if (self._dir(r["id"]) / "manifest.json").is_file()]
-        if len(present) < len(rows):
-            self.index.remove({r["id"] for r in rows} - {r["id"] for r in present})
-        return [CheckpointSummary.model_validate(row) for row in present]
+    def page(
+        self,
+        *,
+        job_id: str | None = None,
+        model: str | None = None,
+        limit: int | None = None,
+        within: str | None = None,
+        cursor: Cursor | None = None,
+    ) -> tuple[builtins.list[CheckpointSummary], Cursor | None]:
+        """One page of `list` after `cursor`, and the cursor of the next (None: the last)."""
+        self._ready()
+        rows, after = self.index.page(
+            job_id=job_id, model=model, owner=within, limit=limit, cursor=cursor
+        )
+        return [CheckpointSummary.model_validate(row) for row in rows], after
 
     def owner_of(self, ckpt_id: str) -> str | None:
-        """The principal whose job wrote a checkpoint (from the index, else its manifest)."""
-        indexed, owner = self.index.owner(ckpt_id)
-        return owner if indexed else self.manifest(ckpt_id).owner
+        """The principal whose job wrote a checkpoint."""
+        self._parts(ckpt_id)
+        self._ready()
+        filed, owner = self.index.field(ckpt_id, "owner")
+        if not filed:
+            raise CheckpointNotFoundError(ckpt_id)
+        return owner or None
 
     def resolve(self, ref: str, within: str | None = None) -> str:
-        """A checkpoint id from an id or an alias: `<job>:latest`, `<job>:best`, `<model>:best`.
+        """A checkpoint id from an id or an alias: `<job>:latest`, `<job>:best`,
+        `<model>:best`, `<model>:latest`.
 
         With `within`, only that owner's checkpoints answer (`<model>:best` is its best); any
         other is not found, exactly as one that does not exist.
@@ -454,7 +583,8 @@ class CheckpointStore:
 
     def _resolve(self, ref: str, within: str | None) -> str:
         if CHECKPOINT_ID_RE.match(ref):
-            if not (self._dir(ref) / "manifest.json").is_file():
+            self._ready()
+            if not self.index.field(ref, "job")[0]:
                 raise CheckpointNotFoundError(ref)
             return ref
         head, sep, alias = ref.partition(":")
@@ -462,29 +592,36 @@ class CheckpointStore:
             raise CheckpointNotFoundError(
                 ref,
                 f"{ref!r} is neither a checkpoint id (<job>-e<NNN>) nor an alias "
-                "(<job>:latest, <job>:best, <model>:best)",
+                "(<job>:latest, <job>:best, <model>:best, <model>:latest)",
             )
         if JOB_ID_RE.match(head):
-            target = self.aliases(head).get(alias)
-            if not target:
-                raise CheckpointNotFoundError(ref, f"job {head} has no {alias} checkpoint")
-            return target
-        if alias == "best" and MODEL_NAME_RE.match(head):
-            return self._best_of_model(ref, head, within)
+            return self._present(lambda: self.aliases(head).get(alias), ref, f"job {head}")
+        if MODEL_NAME_RE.match(head):
+            self._ready()
+            pick = self.index.best if alias == "best" else self.index.newest
+            return self._present(
+                lambda: next(iter(pick(head, within)), None), ref, f"model {head!r}"
+            )
         raise CheckpointNotFoundError(ref, f"no checkpoint answers to {ref!r}")
 
-    def _best_of_model(self, ref: str, model: str, within: str | None) -> str:
-        """The best checkpoint of `model` (of one owner's) by validation accuracy (newest
-        among equals)."""
-        while True:
-            ranked = self.index.best(model, within)
-            if not ranked:
-                raise CheckpointNotFoundError(ref, f"no checkpoint of model {model!r} exists")
-            present = [c for c in ranked if (self._dir(c) / "manifest.json").is_file()]
-            if present:
-                return present[0]
-            # removed behind the store's back (by hand): forget them, look again
-            self.index.remove(ranked)
+    def _present(self, pick: Callable[[], str | None], ref: str, whose: str) -> str:
+        """The checkpoint `pick` names, passing over any whose files were removed by hand
+        (each is unfiled by `manifest`, so the next pick is another)."""
+        for _ in range(16):
+            found = pick()
+            if not found:
+                break
+            try:
+                self.manifest(found)
+            except CheckpointNotFoundError:
+                continue
+            except CheckpointCorruptError:
+                pass  # it exists: reading it says what is wrong
+            return found
+        alias = ref.partition(":")[2]
+        if whose.startswith("model"):
+            raise CheckpointNotFoundError(ref, f"no checkpoint of {whose} exists")
+        raise CheckpointNotFoundError(ref, f"{whose} has no {alias} checkpoint")
 
     def lineage(
         self,
@@ -520,19 +657,24 @@ class CheckpointStore:
         return Lineage(parent.id, parent.epoch if continue_epochs else 0)
 
     def weights_path(self, ckpt_id: str) -> Path:
-        """The verified safetensors file of a checkpoint."""
+        """A local file of the checkpoint's verified safetensors weights."""
         return self._verified_weights(ckpt_id, self.manifest(ckpt_id))
 
     def _verified_weights(self, ckpt_id: str, manifest: Manifest) -> Path:
-        path = self._dir(ckpt_id) / "weights.safetensors"
-        if not path.is_file():
-            raise CheckpointCorruptError(f"checkpoint {ckpt_id}: its weights file is missing")
-        if sha256_file(path) != manifest.weights_sha256:
+        key = self._key(ckpt_id, WEIGHTS)
+        try:
+            return self._read_through(
+                key, _weights_name(manifest.weights_sha256), manifest.weights_sha256
+            )
+        except CheckpointCorruptError as exc:
+            if "missing" in str(exc):
+                raise CheckpointCorruptError(
+                    f"checkpoint {ckpt_id}: its weights file is missing"
+                ) from None
             raise CheckpointCorruptError(
                 f"checkpoint {ckpt_id}: its weights do not match the manifest's sha256 "
                 "(the file was altered or truncated); use another checkpoint"
-            )
-        return path
+            ) from None
 
     def load_model(
         self, ckpt_id: str, device: str | torch.device = "cpu"
@@ -571,36 +713,61 @@ class CheckpointStore:
     def load_state(self, ckpt_id: str) -> dict[str, Any]:
         """The resume state (optimizer, RNG, ...), verified and loaded without unpickling code."""
         manifest = self.manifest(ckpt_id)
-        path = self._dir(ckpt_id) / "state.pt"
-        if manifest.state_sha256 is None or not path.is_file():
+        if manifest.state_sha256 is None:
             raise CheckpointCorruptError(f"checkpoint {ckpt_id} has no resume state")
-        if sha256_file(path) != manifest.state_sha256:
-            raise CheckpointCorruptError(f"checkpoint {ckpt_id}: resume state fails its sha256")
+        key = self._key(ckpt_id, STATE)
+        path = self.blobs.local_path(key)
+        staging = None
         try:
-            state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-            # weights_only refuses any object but tensors and plain containers: never run code
-            raise CheckpointCorruptError(
-                f"checkpoint {ckpt_id}: its resume state holds something other than tensors "
-                "and plain values, and was refused unread"
-            ) from exc
+            if path is None:  # not cached: read once, by the worker that resumes
+                staging = self._staging_dir()
+                path = staging / STATE
+                with contextlib.suppress(BlobNotFoundError):
+                    self.blobs.download(key, path)
+            if not path.is_file():
+                raise CheckpointCorruptError(f"checkpoint {ckpt_id} has no resume state")
+            if sha256_file(path) != manifest.state_sha256:
+                raise CheckpointCorruptError(f"checkpoint {ckpt_id}: resume state fails its sha256")
+            try:
+                state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+                # weights_only refuses any object but tensors and plain containers: never run code
+                raise CheckpointCorruptError(
+                    f"checkpoint {ckpt_id}: its resume state holds something other than "
+                    "tensors and plain values, and was refused unread"
+                ) from exc
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
         return state
 
     def delete(self, ckpt_id: str) -> None:
-        """Remove a checkpoint and repoint its job's aliases at what is left."""
-        directory = self._dir(ckpt_id)
-        if not directory.is_dir():
+        """Unfile a checkpoint (its job's aliases move to what is left, in the same atomic
+        step), then remove its files."""
+        job_id, _ = self._parts(ckpt_id)
+        self._ready()
+        found, _, _ = self.index.unfile(ckpt_id, job_id)
+        if not found:
             raise CheckpointNotFoundError(ckpt_id)
-        job_id = directory.parent.name
-        shutil.rmtree(directory)
-        self.index.remove([ckpt_id])
-        remaining = sorted(self._epoch_ids(job_id))
-        aliases = self.aliases(job_id)
-        if not remaining:
-            (self._job_dir(job_id) / "aliases.json").unlink(missing_ok=True)
-            return
-        aliases["latest"] = remaining[-1]
-        ranked = [(acc, cid) for cid, acc in self.index.of_job(job_id) if cid in remaining]
-        if ranked:
-            aliases["best"] = max(ranked, key=lambda r: r[0])[1]
-        _write_json_atomic(self._job_dir(job_id) / "aliases.json", aliases)
+        self._remove_files([ckpt_id])
+
+    # operations
+    def check(self) -> str:
+        """A line saying the store answers (for readiness); `StoreUnavailableError` if not."""
+        return self.blobs.check()
+
+    def ensure_indexed(self, wait_s: float = 600.0) -> int:
+        """Index the checkpoints of a store written by an earlier version (its files, SQLite
+        index and `aliases.json`), once per store; returns how many
+        (`workers.store.checkpoint_upgrade`)."""
+        from workers.store.checkpoint_upgrade import index_earlier_store
+
+        if self._indexed:
+            return 0
+        found = index_earlier_store(self, wait_s)
+        self._indexed = True
+        return found
+
+
+def _weights_name(sha256: str) -> str:
+    return f"weights/{sha256}.safetensors"

@@ -3,7 +3,8 @@
 `POST /v1/checkpoints/{ref}/evaluate` records an evaluation (`queued`) and sends
 `cnnserve.evaluate` through the one enqueue path; a worker marks it `running`, evaluates the
 checkpoint on the test set as validation does (`workers.training.validation`), stores the
-result beside the checkpoint and in the record (`succeeded`), or the reason it could not (`failed`).
+result beside the checkpoint (in the checkpoint store, so any host reads it) and in the record
+(`succeeded`), or the reason it could not (`failed`).
 Records expire after `RECORD_TTL_S`; the stored result stays with the checkpoint.
 
 Keys (prefix `cnnserve:`): `evaluation:{id}` the JSON of an `EvaluationRecord`.
@@ -21,7 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from workers.contracts import JobStatus
 from workers.errors import TrainingError
 from workers.settings import Settings
-from workers.store.checkpoints import CheckpointError, CheckpointStore, StoredEvaluation
+from workers.store.checkpoints import (
+    CheckpointError,
+    CheckpointStore,
+    StoredEvaluation,
+    StoreUnavailableError,
+)
 from workers.store.job_index import PREFIX
 from workers.store.jobs import now_iso
 from workers.training.devices import prepare_device, release_memory
@@ -105,14 +111,14 @@ def run_evaluation(evaluation_id: str, *, worker: str, settings: Settings) -> st
         try:
             device, amp = prepare_device(settings.worker_device, "auto")
             result: StoredEvaluation = evaluate_checkpoint(
-                CheckpointStore(settings.checkpoints_dir),
+                CheckpointStore.from_settings(settings, client),
                 record.checkpoint,
                 load_fashion_mnist(settings),
                 device=device,
                 amp_dtype=amp,
                 limit=record.limit,
             )
-        except (CheckpointError, TrainingError) as exc:
+        except (CheckpointError, TrainingError, StoreUnavailableError) as exc:
             record.status, record.error = JobStatus.failed, str(exc)
         except Exception as exc:  # a bug or the environment: fail the evaluation, keep the worker
             log.exception("evaluation %s crashed", evaluation_id)

@@ -1,7 +1,8 @@
 """`cnnserve train`: one job in this process, with a progress bar and a metrics table.
 
-No Redis and no Celery: the job's checkpoints go to the usual store under
-`CNNSERVE_DATA_DIR`, so the API can serve them afterwards.
+No Celery and no job record: the job's checkpoints go to the usual checkpoint store
+(`CNNSERVE_CHECKPOINT_URL`, else under `CNNSERVE_DATA_DIR`) and its index in Redis, so the API
+can serve them afterwards.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ from tqdm import tqdm
 from workers.contracts import JobSpec
 from workers.errors import TrainingError
 from workers.settings import get_settings
-from workers.store.checkpoints import CheckpointStore, LineageError, SavedCheckpoint
+from workers.store.checkpoints import (
+    STORE_UNAVAILABLE,
+    CheckpointStore,
+    LineageError,
+    SavedCheckpoint,
+)
 from workers.store.jobs import EpochMetrics, Progress, new_job_id
 from workers.training.data import load_fashion_mnist
 from workers.training.engine import Outcome, StopRequest, TrainOptions, train
@@ -87,7 +93,15 @@ def run_train(fields: dict[str, Any]) -> int:
         sys.stderr.write(f"invalid job spec: {exc}\n")
         return 2
     settings = get_settings()
-    store = CheckpointStore(settings.checkpoints_dir)
+    store = CheckpointStore.from_settings(settings)
+    try:
+        store.ensure_indexed()
+    except STORE_UNAVAILABLE as exc:
+        sys.stderr.write(
+            f"error: the checkpoint index (Redis at {settings.redis_url.rsplit('@', 1)[-1]}) or "
+            f"store ({store.location}) is not reachable: {exc}\n"
+        )
+        return 1
     assert spec.input_size is not None
     try:
         lineage = store.lineage(
@@ -139,7 +153,7 @@ def run_train(fields: dict[str, Any]) -> int:
     if latest:
         sys.stdout.write(
             f"device {result.device} ({result.precision}); checkpoint {latest} in "
-            f"{store.root / job_id}; best {store.aliases(job_id).get('best')}\n"
+            f"{store.location}/{job_id}; best {store.aliases(job_id).get('best')}\n"
         )
     if result.outcome is not Outcome.completed:
         sys.stderr.write(f"stopped early: {result.outcome.value}\n")

@@ -18,10 +18,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +37,13 @@ from workers.store.checkpoints import (
     CheckpointStore,
     Preprocessing,
     SavedCheckpoint,
+    retry_unavailable,
 )
 from workers.store.jobs import EpochMetrics, Progress
 from workers.training.data import FashionMNIST
 from workers.training.devices import prepare_device, release_memory, resolve_device, wait_for_device
 from workers.training.graphs import StepGraph, graphs_apply
+from workers.training.publisher import Publisher
 from workers.training.validation import Scores, Tally, model_input
 
 __all__ = [
@@ -57,6 +60,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Validation batches hold about this many input pixels (bounded memory at 224×224).
 EVAL_PIXELS = 2**21
@@ -235,6 +239,18 @@ class _Run:
         self.val_seconds = 0.0
         self.stopped_at: Progress | None = None
         self.rate: float | None = None
+        #: Checkpoints go up beside training (a bucket) or at once (the local directory).
+        self.publisher = Publisher(
+            store, options.keep_checkpoints, self._published, stop=self._interrupted
+        )
+
+    def _interrupted(self) -> bool:
+        """This worker no longer owns the job (lease lost, or shutting down)."""
+        return self.callbacks.stop_requested() is StopRequest.interrupt
+
+    def read_store(self, op: Callable[[], T], what: str) -> T:
+        """A read of the checkpoint store, riding out its outage while the job is ours."""
+        return retry_unavailable(op, stop=self._interrupted, what=f"job {self.job_id}: {what}")
 
     # set-up
     def _build_model(self) -> None:
@@ -438,7 +454,8 @@ class _Run:
                     return stop
         return tally.scores()
 
-    def save(self, epoch: int, metrics: EpochMetrics) -> SavedCheckpoint:
+    def save(self, epoch: int, metrics: EpochMetrics) -> None:
+        """Stage this epoch's checkpoint (a snapshot, now) and hand it to the publisher."""
         state: dict[str, Any] = {
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -468,14 +485,29 @@ class _Run:
             "parent": self.parent,
             "owner": self.owner,
         }
-        return self.store.save(
+        staged = self.store.stage(
             job_id=self.job_id,
             epoch=epoch,
             model=self.model,
             manifest_fields=manifest_fields,
             state=state,
-            keep=self.options.keep_checkpoints,
         )
+        self.publisher.submit(staged, metrics)
+
+    def _published(self, metrics: EpochMetrics, saved: SavedCheckpoint) -> None:
+        """An epoch's checkpoint is visible: record it (on the publisher's thread, for a bucket)."""
+        self.latest = saved.manifest.id
+        log.info(
+            "job %s epoch %d/%d: train_loss %.4f val_loss %.4f val_acc %.4f (%.2f s)",
+            self.job_id,
+            metrics.epoch,
+            self.last_epoch,
+            metrics.train_loss,
+            metrics.val_loss,
+            metrics.val_acc,
+            metrics.seconds,
+        )
+        self.callbacks.on_epoch(metrics, saved)
 
     def execute(self) -> TrainResult:
         for epoch in range(self.start_epoch, self.last_epoch + 1):
@@ -499,19 +531,7 @@ class _Run:
                 confusion_matrix=validated.confusion_matrix,
             )
             self.history.append(metrics)
-            saved = self.save(epoch, metrics)
-            self.latest = saved.manifest.id
-            log.info(
-                "job %s epoch %d/%d: train_loss %.4f val_loss %.4f val_acc %.4f (%.2f s)",
-                self.job_id,
-                epoch,
-                self.last_epoch,
-                metrics.train_loss,
-                metrics.val_loss,
-                metrics.val_acc,
-                metrics.seconds,
-            )
-            self.callbacks.on_epoch(metrics, saved)
+            self.save(epoch, metrics)
             limit = self.options.max_seconds
             over = limit is not None and time.monotonic() - self.started > limit
             if over and epoch < self.last_epoch:
@@ -519,6 +539,7 @@ class _Run:
         return self._result(Outcome.completed)
 
     def _result(self, outcome: Outcome) -> TrainResult:
+        self.publisher.drain()  # an attempt ends once its checkpoints are visible
         return TrainResult(
             outcome=outcome,
             device=str(self.device),
@@ -569,9 +590,9 @@ def train(
         run.number_after(epoch_offset)
         run.owner = owner
         if resume_from is not None:
-            run.resume(resume_from)
+            run.read_store(partial(run.resume, resume_from), f"resuming from {resume_from}")
         elif init_from is not None:
-            run.start_from(init_from)
+            run.read_store(partial(run.start_from, init_from), f"starting from {init_from}")
         return run.execute()
     except torch.cuda.OutOfMemoryError:
         oom = (
@@ -580,6 +601,8 @@ def train(
             f"(e.g. {max(1, spec.batch_size // 2)}) or a smaller input_size"
         )
     finally:
+        if run is not None:
+            run.publisher.close()
         del run  # drop the model, optimizer and device tensors before emptying the cache
         release_memory(device)
     # raised outside the handler so no traceback keeps the run's tensors alive

@@ -25,7 +25,13 @@ import redis
 from workers.contracts import JobSpec, JobStatus
 from workers.errors import DeviceError, TrainingError
 from workers.settings import Settings
-from workers.store.checkpoints import CheckpointError, CheckpointStore, SavedCheckpoint
+from workers.store.checkpoints import (
+    STORE_UNAVAILABLE,
+    CheckpointError,
+    CheckpointStore,
+    SavedCheckpoint,
+    retry_unavailable,
+)
 from workers.store.jobs import EpochMetrics, JobNotFoundError, JobRecord, JobStore, Progress
 from workers.store.jobs import now_iso as _now
 from workers.training.data import load_fashion_mnist
@@ -306,9 +312,19 @@ def _start_attempt(
 
 
 def _prepare_attempt(
-    ckpts: CheckpointStore, spec: JobSpec, job_id: str, worker: str, settings: Settings
+    ckpts: CheckpointStore,
+    spec: JobSpec,
+    job_id: str,
+    worker: str,
+    settings: Settings,
+    lease: LeaseKeeper,
 ) -> Attempt:
-    resume_from, history = _resume_point(ckpts, job_id)
+    # the checkpoint store unreachable: wait for it (holding the lease) rather than start over
+    resume_from, history = retry_unavailable(
+        lambda: _resume_point(ckpts, job_id),
+        stop=lambda: lease.lost.is_set() or shutdown_requested.is_set(),
+        what=f"job {job_id}: finding its latest checkpoint",
+    )
     device_request = requested_device(spec.device, settings.worker_device)
     try:
         return Attempt(worker, str(resolve_device(device_request)), None, resume_from, history)
@@ -325,8 +341,12 @@ def _run_leased(
     lease: LeaseKeeper,
     enqueue: Callable[[str], Any],
 ) -> str:
-    ckpts = CheckpointStore(settings.checkpoints_dir)
-    attempt = _prepare_attempt(ckpts, spec, job_id, worker, settings)
+    ckpts = CheckpointStore.from_settings(settings, store.r)
+    try:
+        attempt = _prepare_attempt(ckpts, spec, job_id, worker, settings, lease)
+    except STORE_UNAVAILABLE as exc:  # stopping: the job stays queued for the next worker
+        log.warning("job %s: not started, the checkpoint store is unavailable: %s", job_id, exc)
+        return "interrupted"
     decision, record = _start_attempt(store, job_id, attempt, settings.max_attempts)
     if decision == "finished":
         return "finished"
@@ -359,6 +379,11 @@ def _run_leased(
         log.error("job %s failed: %s", job_id, exc)
         finish(store, job_id, JobStatus.failed, str(exc))
         return "failed"
+    except STORE_UNAVAILABLE as exc:  # given up only when this worker stops: run it elsewhere
+        log.warning("job %s: the checkpoint store is unavailable while stopping: %s", job_id, exc)
+        if shutdown_requested.is_set() and not lease.lost.is_set():
+            requeue(store, job_id, enqueue, f"worker {worker} shut down")
+        return "interrupted"
     except Exception as exc:  # a bug or an environment problem: fail the job, keep the worker
         log.exception("job %s crashed", job_id)
         finish(store, job_id, JobStatus.failed, f"training crashed: {type(exc).__name__}: {exc}")

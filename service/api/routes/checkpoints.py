@@ -87,8 +87,12 @@ def list_checkpoints(
         str | None,
         Query(pattern=r"^[a-z0-9_]{1,32}$", description="Only checkpoints of this model."),
     ] = None,
+    limit: Annotated[
+        int | None, Query(ge=1, le=1000, description="At most this many, the newest.")
+    ] = None,
 ) -> CheckpointList:
-    return CheckpointList(checkpoints=store.list(job_id=job_id, model=model, within=caller.within))
+    found = store.list(job_id=job_id, model=model, limit=limit, within=caller.within)
+    return CheckpointList(checkpoints=found)
 
 
 @router.get(

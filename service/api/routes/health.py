@@ -23,6 +23,7 @@ from service.api.problems import problem_responses
 from service.errors import ServiceUnavailableError
 from service.metrics import refresh_job_gauges, render_latest
 from workers.celery_app import live_workers, worker_heartbeats
+from workers.store.checkpoints import CheckpointStore, StoreUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,22 @@ def _check_storage(path: Path) -> Check:
     return Check(ok=True, detail=f"{path} is writable")
 
 
+async def _check_checkpoints(store: CheckpointStore) -> Check:
+    """The checkpoint store answers (a bucket) or is writable (the local directory)."""
+    if not store.remote:
+        return await to_thread.run_sync(_check_storage, Path(store.location))
+    try:
+        with anyio.fail_after(CHECK_DEADLINE_S):
+            detail = await to_thread.run_sync(store.check, abandon_on_cancel=True)
+    except TimeoutError:
+        return Check(
+            ok=False, detail=f"the checkpoint store {store.location} did not answer in time"
+        )
+    except StoreUnavailableError as exc:
+        return Check(ok=False, detail=str(exc))
+    return Check(ok=True, detail=detail)
+
+
 def _find_workers(celery: Celery, redis_url: str) -> list[WorkerInfo]:
     """Workers seen lately: their heartbeat keys (instant), else a Celery ping."""
     # a solo-pool worker busy training cannot answer a ping, but keeps its heartbeat
@@ -181,7 +198,8 @@ async def healthz() -> Liveness:
 @router.get(
     "/readyz",
     summary="Readiness",
-    description="Redis answers a ping, the data directory is writable and at least one "
+    description="Redis answers a ping, the checkpoint store answers (the bucket of "
+    "CNNSERVE_CHECKPOINT_URL, else the data directory is writable) and at least one "
     "training worker is alive (its heartbeat in Redis, or a Celery ping; cached a few "
     "seconds). 503 naming what is wrong otherwise. Either way `workers` lists the workers "
     "seen and the device each trains on (`cpu`, `cuda:N`).",
@@ -204,7 +222,7 @@ async def readyz(
         checks["redis"] = Check(
             ok=False, detail=f"Redis at {_redact(settings.redis_url)} is not reachable: {exc}"
         )
-    checks["storage"] = await to_thread.run_sync(_check_storage, settings.checkpoints_dir)
+    checks["storage"] = await _check_checkpoints(request.app.state.checkpoint_store)
     if checks["redis"].ok:
         checks["workers"] = await _check_workers(request, celery, settings.redis_url)
     else:

@@ -46,6 +46,7 @@ from workers.store.checkpoints import (
     CheckpointNotFoundError,
     CheckpointStore,
     Manifest,
+    StoreUnavailableError,
 )
 
 logger = logging.getLogger(__name__)
@@ -506,9 +507,10 @@ async def server_live() -> Response:
 )
 async def server_ready(inference: InferenceDep) -> Response:
     """200 when the checkpoint store can be read (inference needs nothing else)."""
-    root = inference.store.root
-    if not await run_in_threadpool(lambda: root.is_dir() or not root.exists()):
-        raise ServiceUnavailableError(f"the checkpoint directory {root} cannot be read")
+    try:
+        await run_in_threadpool(inference.store.check)
+    except StoreUnavailableError as exc:
+        raise ServiceUnavailableError(str(exc)) from None
     return Response(status_code=200)
 
 

@@ -36,7 +36,7 @@ def bearer(key: str) -> dict[str, str]:
 @pytest.fixture
 def checkpoint(settings: Settings) -> str:
     """A trained LeNet checkpoint of the trainer's."""
-    return save(CheckpointStore(settings.checkpoints_dir), lenet(), owner="trainer").id
+    return save(CheckpointStore.from_settings(settings), lenet(), owner="trainer").id
 
 
 def image_upload() -> dict[str, tuple[str, bytes, str]]:

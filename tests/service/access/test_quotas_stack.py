@@ -50,7 +50,7 @@ def test_quotas_and_the_predict_rate_are_shared_by_two_api_processes(
         "6/minute",
     )
     bob = keys_add(keys_file, "bob", "--scopes", "read,predict,train")
-    store = CheckpointStore(settings.checkpoints_dir)
+    store = CheckpointStore.from_settings(settings)
     a_ckpt = save(store, lenet(), job_id=JOB_A, owner="alice").id
     b_ckpt = save(store, lenet(), job_id=JOB_B, owner="bob").id
     env = {"CNNSERVE_API_KEYS_FILE": str(keys_file), "CNNSERVE_MAX_ACTIVE_JOBS": "10"}

@@ -11,7 +11,7 @@ from safetensors.torch import load
 
 from service.api.app import create_app
 from tests.http_checks import PROBLEM, assert_problem
-from tests.service.checkpoint_helpers import JOB_A, JOB_B, lenet, save
+from tests.service.checkpoint_helpers import JOB_A, JOB_B, damage, lenet, save
 from workers.settings import Settings
 from workers.store.checkpoints import CheckpointStore, Manifest
 
@@ -20,7 +20,7 @@ KEY = "test-key-123"
 
 @pytest.fixture
 def store(settings: Settings) -> CheckpointStore:
-    return CheckpointStore(settings.checkpoints_dir)
+    return CheckpointStore.from_settings(settings)
 
 
 @pytest.fixture
@@ -146,10 +146,7 @@ def test_altered_weights_are_refused_not_served(
     client: TestClient, saved: dict[str, Manifest], store: CheckpointStore
 ) -> None:
     m = saved["a1"]
-    path = store.root / JOB_A / "e001" / "weights.safetensors"
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
+    damage(store, m.id, "weights.safetensors", lambda b: b[:-1] + bytes([b[-1] ^ 0xFF]))
     body = assert_problem(client.get(f"/v1/checkpoints/{m.id}/weights"), 409, "sha256")
     assert body["type"].endswith("checkpoint-corrupt")
     r = client.post(f"/v1/checkpoints/{m.id}/predict", json={"pixels": [[0, 1], [2, 3]]})
@@ -191,15 +188,17 @@ def test_delete_by_alias_and_open_server(client: TestClient, saved: dict[str, Ma
 
 
 def test_deleted_checkpoint_is_not_served_from_the_model_cache(
-    client: TestClient, saved: dict[str, Manifest], settings: Settings
+    client: TestClient, saved: dict[str, Manifest], store: CheckpointStore
 ) -> None:
     ref = f"/v1/checkpoints/{saved['a1'].id}"
+    folder = f"{JOB_A}/e001/"
     assert client.post(f"{ref}/predict", json={"pixels": [[0, 9], [9, 0]]}).status_code == 200
-    exported = list((settings.data_dir / "onnx-cache").glob("*.onnx"))
+    exported = [k for k in store.blobs.list_keys(folder) if k.endswith(".onnx")]
     assert exported, "the predict call exported no ONNX graph"
     assert client.delete(ref).status_code == 204
     assert_problem(client.post(f"{ref}/predict", json={"pixels": [[0, 9], [9, 0]]}), 404)
-    assert not any(p.exists() for p in exported), "the deleted checkpoint's graph is left over"
+    # its files, the exported graph among them, are gone from the store
+    assert list(store.blobs.list_keys(folder)) == [], "the deleted checkpoint's files are left"
 
 
 def test_openapi_documents_the_checkpoint_operations(client: TestClient) -> None:

@@ -177,7 +177,7 @@ def test_cancelling_a_sweep_cancels_its_unfinished_jobs(
 def test_init_from_must_name_a_checkpoint_of_the_same_network(
     client: TestClient, settings: Settings, store: JobStore
 ) -> None:
-    ckpt = save(CheckpointStore(settings.checkpoints_dir), lenet(), job_id=JOB_A, epoch=3)
+    ckpt = save(CheckpointStore.from_settings(settings), lenet(), job_id=JOB_A, epoch=3)
     r = client.post(
         "/v1/jobs", json={**BASE, "init_from": f"{JOB_A}:best", "continue_epochs": True}
     )
@@ -235,7 +235,7 @@ def test_compare_draws_the_differing_fields_of_several_jobs(
 def test_a_checkpoint_without_a_matrix_says_how_to_get_one_and_evaluate_queues_it(
     client: TestClient, settings: Settings, store: JobStore
 ) -> None:
-    ckpt = save(CheckpointStore(settings.checkpoints_dir), lenet(), job_id=JOB_A)
+    ckpt = save(CheckpointStore.from_settings(settings), lenet(), job_id=JOB_A)
     assert_problem(client.get(f"/v1/checkpoints/{ckpt.id}/evaluation"), 404, "evaluate")
     assert_problem(client.get(f"/v1/checkpoints/{ckpt.id}/confusion.png"), 404, "evaluate")
     r = client.post(f"/v1/checkpoints/{ckpt.id}/evaluate", json={"limit": 100})
@@ -251,7 +251,7 @@ def test_a_checkpoint_without_a_matrix_says_how_to_get_one_and_evaluate_queues_i
 def test_a_checkpoint_with_a_matrix_answers_per_class_scores_and_a_heatmap(
     client: TestClient, settings: Settings
 ) -> None:
-    store = CheckpointStore(settings.checkpoints_dir)
+    store = CheckpointStore.from_settings(settings)
     matrix = [
         [90 if i == j else (10 if j == (i + 1) % 10 else 0) for j in range(10)] for i in range(10)
     ]

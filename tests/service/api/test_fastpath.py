@@ -39,7 +39,7 @@ INFER_VERSION = "/v2/models/{model}/versions/{model_version}/infer"
 
 @pytest.fixture
 def ckpt(settings: Settings) -> Manifest:
-    return save(CheckpointStore(settings.checkpoints_dir), lenet())
+    return save(CheckpointStore.from_settings(settings), lenet())
 
 
 @pytest.fixture
@@ -268,7 +268,7 @@ def test_v2_keys_scopes_and_the_rate_hold_on_the_fast_path(
     keys = tmp_path / "keys.toml"
     reader = add_key(keys, "reader", ["read"])[0]
     predictor = add_key(keys, "predictor", ["predict"])[0]
-    save(CheckpointStore(settings.checkpoints_dir), lenet(), job_id="00000000000000aa",
+    save(CheckpointStore.from_settings(settings), lenet(), job_id="00000000000000aa",
          owner="predictor")  # fmt: skip
     images = np.asarray(fashion_test_set()[0][:1])
     body, headers = v2_body(images)

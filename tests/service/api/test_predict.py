@@ -32,7 +32,7 @@ from workers.store.checkpoints import CheckpointStore, Manifest
 
 @pytest.fixture
 def store(settings: Settings) -> CheckpointStore:
-    return CheckpointStore(settings.checkpoints_dir)
+    return CheckpointStore.from_settings(settings)
 
 
 @pytest.fixture

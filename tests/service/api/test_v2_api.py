@@ -29,7 +29,7 @@ from workers.store.checkpoints import CheckpointStore, Manifest
 
 @pytest.fixture
 def ckpts(settings: Settings) -> dict[str, Manifest]:
-    store = CheckpointStore(settings.checkpoints_dir)
+    store = CheckpointStore.from_settings(settings)
     model = lenet()
     return {
         "a1": save(store, model, job_id=JOB_A, epoch=1, val_acc=0.60),

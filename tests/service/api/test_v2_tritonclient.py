@@ -29,7 +29,7 @@ class Served:
 
 @pytest.fixture
 def served(settings: Settings, uvicorn_server: Callable[..., Server]) -> Iterator[Served]:
-    store = CheckpointStore(settings.checkpoints_dir)
+    store = CheckpointStore.from_settings(settings)
     save(store, lenet(), job_id=JOB_A, epoch=1, val_acc=0.7)
     server = uvicorn_server()
     client = httpclient.InferenceServerClient(url=server.url.removeprefix("http://"))

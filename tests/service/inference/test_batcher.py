@@ -60,7 +60,7 @@ def batches(n: int, size: int) -> list[np.ndarray]:
 
 @pytest.fixture
 def checkpoints(settings: Settings) -> CheckpointStore:
-    return CheckpointStore(settings.checkpoints_dir)
+    return CheckpointStore.from_settings(settings)
 
 
 def service(settings: Settings, store: CheckpointStore, **update: object) -> InferenceService:

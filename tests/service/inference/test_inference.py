@@ -15,7 +15,7 @@ import service.inference.backends as inference_mod
 from models import build_model
 from service.inference.backends import (
     load_for_inference,
-    onnx_cache_path,
+    onnx_name,
 )
 from service.inference.batcher import InferenceService
 from service.inference.cache import ModelCache
@@ -32,6 +32,7 @@ from service.inference.images import (
 from tests.service.checkpoint_helpers import (
     JOB_A,
     JOB_B,
+    damage,
     encode,
     fashion_test_set,
     huge_png_header,
@@ -46,7 +47,7 @@ from workers.store.checkpoints import CheckpointStore, Preprocessing
 
 @pytest.fixture
 def store(settings: Settings) -> CheckpointStore:
-    return CheckpointStore(settings.checkpoints_dir)
+    return CheckpointStore.from_settings(settings)
 
 
 @pytest.fixture
@@ -164,11 +165,10 @@ def test_onnxruntime_agrees_with_eager_pytorch(
             "preprocessing": Preprocessing(resize=input_size),
         },
     ).manifest
-    kwargs = {"cache_dir": tmp_path / "onnx", "threads": 2}
-    ort_model = load_for_inference(store, manifest.id, backend="auto", **kwargs)  # type: ignore[arg-type]
-    eager = load_for_inference(store, manifest.id, backend="eager", **kwargs)  # type: ignore[arg-type]
+    ort_model = load_for_inference(store, manifest.id, backend="auto", threads=2)
+    eager = load_for_inference(store, manifest.id, backend="eager", threads=2)
     assert ort_model.backend == "onnxruntime" and eager.backend == "eager"
-    assert onnx_cache_path(tmp_path / "onnx", manifest).is_file()
+    assert ort_model.onnx_path is not None and ort_model.onnx_path.is_file()
     images = fashion_test_set()[0][:8]
     x = (images.astype(np.float32) * np.float32(1 / 255))[:, None]
     want = reference_probs(model, images, input_size)
@@ -177,24 +177,25 @@ def test_onnxruntime_agrees_with_eager_pytorch(
     assert np.array_equal(ort_model.run(x).argmax(1), want.argmax(1))
 
 
-def test_onnx_export_is_cached_by_weights_and_failures_fall_back_to_eager(
-    store: CheckpointStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_onnx_export_is_kept_by_weights_and_failures_fall_back_to_eager(
+    store: CheckpointStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     manifest = save(store, lenet(trained=False))
-    cache = tmp_path / "onnx"
-    load_for_inference(store, manifest.id, backend="auto", cache_dir=cache, threads=1)
-    path = onnx_cache_path(cache, manifest)
-    assert manifest.weights_sha256[:32] in path.name
-    stamp = path.stat().st_mtime_ns
+    first = load_for_inference(store, manifest.id, backend="auto", threads=1)
+    assert first.onnx_path is not None
+    assert manifest.weights_sha256[:32] in onnx_name(manifest)
+    key = f"{manifest.job_id}/e{manifest.epoch:03d}/onnx/{onnx_name(manifest)}"
+    assert key in set(store.blobs.list_keys())  # published beside its checkpoint
+    exported = store.blobs.get_bytes(key)
 
     def broken_export(*args: object, **kwargs: object) -> None:
         raise RuntimeError("simulated exporter failure")
 
     monkeypatch.setattr(inference_mod, "export_onnx", broken_export)
-    again = load_for_inference(store, manifest.id, backend="auto", cache_dir=cache, threads=1)
-    assert again.backend == "onnxruntime" and path.stat().st_mtime_ns == stamp  # reused
-    path.unlink()
-    fallback = load_for_inference(store, manifest.id, backend="auto", cache_dir=cache, threads=1)
+    again = load_for_inference(store, manifest.id, backend="auto", threads=1)
+    assert again.backend == "onnxruntime" and store.blobs.get_bytes(key) == exported  # reused
+    damage(store, manifest.id, f"onnx/{onnx_name(manifest)}", lambda b: b[: len(b) // 2])
+    fallback = load_for_inference(store, manifest.id, backend="auto", threads=1)
     assert fallback.backend == "eager"
     x = np.zeros((1, 1, 28, 28), np.float32)
     assert fallback.run(x).shape == (1, 10)
@@ -211,7 +212,7 @@ def test_model_cache_is_an_lru_that_counts_hits_and_misses(
 
     def loader(ckpt_id: str) -> inference_mod.LoadedModel:
         loads.append(ckpt_id)
-        return load_for_inference(store, ckpt_id, backend="eager", cache_dir=tmp_path, threads=1)
+        return load_for_inference(store, ckpt_id, backend="eager", threads=1)
 
     cache = ModelCache(loader, size=2)
     hits0 = metric("cnnserve_model_cache_hits_total")

@@ -24,7 +24,7 @@ from workers.store.checkpoints import CheckpointStore, Manifest
 
 @pytest.fixture
 def ckpt(settings: Settings) -> Manifest:
-    return save(CheckpointStore(settings.checkpoints_dir), lenet())
+    return save(CheckpointStore.from_settings(settings), lenet())
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def test_an_explanation_names_the_predicted_class_and_attributes_its_score(
     body = r.json()
     predicted = client.post(f"/v1/checkpoints/{ckpt.id}/predict", files=upload(batch)).json()
     assert body["method"] == "integrated_gradients" and len(body["explanations"]) == 3
-    model, _ = CheckpointStore(client.app.state.settings.checkpoints_dir).load_model(ckpt.id)
+    model, _ = CheckpointStore.from_settings(client.app.state.settings).load_model(ckpt.id)
     for i, (e, p) in enumerate(zip(body["explanations"], predicted["predictions"], strict=True)):
         assert (e["label"], e["class_id"]) == (p["label"], p["class_id"])
         attribution = np.asarray(e["attribution"])

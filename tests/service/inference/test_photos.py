@@ -23,7 +23,7 @@ PHOTOS = 300
 def ckpt(settings: Settings) -> Manifest:
     model = build_model("lenet")
     model.load_state_dict(trained_lenet_state(steps=400))  # about 0.75 on the test set
-    return save(CheckpointStore(settings.checkpoints_dir), model)
+    return save(CheckpointStore.from_settings(settings), model)
 
 
 @pytest.fixture

@@ -133,7 +133,7 @@ def test_a_fine_tune_starts_where_its_parent_ended_and_evaluate_fills_in_old_che
     manifest = stack.api.get(f"/v1/checkpoints/{done['latest_checkpoint']}").json()
     assert manifest["parent"] == done["parent_checkpoint"] == f"{parent['id']}-e002"
 
-    old = save(CheckpointStore(settings.checkpoints_dir), lenet(), job_id=JOB_A)  # no matrix
+    old = save(CheckpointStore.from_settings(settings), lenet(), job_id=JOB_A)  # no matrix
     assert stack.api.get(f"/v1/checkpoints/{old.id}/evaluation").status_code == 404
     queued = stack.api.post(f"/v1/checkpoints/{old.id}/evaluate", json={"limit": 2000})
     record = wait(

@@ -1,9 +1,15 @@
-"""The checkpoint store's index: `<model>:best`, job aliases and listings without reading every
-manifest, kept right through saves, pruning, deletes, hand-removed files and an upgrade."""
+"""The checkpoint index in Redis: `<model>:best|latest`, job aliases and listings without reading
+a manifest, one rule for "best", kept right through saves, pruning, racing deletes, files
+removed by hand and an upgrade from a store an earlier version wrote."""
 
 from __future__ import annotations
 
-import shutil
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -11,7 +17,7 @@ import pytest
 import torch
 
 from models import build_model
-from workers.store.checkpoint_index import INDEX_FILE
+from workers.settings import Settings
 from workers.store.checkpoints import (
     CheckpointNotFoundError,
     CheckpointStore,
@@ -23,10 +29,16 @@ JOBS = ["a" * 16, "b" * 16, "c" * 16]
 
 
 def save(
-    store: CheckpointStore, job: str, epoch: int, val_acc: float, model: str = "lenet"
+    store: CheckpointStore,
+    job: str,
+    epoch: int,
+    val_acc: float,
+    model: str = "lenet",
+    keep: int = 2,
+    owner: str | None = None,
 ) -> SavedCheckpoint:
     size = 28 if model == "lenet" else 32
-    torch.manual_seed(0)
+    torch.manual_seed(epoch)
     return store.save(
         job_id=job,
         epoch=epoch,
@@ -36,14 +48,15 @@ def save(
             "input_size": size,
             "preprocessing": Preprocessing(resize=size),
             "metrics": {"train_loss": 1.0, "val_loss": 1.0, "val_acc": val_acc},
+            "owner": owner,
         },
-        keep=2,
+        keep=keep,
     )
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> CheckpointStore:
-    return CheckpointStore(tmp_path / "checkpoints")
+def store(checkpoint_store: CheckpointStore) -> CheckpointStore:
+    return checkpoint_store
 
 
 def test_save_reports_the_aliases_and_what_it_kept(store: CheckpointStore) -> None:
@@ -56,53 +69,192 @@ def test_save_reports_the_aliases_and_what_it_kept(store: CheckpointStore) -> No
     assert last.kept == [f"{JOBS[0]}-e002", f"{JOBS[0]}-e003", f"{JOBS[0]}-e004"]
     assert store.aliases(JOBS[0]) == {"latest": last.latest, "best": last.best}
     assert [c.id for c in store.list(job_id=JOBS[0])] == list(reversed(last.kept))
+    # the pruned epoch's files are gone from the store, not only from the index
+    assert not any(k.startswith(f"{JOBS[0]}/e001/") for k in store.blobs.list_keys())
+    with pytest.raises(CheckpointNotFoundError):
+        store.manifest(f"{JOBS[0]}-e001")
 
 
-def test_model_best_is_the_best_of_every_job_and_follows_deletes(store: CheckpointStore) -> None:
+def test_best_ties_go_to_the_newest_everywhere_and_a_delete_does_not_move_them(
+    store: CheckpointStore,
+) -> None:
+    # the review's case: 0.85, 0.85, 0.80. The newest of the two 0.85s is the best of the job
+    # and of the model, and deleting the unrelated e003 changes neither (it flipped the job's
+    # best to e001 while `lenet:best` stayed e002: V2 `model=<job>` and `model=lenet` disagreed)
+    for epoch, acc in enumerate((0.85, 0.85, 0.80), start=1):
+        save(store, JOBS[0], epoch, acc, keep=10)
+    e002 = f"{JOBS[0]}-e002"
+    assert store.resolve(f"{JOBS[0]}:best") == store.resolve("lenet:best") == e002
+
+    store.delete(f"{JOBS[0]}-e003")
+
+    assert store.resolve(f"{JOBS[0]}:best") == store.resolve("lenet:best") == e002
+    assert store.resolve(f"{JOBS[0]}:latest") == store.resolve("lenet:latest") == e002
+    store.delete(e002)
+    assert store.resolve(f"{JOBS[0]}:best") == store.resolve("lenet:best") == f"{JOBS[0]}-e001"
+
+
+def test_model_best_and_latest_span_every_job_and_follow_deletes(
+    store: CheckpointStore, settings: Settings
+) -> None:
     save(store, JOBS[0], 1, 0.70)
     save(store, JOBS[1], 1, 0.81)
     save(store, JOBS[2], 1, 0.81)  # as good, and newer: it wins the tie
     save(store, JOBS[2], 2, 0.99, model="resnet18")
 
     assert store.resolve("lenet:best") == f"{JOBS[2]}-e001"
-    assert store.resolve("resnet18:best") == f"{JOBS[2]}-e002"
+    assert store.resolve("lenet:latest") == f"{JOBS[2]}-e001"
+    assert store.resolve("resnet18:best") == store.resolve("resnet18:latest") == f"{JOBS[2]}-e002"
     store.delete(f"{JOBS[2]}-e001")
-    assert store.resolve("lenet:best") == f"{JOBS[1]}-e001"
-    shutil.rmtree(store.root / JOBS[1])  # removed by hand, behind the store's back
+    assert store.resolve("lenet:best") == store.resolve("lenet:latest") == f"{JOBS[1]}-e001"
+    store.blobs.delete_prefix(f"{JOBS[1]}/")  # removed by hand, behind the store's back
+    # noticed by a process reading it next (one that keeps its manifest in memory, with a
+    # bucket, notices when it reads it again): the aliases move on
+    store = CheckpointStore.from_settings(settings)
     assert store.resolve("lenet:best") == f"{JOBS[0]}-e001"
     assert {c.id for c in store.list(model="lenet")} == {f"{JOBS[0]}-e001"}
     store.delete(f"{JOBS[0]}-e001")
     with pytest.raises(CheckpointNotFoundError, match="no checkpoint of model 'lenet'"):
         store.resolve("lenet:best")
+    with pytest.raises(CheckpointNotFoundError):
+        store.resolve("lenet:latest")
 
 
-def test_a_store_from_before_the_index_is_indexed_once_when_opened(
-    store: CheckpointStore,
+def test_a_tenant_sees_its_own_best_latest_and_listing(store: CheckpointStore) -> None:
+    save(store, JOBS[0], 1, 0.9, owner="alice")
+    save(store, JOBS[1], 1, 0.7, owner="bob")
+    save(store, JOBS[2], 1, 0.8)  # a server without keys
+
+    assert store.resolve("lenet:best") == f"{JOBS[0]}-e001"
+    assert store.resolve("lenet:best", within="bob") == f"{JOBS[1]}-e001"
+    assert store.resolve("lenet:latest", within="alice") == f"{JOBS[0]}-e001"
+    assert [c.id for c in store.list(within="bob")] == [f"{JOBS[1]}-e001"]
+    assert store.list(job_id=JOBS[0], within="bob") == []
+    with pytest.raises(CheckpointNotFoundError):
+        store.resolve(f"{JOBS[0]}:best", within="bob")
+    with pytest.raises(CheckpointNotFoundError):
+        store.resolve("lenet:best", within="carol")
+
+
+def test_listing_pages_newest_first_without_gaps(store: CheckpointStore) -> None:
+    for i in range(7):
+        save(store, f"{i:016x}", 1, 0.5)
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page, cursor = store.page(limit=3, cursor=cursor)
+        seen += [c.id for c in page]
+        if cursor is None:
+            break
+    assert seen == [f"{i:016x}-e001" for i in reversed(range(7))]
+
+
+def test_racing_saves_and_deletes_never_leave_an_alias_naming_a_missing_checkpoint(
+    settings: Settings,
+) -> None:
+    # a worker saving epochs (aliases move, old epochs are pruned) while API processes delete
+    # checkpoints of the same job: the aliases were read-modify-write of aliases.json before
+    stores = [CheckpointStore.from_settings(settings) for _ in range(3)]
+    job = JOBS[0]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for epoch in range(1, 25):
+                save(stores[0], job, epoch, random.Random(epoch).random(), keep=2)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            stop.set()
+
+    def deleter(store: CheckpointStore, seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            aliases = store.aliases(job)
+            target = aliases.get(rng.choice(["best", "latest"]))
+            if target:
+                with contextlib.suppress(CheckpointNotFoundError):  # the other one was first
+                    store.delete(target)
+
+    threads = [threading.Thread(target=worker)] + [
+        threading.Thread(target=deleter, args=(s, i)) for i, s in enumerate(stores[1:])
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    save(stores[0], job, 25, 0.5, keep=2)  # one last save after the race
+    aliases = stores[0].aliases(job)
+    assert set(aliases) == {"best", "latest"}
+    for ckpt_id in {*aliases.values(), *(c.id for c in stores[0].list(job_id=job))}:
+        assert stores[0].manifest(ckpt_id).id == ckpt_id
+        stores[0].weights_path(ckpt_id)  # its files are there and intact
+    for s in stores:
+        s.close()
+
+
+UPGRADE = """
+import sys
+from workers.settings import get_settings
+from workers.store.checkpoints import CheckpointStore
+store = CheckpointStore.from_settings(get_settings())
+found = store.ensure_indexed()
+print(found, store.resolve("lenet:best"), flush=True)
+"""
+
+
+def test_a_store_from_before_the_redis_index_is_indexed_once_by_processes_starting_together(
+    store: CheckpointStore, settings: Settings
 ) -> None:
     for job, acc in zip(JOBS, (0.6, 0.9, 0.7), strict=True):
         save(store, job, 1, acc)
         save(store, job, 2, acc - 0.1)
     listing = [c.model_dump() for c in store.list()]
-    (store.root / INDEX_FILE).unlink()  # as the previous version left the directory
+    # as the previous version left it: no Redis index, an aliases.json per job (naming a best
+    # the one rule does not pick) and the SQLite index
+    store.index.r.flushdb()
+    for job in JOBS:
+        aliases = {"latest": f"{job}-e002", "best": f"{job}-e002"}
+        store.blobs.put_bytes(f"{job}/aliases.json", json.dumps(aliases).encode())
+    store.blobs.put_bytes("index.sqlite3", b"SQLite format 3\x00")
 
-    answers: list[str] = []
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", UPGRADE],
+            env=dict(os.environ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[3],
+        )
+        for _ in range(3)
+    ]
+    answers = []
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-2000:]
+        answers.append(out.split())
 
-    def open_and_resolve() -> None:  # several processes opening the store at once
-        answers.append(CheckpointStore(store.root).resolve("lenet:best"))
-
-    threads = [threading.Thread(target=open_and_resolve) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-    assert answers == [f"{JOBS[1]}-e001"] * 4
-    assert [c.model_dump() for c in CheckpointStore(store.root).list()] == listing
+    assert sorted(int(found) for found, _ in answers) == [0, 0, 6]  # one process indexed
+    assert {best for _, best in answers} == {f"{JOBS[1]}-e001"}
+    fresh = CheckpointStore.from_settings(settings)
+    assert [c.model_dump() for c in fresh.list()] == listing
+    assert fresh.aliases(JOBS[0]) == {"latest": f"{JOBS[0]}-e002", "best": f"{JOBS[0]}-e001"}
+    assert not [k for k in fresh.blobs.list_keys() if k.endswith(("aliases.json", "sqlite3"))]
+    assert fresh.ensure_indexed() == 0  # idempotent
+    fresh.close()
 
 
-def test_reading_a_store_that_does_not_exist_yet_creates_nothing(tmp_path: Path) -> None:
-    store = CheckpointStore(tmp_path / "nowhere" / "checkpoints")
+def test_reading_a_store_that_does_not_exist_yet_creates_nothing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    if settings.checkpoint_url:
+        pytest.skip("a bucket prefix has no directory to create")
+    store = CheckpointStore.open(tmp_path / "nowhere" / "checkpoints", redis_url=settings.redis_url)
     assert store.list() == []
     with pytest.raises(CheckpointNotFoundError):
         store.resolve("lenet:best")
     assert not (tmp_path / "nowhere").exists()
+    store.close()

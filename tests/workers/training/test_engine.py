@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -48,8 +47,10 @@ class Recorder:
         return None
 
 
-def test_seeded_cpu_runs_are_reproducible(data: FashionMNIST, tmp_path: Path) -> None:
-    store = CheckpointStore(tmp_path)
+def test_seeded_cpu_runs_are_reproducible(
+    data: FashionMNIST, checkpoint_store: CheckpointStore
+) -> None:
+    store = checkpoint_store
     spec = lenet_spec(epochs=1, train_limit=512, seed=7)
     a = train(spec, job_id=new_job_id(), data=data, store=store, options=TrainOptions("cpu"))
     b = train(spec, job_id=new_job_id(), data=data, store=store, options=TrainOptions("cpu"))
@@ -66,18 +67,18 @@ def test_seeded_cpu_runs_are_reproducible(data: FashionMNIST, tmp_path: Path) ->
     assert numbers(other.history) != numbers(a.history)
 
 
-def test_the_recipe_learns(data: FashionMNIST, tmp_path: Path) -> None:
+def test_the_recipe_learns(data: FashionMNIST, checkpoint_store: CheckpointStore) -> None:
     spec = lenet_spec(epochs=2, train_limit=3000, batch_size=32, optimizer="adamw", lr=0.01)
-    result = train(spec, job_id=new_job_id(), data=data, store=CheckpointStore(tmp_path))
+    result = train(spec, job_id=new_job_id(), data=data, store=checkpoint_store)
     first, last = result.history
     assert last.train_loss < first.train_loss
     assert last.val_acc > 0.5  # chance is 0.1
 
 
 def test_resuming_from_a_checkpoint_equals_training_straight_through(
-    data: FashionMNIST, tmp_path: Path
+    data: FashionMNIST, checkpoint_store: CheckpointStore
 ) -> None:
-    store = CheckpointStore(tmp_path)
+    store = checkpoint_store
     spec = lenet_spec(epochs=3, train_limit=512, optimizer="sgd_momentum")
     straight = train(spec, job_id=new_job_id(), data=data, store=store, options=TrainOptions("cpu"))
 
@@ -94,7 +95,9 @@ def test_resuming_from_a_checkpoint_equals_training_straight_through(
     assert all(torch.equal(ws[k], wr[k]) for k in ws)
 
 
-def test_progress_reports_batches_rate_and_eta(data: FashionMNIST, tmp_path: Path) -> None:
+def test_progress_reports_batches_rate_and_eta(
+    data: FashionMNIST, checkpoint_store: CheckpointStore
+) -> None:
     rec = Recorder()
     spec = lenet_spec(epochs=2, train_limit=1000, batch_size=100)
     options = TrainOptions("cpu", progress_interval_s=0.0)
@@ -102,7 +105,7 @@ def test_progress_reports_batches_rate_and_eta(data: FashionMNIST, tmp_path: Pat
         spec,
         job_id=new_job_id(),
         data=data,
-        store=CheckpointStore(tmp_path),
+        store=checkpoint_store,
         options=options,
         callbacks=rec,
     )
@@ -117,7 +120,7 @@ def test_progress_reports_batches_rate_and_eta(data: FashionMNIST, tmp_path: Pat
 
 
 def test_a_last_batch_of_one_example_is_dropped_and_the_epoch_counts_what_it_trained(
-    data: FashionMNIST, tmp_path: Path
+    data: FashionMNIST, checkpoint_store: CheckpointStore
 ) -> None:
     # 129 = one batch of 128 and one example: ResNet-18's BatchNorm at 32 px cannot train on
     # a batch of one (one value per channel in its last stage)
@@ -128,7 +131,7 @@ def test_a_last_batch_of_one_example_is_dropped_and_the_epoch_counts_what_it_tra
         model="resnet18", device="cpu", input_size=32, train_limit=129, batch_size=128, epochs=2
     )
     rec = Recorder()
-    store = CheckpointStore(tmp_path)
+    store = checkpoint_store
     options = TrainOptions("cpu", progress_interval_s=0.0)
     result = train(
         spec, job_id=new_job_id(), data=small, store=store, options=options, callbacks=rec
@@ -142,9 +145,9 @@ def test_a_last_batch_of_one_example_is_dropped_and_the_epoch_counts_what_it_tra
 
 
 def test_other_input_sizes_are_resized_on_the_device_as_the_manifest_says(
-    data: FashionMNIST, tmp_path: Path
+    data: FashionMNIST, checkpoint_store: CheckpointStore
 ) -> None:
-    store = CheckpointStore(tmp_path)
+    store = checkpoint_store
     spec = lenet_spec(epochs=1, train_limit=256, input_size=32)
     result = train(spec, job_id=new_job_id(), data=data, store=store)
     manifest = store.manifest(result.latest_checkpoint or "")
@@ -155,9 +158,9 @@ def test_other_input_sizes_are_resized_on_the_device_as_the_manifest_says(
 
 
 def test_a_wall_time_ceiling_stops_the_run_and_keeps_checkpoints(
-    data: FashionMNIST, tmp_path: Path
+    data: FashionMNIST, checkpoint_store: CheckpointStore
 ) -> None:
-    store = CheckpointStore(tmp_path)
+    store = checkpoint_store
     job = new_job_id()
     result = train(
         lenet_spec(epochs=5, train_limit=256),
@@ -171,13 +174,15 @@ def test_a_wall_time_ceiling_stops_the_run_and_keeps_checkpoints(
     assert result.history == [] and store.aliases(job) == {}
 
 
-def test_an_interrupt_leaves_the_job_to_its_new_owner(data: FashionMNIST, tmp_path: Path) -> None:
+def test_an_interrupt_leaves_the_job_to_its_new_owner(
+    data: FashionMNIST, checkpoint_store: CheckpointStore
+) -> None:
     rec = Recorder(stop_after_epoch=1, stop=StopRequest.interrupt)
     result = train(
         lenet_spec(epochs=3, train_limit=256),
         job_id=new_job_id(),
         data=data,
-        store=CheckpointStore(tmp_path),
+        store=checkpoint_store,
         callbacks=rec,
     )
     assert result.outcome is Outcome.interrupted and len(result.history) == 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,9 +35,9 @@ def allocated() -> int:
 
 
 def test_lenet_trains_in_bf16_on_the_gpu_and_gives_its_memory_back(
-    data: FashionMNIST, tmp_path: Path
+    data: FashionMNIST, checkpoint_store: CheckpointStore
 ) -> None:
-    store = CheckpointStore(tmp_path)
+    store = checkpoint_store
     before = allocated()
     spec = lenet_spec(
         epochs=3, train_limit=8192, batch_size=32, device="cuda", optimizer="adamw", lr=0.01
@@ -60,19 +59,19 @@ def test_lenet_trains_in_bf16_on_the_gpu_and_gives_its_memory_back(
 
 @pytest.mark.parametrize("model", ["resnet18", "vgg"])
 def test_conv_nets_train_resized_on_the_device(
-    model: str, data: FashionMNIST, tmp_path: Path
+    model: str, data: FashionMNIST, checkpoint_store: CheckpointStore
 ) -> None:
     spec = JobSpec(model=model, epochs=1, train_limit=1024, device="cuda")
-    result = train(spec, job_id=new_job_id(), data=data, store=CheckpointStore(tmp_path))
+    result = train(spec, job_id=new_job_id(), data=data, store=checkpoint_store)
     assert result.outcome is Outcome.completed
     assert result.cuda_graph  # dropout (VGG) and batch norm (ResNet) replay from the graph
     assert math.isfinite(result.history[0].train_loss)
 
 
 def test_sgd_steps_replay_from_a_cuda_graph_and_learn_as_eager_steps_do(
-    data: FashionMNIST, tmp_path: Path
+    data: FashionMNIST, checkpoint_store: CheckpointStore
 ) -> None:
-    store = CheckpointStore(tmp_path)
+    store = checkpoint_store
     # 64 full batches and a partial one per epoch; fp32 so both ways compute the same thing
     spec = lenet_spec(epochs=3, train_limit=64 * 128 + 50, device="cuda", precision="fp32", lr=0.5)
     before = allocated()
@@ -95,9 +94,9 @@ def test_sgd_steps_replay_from_a_cuda_graph_and_learn_as_eager_steps_do(
 
 
 def test_a_graphed_momentum_run_resumes_from_its_checkpoint(
-    data: FashionMNIST, tmp_path: Path
+    data: FashionMNIST, checkpoint_store: CheckpointStore
 ) -> None:
-    store = CheckpointStore(tmp_path)
+    store = checkpoint_store
     spec = lenet_spec(epochs=2, train_limit=32 * 128, device="cuda", optimizer="sgd_momentum")
     job = new_job_id()
     first = train(spec.model_copy(update={"epochs": 1}), job_id=job, data=data, store=store)
@@ -108,12 +107,10 @@ def test_a_graphed_momentum_run_resumes_from_its_checkpoint(
 
 
 @pytest.mark.slow
-def test_torch_compile_path(data: FashionMNIST, tmp_path: Path) -> None:
+def test_torch_compile_path(data: FashionMNIST, checkpoint_store: CheckpointStore) -> None:
     spec = lenet_spec(epochs=1, train_limit=4096, device="cuda")
     options = TrainOptions("cuda", compile=True)
-    result = train(
-        spec, job_id=new_job_id(), data=data, store=CheckpointStore(tmp_path), options=options
-    )
+    result = train(spec, job_id=new_job_id(), data=data, store=checkpoint_store, options=options)
     assert result.outcome is Outcome.completed
-    model, _ = CheckpointStore(tmp_path).load_model(result.latest_checkpoint or "")
+    model, _ = checkpoint_store.load_model(result.latest_checkpoint or "")
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)

@@ -11,7 +11,6 @@ in `test_gpu.py`.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -76,9 +75,9 @@ def run(data: FashionMNIST, store: CheckpointStore, **options: Any) -> TrainResu
 
 
 def test_graph_replays_train_exactly_as_eager_steps(
-    data: FashionMNIST, tmp_path: Path, stand_in: StandIn
+    data: FashionMNIST, checkpoint_store: CheckpointStore, stand_in: StandIn
 ) -> None:
-    store = CheckpointStore(tmp_path)
+    store = checkpoint_store
     graphed = run(data, store)
     eager = run(data, store, cuda_graphs=False)
 
@@ -93,12 +92,15 @@ def test_graph_replays_train_exactly_as_eager_steps(
 
 
 def test_a_failed_capture_trains_on_eagerly(
-    data: FashionMNIST, tmp_path: Path, stand_in: StandIn, caplog: pytest.LogCaptureFixture
+    data: FashionMNIST,
+    checkpoint_store: CheckpointStore,
+    stand_in: StandIn,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     def broken_capture(self: StepGraph) -> None:
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    store = CheckpointStore(tmp_path)
+    store = checkpoint_store
     eager = run(data, store, cuda_graphs=False)
     with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.WARNING, graphs.__name__):
         mp.setattr(StepGraph, "_capture", broken_capture)
@@ -181,9 +183,9 @@ def cuda_capture(monkeypatch: pytest.MonkeyPatch) -> FakeStreams:
 
 
 def test_a_failed_capture_leaves_the_run_on_the_stream_it_started_on(
-    data: FashionMNIST, tmp_path: Path, cuda_capture: FakeStreams
+    data: FashionMNIST, checkpoint_store: CheckpointStore, cuda_capture: FakeStreams
 ) -> None:
-    result = run(data, CheckpointStore(tmp_path))
+    result = run(data, checkpoint_store)
 
     assert result.outcome is Outcome.completed and not result.cuda_graph
     # the eager steps after the failure, and everything after the run, use the run's stream
@@ -191,7 +193,7 @@ def test_a_failed_capture_leaves_the_run_on_the_stream_it_started_on(
 
 
 def test_out_of_memory_during_capture_fails_the_job_as_out_of_memory(
-    data: FashionMNIST, tmp_path: Path, stand_in: StandIn
+    data: FashionMNIST, checkpoint_store: CheckpointStore, stand_in: StandIn
 ) -> None:
     def out_of_memory(self: StepGraph) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -199,7 +201,7 @@ def test_out_of_memory_during_capture_fails_the_job_as_out_of_memory(
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(StepGraph, "_capture", out_of_memory)
         with pytest.raises(OutOfMemoryError, match="smaller batch_size"):
-            run(data, CheckpointStore(tmp_path))
+            run(data, checkpoint_store)
     assert stand_in.replays == 0  # not trained on eagerly as if capture had merely failed
 
 
@@ -215,7 +217,10 @@ class QueuedWork:
 
 
 def test_progress_and_stops_count_only_work_the_device_has_finished(
-    data: FashionMNIST, tmp_path: Path, stand_in: StandIn, monkeypatch: pytest.MonkeyPatch
+    data: FashionMNIST,
+    checkpoint_store: CheckpointStore,
+    stand_in: StandIn,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     gpu = QueuedWork()
     replay = StepGraph._replay
@@ -241,7 +246,7 @@ def test_progress_and_stops_count_only_work_the_device_has_finished(
         SPEC,
         job_id=new_job_id(),
         data=data,
-        store=CheckpointStore(tmp_path),
+        store=checkpoint_store,
         options=TrainOptions("cpu", progress_interval_s=0.0),
         callbacks=Ticks(),
     )

@@ -65,7 +65,7 @@ def test_a_corrupted_checkpoint_is_refused_not_resumed_from(
 ) -> None:
     spec = lenet_spec(epochs=3, train_limit=256)
     job = store.create(spec)
-    ckpts = CheckpointStore(settings.checkpoints_dir)
+    ckpts = CheckpointStore.from_settings(settings)
     train(  # a first attempt that got through one epoch
         spec.model_copy(update={"epochs": 1}),
         job_id=job.id,

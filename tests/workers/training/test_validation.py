@@ -4,7 +4,6 @@ and fine-tuning from one."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -45,9 +44,9 @@ def test_per_class_scores_from_a_matrix() -> None:
 
 
 def test_every_epoch_keeps_a_confusion_matrix_that_agrees_with_its_accuracy(
-    data: FashionMNIST, tmp_path: Path
+    data: FashionMNIST, checkpoint_store: CheckpointStore
 ) -> None:
-    store = CheckpointStore(tmp_path)
+    store = checkpoint_store
     result = train(
         lenet_spec(epochs=2, train_limit=1024), job_id=new_job_id(), data=data, store=store
     )
@@ -63,9 +62,9 @@ def test_every_epoch_keeps_a_confusion_matrix_that_agrees_with_its_accuracy(
 
 
 def test_any_checkpoint_can_be_evaluated_again_and_keeps_the_result(
-    data: FashionMNIST, tmp_path: Path
+    data: FashionMNIST, checkpoint_store: CheckpointStore
 ) -> None:
-    store = CheckpointStore(tmp_path)
+    store = checkpoint_store
     result = train(
         lenet_spec(epochs=1, train_limit=1024), job_id=new_job_id(), data=data, store=store
     )
@@ -81,12 +80,12 @@ def test_any_checkpoint_can_be_evaluated_again_and_keeps_the_result(
 
 
 def test_fine_tuning_starts_from_the_parents_weights_and_can_continue_its_numbering(
-    data: FashionMNIST, tmp_path: Path
+    data: FashionMNIST, checkpoint_store: CheckpointStore
 ) -> None:
     small = dataclasses.replace(
         data, test_images=data.test_images[:2000], test_labels=data.test_labels[:2000]
     )
-    store = CheckpointStore(tmp_path)
+    store = checkpoint_store
     parent = train(
         lenet_spec(epochs=2, train_limit=3000, batch_size=32, optimizer="adamw", lr=0.01),
         job_id=new_job_id(),

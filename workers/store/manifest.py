@@ -1,0 +1,134 @@
+"""What a checkpoint is: its manifest (the role torchvision's `Weights.meta` plays), the
+summary a listing shows, and an evaluation kept beside it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models import CLASSES
+
+
+class Preprocessing(BaseModel):
+    """What inference must do to an image so it matches what training saw."""
+
+    grayscale: bool = True
+    pad_to_square: bool = True
+    resize: int = Field(description="Square side the image is resized to.")
+    interpolation: str = "bilinear"
+    scale: float = Field(1 / 255, description="Pixel values are multiplied by this (to 0..1).")
+    mean: float = 0.0
+    std: float = 1.0
+    invert: str = Field(
+        "auto",
+        description="Fashion-MNIST is light-on-dark; 'auto' inverts dark-on-light photos.",
+    )
+    photos: Literal["fashion-mnist", "pad-resize"] = Field(
+        "fashion-mnist",
+        description="What inference does to an input larger than 28×28 by default: "
+        "'fashion-mnist' runs the conversion that made the data set from product photos "
+        "(Xiao et al. 2017, §2: trim, subsample to 28, sharpen, centre, negate, grayscale); "
+        "'pad-resize' pads to a square and resizes with Lanczos.",
+    )
+
+
+class OnnxExport(BaseModel):
+    """The ONNX graph `GET /v1/checkpoints/{ref}/model.onnx` gives (and ONNX Runtime serves)."""
+
+    opset: int = Field(17, description="The ONNX opset the graph is exported with.")
+    input: str = Field(
+        "image",
+        description="N×1×28×28 float32: 28×28 grayscale pixels scaled as `preprocessing` says "
+        "(0..1); the graph resizes them to the network's input itself.",
+    )
+    output: str = Field("probabilities", description="N×classes float32 softmax probabilities.")
+    dynamic_batch: bool = Field(True, description="The batch axis N may be any size.")
+
+
+class Manifest(BaseModel):
+    """What a checkpoint is: the role torchvision's `Weights.meta` plays."""
+
+    id: str
+    job_id: str
+    epoch: int
+    model: str
+    arch: list[list[int]] | str | None = None
+    input_size: int
+    in_channels: int = 1
+    num_classes: int = 10
+    classes: list[str] = Field(default_factory=lambda: list(CLASSES))
+    preprocessing: Preprocessing
+    metrics: dict[str, float] = Field(default_factory=dict)
+    history: list[dict[str, Any]] = Field(default_factory=list)
+    spec: dict[str, Any] = Field(default_factory=dict)
+    dataset: dict[str, Any] = Field(default_factory=dict)
+    weights_sha256: str
+    state_sha256: str | None = None
+    versions: dict[str, str] = Field(default_factory=dict)
+    onnx: OnnxExport = Field(default_factory=OnnxExport)
+    confusion_matrix: list[list[int]] | None = Field(
+        None,
+        description="This epoch's validation confusion matrix (rows: true class, columns: "
+        "predicted); absent in checkpoints written before it was kept.",
+    )
+    parent: str | None = Field(
+        None, description="The checkpoint this job started from (`init_from`), if any."
+    )
+    owner: str | None = Field(
+        None, description="The principal whose job wrote it (null: a server without keys)."
+    )
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    @property
+    def arch_value(self) -> str | tuple[tuple[int, int], ...] | None:
+        if isinstance(self.arch, list):
+            return tuple((int(a), int(b)) for a, b in self.arch)
+        return self.arch
+
+
+class CheckpointSummary(BaseModel):
+    """One checkpoint in a listing: what it is and how good it was."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "0123456789abcdef-e002",
+                    "job_id": "0123456789abcdef",
+                    "epoch": 2,
+                    "model": "lenet",
+                    "arch": None,
+                    "input_size": 28,
+                    "metrics": {"train_loss": 0.71, "val_loss": 0.69, "val_acc": 0.73},
+                    "weights_sha256": "9f2c…",
+                    "created_at": "2025-01-01T12:00:00+00:00",
+                }
+            ]
+        }
+    )
+
+    id: str = Field(description="The checkpoint id, `<job>-eNNN`.")
+    job_id: str = Field(description="The training job that wrote it.")
+    epoch: int = Field(description="The epoch after which it was saved (1-based).")
+    model: str = Field(description="The registered model name.")
+    arch: list[list[int]] | str | None = Field(None, description="The arch, if the model has one.")
+    input_size: int = Field(description="The square input side the network was trained at.")
+    metrics: dict[str, float] = Field(description="train_loss, val_loss, val_acc of that epoch.")
+    weights_sha256: str = Field(description="sha256 of the safetensors weights file.")
+    created_at: str = Field(description="When it was written (ISO 8601, UTC).")
+    owner: str | None = Field(None, description="The principal whose job wrote it.")
+
+
+class StoredEvaluation(BaseModel):
+    """A checkpoint evaluated on test images after training (`evaluation.json` beside it)."""
+
+    checkpoint: str
+    images: int = Field(description="Test images evaluated (the first N).")
+    limit: int | None = Field(None, description="The limit asked for (None: all).")
+    loss: float
+    accuracy: float
+    confusion_matrix: list[list[int]]
+    device: str
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
