@@ -91,7 +91,7 @@ def test_per_model_values() -> None:
         "resnet18": 512,
     }
     with pytest.raises(ValueError, match="not among --models"):
-        per_model("alexnet=3", models, "--epochs")
+        per_model("mobilenet=3", models, "--epochs")
 
 
 def test_doc_update_replaces_only_its_block(tmp_path: Path) -> None:
