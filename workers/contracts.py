@@ -99,13 +99,15 @@ def _network(model: str, arch: str | Arch | None) -> str:
 
 
 def warm_network_fit() -> None:
-    """Check each model's default recipe once, so its first submit is as quick as the rest.
+    """Check each model's default recipe and smallest input size once, so its first submit
+    (and the first model listing) is as quick as the rest.
 
     The first BatchNorm on the meta device imports much of torch (seconds); a process that
     takes submissions (the API) does it at start-up, off its event loop.
     """
     for name in list_models():
         network_fit(name, None, get_model_entry(name).input_size)
+        min_job_input_size(name)  # what GET /v1/models lists (a bisection over sizes)
 
 
 class JobStatus(StrEnum):
