@@ -224,6 +224,22 @@ def test_a_book_network_is_fine_tuned_from_its_checkpoint(stack: Stack, name: st
     assert [m["epoch"] for m in child["metrics"]] == [2]
     manifest = stack.client.get(f"/v1/checkpoints/{child['id']}:best").json()
     assert manifest["parent"] == parent["checkpoints"][-1]
+
+    # the worker's evaluation of the same images agrees with training's validation pass
+    r = stack.client.post(
+        f"/v1/checkpoints/{manifest['id']}/evaluate", json={"limit": SHORT["val_limit"]}
+    )
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 120
+    while (record := stack.client.get(r.headers["location"]).json())["status"] not in (
+        "succeeded",
+        "failed",
+    ):
+        assert time.monotonic() < deadline, record
+        time.sleep(0.2)
+    assert record["status"] == "succeeded", record
+    assert record["images"] == SHORT["val_limit"]
+    assert record["accuracy"] == pytest.approx(child["metrics"][0]["val_acc"])
     # another arch is another network: refused before anything is queued, saying what differs
     other = {**spec["arch"], "arch": spec["arch"]["arch"][:1]}
     r = stack.client.post("/v1/jobs", json={**spec, "arch": other, "init_from": manifest["id"]})
