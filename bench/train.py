@@ -11,10 +11,12 @@ writes JSON, a PNG bar plot next to it, and a markdown table into `docs/benchmar
 
     python -m bench train --device cpu --models lenet --epochs 2 --out docs/bench-train-cpu.json
 
-`--epochs`, `--d2l-epochs`, `--train-limit` and `--val-limit` take one number or per-model
-values (`lenet=60000,vgg=1024,resnet18=1024`; `all` or `0` for no limit). On a GPU the d2l way
-is 10-25x slower: `--d2l-epochs 2 --d2l-seeds 0` times it on fewer epochs and one seed while
-cnnserve trains the full recipe on every seed (its val_acc is then not compared).
+`--models` defaults to every registered network (the seed's three, then the rest of the
+book's chapter 8). `--epochs`, `--d2l-epochs`, `--train-limit`, `--val-limit` and
+`--input-size` take one number or per-model values (`lenet=60000,vgg=1024,resnet18=1024`;
+`all` or `0` for no limit, or for the input size the book's resize of each model). On a GPU
+the d2l way is 10-25x slower: `--d2l-epochs 2 --d2l-seeds 0` times it on fewer epochs and one
+seed while cnnserve trains the full recipe on every seed (its val_acc is then not compared).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ log = logging.getLogger(__name__)
 #: The d2l way, cnnserve's engine as configured, and the engine with CUDA graphs off (ablation).
 WAYS = ("d2l", "cnnserve", "cnnserve-eager")
 DEFAULT_WAYS = ("d2l", "cnnserve")
-DEFAULT_MODELS = ("lenet", "vgg", "resnet18")
+DEFAULT_MODELS = tuple(list_models())
 DOC = Path("docs/benchmarks.md")
 DOC_SECTION = "## Training"
 #: Spec goals, seconds per full epoch (60,000 training images).
@@ -229,6 +231,7 @@ def bench_model(
     train_limit: int | None,
     val_limit: int | None,
     data: FashionMNIST,
+    input_size: int | None = None,
     data_dir: Path,
     loader_workers: int,
     options: TrainOptions,
@@ -254,6 +257,7 @@ def bench_model(
             seed=seed,
             device=device.type,
             train_limit=train_limit,
+            input_size=input_size,
         )
         order = list(ways) if i % 2 == 0 else list(ways)[::-1]
         for way in order:
@@ -289,7 +293,7 @@ def bench_model(
     scaled = ours["median_epoch_s"] * FULL_TRAIN / n_train if ours else None
     return {
         "model": name,
-        "input_size": entry.input_size,
+        "input_size": spec.input_size,
         "lr": entry.lr,
         "batch_size": batch_size,
         "epochs": epochs,
@@ -401,7 +405,7 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     results = [r for r in report["results"] if "d2l" in r and "cnnserve" in r]
     if not results:
         return
-    names = [f"{r['model']}\n{r['train_images']} img" for r in results]
+    names = [f"{r['model']} {r['input_size']}px\n{r['train_images']} img" for r in results]
     d2l = [r["d2l"]["median_epoch_s"] for r in results]
     ours = [r["cnnserve"]["median_epoch_s"] for r in results]
     xs = range(len(results))
@@ -440,6 +444,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--train-limit", default="all", help="training images: N or model=N,...")
     parser.add_argument("--val-limit", default="all", help="test images validated: N or model=N")
+    parser.add_argument(
+        "--input-size", default="all", help="N or model=N,... (default: the book's resize)"
+    )
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
     parser.add_argument("--d2l-seeds", default=None, help="seeds the d2l way runs (default: all)")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -497,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         d2l_epochs = per_model(args.d2l_epochs or args.epochs, models, "--d2l-epochs")
         train_limits = per_model(args.train_limit, models, "--train-limit")
         val_limits = per_model(args.val_limit, models, "--val-limit")
+        input_sizes = per_model(args.input_size, models, "--input-size")
         seeds = [int(s) for s in args.seeds.split(",")]
         d2l_seeds = [int(s) for s in (args.d2l_seeds or args.seeds).split(",")]
     except ValueError as exc:
@@ -564,6 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     batch_size=args.batch_size,
                     train_limit=train_limits[name],
                     val_limit=val_limits[name],
+                    input_size=input_sizes[name],
                     data=data,
                     data_dir=data.directory,
                     loader_workers=args.loader_workers,

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import torch
 from torch import nn
 
 from models.errors import ShapeError
-from models.registry import Arch, build_model
+from models.registry import Arch, ArchInput, build_model, get_model_entry
 
 
 @dataclass(frozen=True)
@@ -56,16 +57,20 @@ def _leaf_macs(module: nn.Module, out: torch.Tensor) -> int:
     return 0
 
 
-def _rows_at_depth(net: nn.Module, depth: int) -> list[tuple[str, nn.Module]]:
-    """Modules `depth` levels below `net` (or leaves above that), named from `net`."""
+def _rows_at_depth(net: nn.Module, depth: int, ran: Container[str]) -> list[tuple[str, nn.Module]]:
+    """Modules `depth` levels below `net` (or leaves above that), named from `net`.
+
+    A container the forward pass never called as a whole (DenseNet's `DenseBlock` iterates
+    its `net` rather than calling it) is looked through: its children are the rows.
+    """
     rows: list[tuple[str, nn.Module]] = []
 
     def walk(prefix: str, module: nn.Module, level: int) -> None:
         children = list(module.named_children())
-        if level == depth or not children:
+        if (level >= depth or not children) and prefix in ran:
             rows.append((prefix, module))
             return
-        for child_name, child in children:
+        for child_name, child in children:  # a leaf that never ran has none: no row
             walk(f"{prefix}.{child_name}", child, level + 1)
 
     for name, child in net.named_children():
@@ -81,11 +86,10 @@ def summarize_module(
         raise ValueError("depth must be at least 1")
     net: nn.Module = model.net  # type: ignore[assignment]
     model.eval()
-    tracked = _rows_at_depth(net, depth)
-    tracked_ids = {id(m): n for n, m in tracked}
     names = {id(m): f"net.{n}" if n else "net" for n, m in net.named_modules()}
+    #: Every module's output shape and when it finished, at its first call.
     shapes: dict[str, tuple[int, ...]] = {}
-    order: list[str] = []
+    finished: dict[str, int] = {}
     leaf_macs: dict[str, int] = {}
     norms: list[tuple[str, int]] = []
     stack: list[nn.Module] = []
@@ -108,9 +112,9 @@ def summarize_module(
             leaf_macs[key] = leaf_macs.get(key, 0) + _leaf_macs(module, out)
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 norms.append((key, math.prod(out.shape[2:])))
-            if id(module) in tracked_ids:
+            if key not in finished:
                 shapes[key] = tuple(out.shape)
-                order.append(key)
+                finished[key] = len(finished)
 
     handles = []
     for module in net.modules():
@@ -129,10 +133,9 @@ def summarize_module(
         for h in handles:
             h.remove()
 
-    modules = dict(tracked)
+    tracked = sorted(_rows_at_depth(net, depth, finished), key=lambda row: finished[row[0]])
     rows: list[LayerRow] = []
-    for key in order:
-        module = modules[key]
+    for key, module in tracked:
         macs = sum(v for k, v in leaf_macs.items() if k == key or k.startswith(key + "."))
         params = sum(p.numel() for p in module.parameters())
         rows.append(LayerRow(key, type(module).__name__, shapes[key], params, macs))
@@ -150,7 +153,7 @@ def summarize(
     name: str,
     input_shape: Sequence[int],
     *,
-    arch: str | Arch | None = None,
+    arch: ArchInput = None,
     depth: int = 1,
     num_classes: int = 10,
     in_channels: int = 1,
@@ -168,3 +171,40 @@ def summarize(
         device="meta",
     )
     return summarize_module(model, name, shape, depth=depth)
+
+
+#: The largest square side `min_input_size` looks at.
+MAX_SIDE = 1024
+
+
+def min_input_size(name: str, arch: ArchInput = None, *, at_least: int = 1) -> int | None:
+    """The smallest square side from `at_least` up that `name` (with `arch`) takes, or None
+    if even 1024 is too small.
+
+    Every convolution's and pool's output grows with its input, so whether a side fits is
+    monotone in it, and a bisection over meta-device builds finds the edge.
+    """
+    return _min_side(name, get_model_entry(name).resolve_arch(arch), at_least)
+
+
+@lru_cache(maxsize=256)
+def _min_side(name: str, arch: Arch | None, at_least: int) -> int | None:
+    def fits(side: int) -> bool:
+        try:
+            summarize(name, (1, 1, side, side), arch=arch)
+        except ShapeError:
+            return False
+        return True
+
+    if fits(at_least):
+        return at_least
+    if not fits(MAX_SIDE):
+        return None
+    too_small, big_enough = at_least, MAX_SIDE
+    while big_enough - too_small > 1:
+        mid = (too_small + big_enough) // 2
+        if fits(mid):
+            big_enough = mid
+        else:
+            too_small = mid
+    return big_enough

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
@@ -16,7 +17,17 @@ from pydantic import (
     model_validator,
 )
 
-from models import ArchError, ModelError, get_model_entry, list_models, summarize
+from models import (
+    Arch,
+    ArchError,
+    ArchJSON,
+    ModelError,
+    ShapeError,
+    get_model_entry,
+    list_models,
+    min_input_size,
+    summarize,
+)
 from workers.settings import DEVICE_PATTERN
 
 #: Celery task names; the API enqueues by name and never imports the engine.
@@ -47,6 +58,8 @@ CHECKPOINT_REF_PATTERN = (
 )
 #: Training examples in Fashion-MNIST (a `train_limit` at or above it trains on all).
 TRAIN_EXAMPLES = 60000
+#: Test examples in Fashion-MNIST, which validation runs on.
+TEST_EXAMPLES = 10000
 
 #: The validation context of a record read back from the job store: its spec was checked
 #: when it was submitted, so loading it does not build the network again.
@@ -64,27 +77,52 @@ class NetworkFit:
 
 
 @lru_cache(maxsize=512)
-def network_fit(
-    model: str, arch: str | tuple[tuple[int, int], ...] | None, input_size: int
-) -> NetworkFit:
+def network_fit(model: str, arch: str | Arch | None, input_size: int) -> NetworkFit:
     """Build `model` on the meta device at `input_size` once, and remember what it showed."""
     try:
         summary = summarize(model, (1, 1, input_size, input_size), arch=arch)
     except ArchError as exc:
         return NetworkFit(problem=f"arch: {exc}")
+    except ShapeError as exc:
+        smallest = min_job_input_size(model, arch)
+        needs = (
+            f"it needs an input_size of {smallest} or more"
+            if smallest is not None
+            else f"no input_size up to {MAX_INPUT_SIZE} fits it"
+        )
+        return NetworkFit(
+            problem=f"input_size {input_size} does not fit {_network(model, arch)}: {needs} ({exc})"
+        )
     except ModelError as exc:
         return NetworkFit(problem=f"input_size {input_size} does not fit {model}: {exc}")
     return NetworkFit(sparsest_norm=summary.sparsest_norm)
 
 
+def min_job_input_size(model: str, arch: str | Arch | None = None) -> int | None:
+    """The smallest `input_size` a job may train `model` (with `arch`) at: Fashion-MNIST's
+    own 28, or the smallest side every layer takes where that is more; None if none fits."""
+    smallest = min_input_size(model, arch, at_least=MIN_INPUT_SIZE)
+    return smallest if smallest is not None and smallest <= MAX_INPUT_SIZE else None
+
+
+def _network(model: str, arch: str | Arch | None) -> str:
+    if arch is None:
+        return model
+    if isinstance(arch, str):
+        return f"{model} (arch {arch!r})"
+    return f"{model} with arch {json.dumps(get_model_entry(model).arch_json(arch))}"
+
+
 def warm_network_fit() -> None:
-    """Check each model's default recipe once, so its first submit is as quick as the rest.
+    """Check each model's default recipe and smallest input size once, so its first submit
+    (and the first model listing) is as quick as the rest.
 
     The first BatchNorm on the meta device imports much of torch (seconds); a process that
     takes submissions (the API) does it at start-up, off its event loop.
     """
     for name in list_models():
         network_fit(name, None, get_model_entry(name).input_size)
+        min_job_input_size(name)  # what GET /v1/models lists (a bisection over sizes)
 
 
 class JobStatus(StrEnum):
@@ -104,6 +142,15 @@ class JobStatus(StrEnum):
 ArchPairs = list[
     Annotated[list[Annotated[int, Field(ge=1, le=2048)]], Field(min_length=2, max_length=2)]
 ]
+#: The book's constructor parameters of DenseNet or AnyNet as a JSON object; the model
+#: checks them (`models.registry.ModelEntry.resolve_arch`).
+ArchParams = Annotated[dict[str, Any], Field(max_length=4)]
+#: Every form an arch override takes in JSON: a name, up to 8 pairs, or an object.
+ArchOverride = (
+    Annotated[str, Field(max_length=32)]
+    | Annotated[ArchPairs, Field(min_length=1, max_length=8)]
+    | ArchParams
+)
 
 
 class JobSpec(BaseModel):
@@ -120,22 +167,27 @@ class JobSpec(BaseModel):
     )
 
     model: str = Field(description="A registered model name.", examples=["lenet"])
-    arch: str | ArchPairs | None = Field(
+    arch: ArchOverride | None = Field(
         None,
-        description="Arch override: a named arch (vgg: 'small', 'vgg11') or "
-        "[[count, channels], ...] pairs. Default: the model's training arch.",
-        max_length=8,
+        description="Arch override: a named arch (vgg: 'small', 'vgg11'), [[count, channels], "
+        "...] pairs (vgg, resnet18), or the book's parameters as an object (densenet: "
+        '{"num_channels", "growth_rate", "arch"}; regnetx32: {"stem_channels", "arch"}); '
+        "GET /v1/models lists each model's form. Default: the model's training arch.",
     )
     epochs: int = Field(10, ge=1, le=100, description="Passes over the training set.")
     batch_size: int = Field(128, ge=1, le=1024, description="Examples per SGD step.")
     lr: float | None = Field(
-        None, gt=0, le=10, description="Learning rate; default the seed's (lenet 0.1, else 0.01)."
+        None,
+        gt=0,
+        le=10,
+        description="Learning rate; default the book's for the model (GET /v1/models).",
     )
     input_size: int | None = Field(
         None,
         ge=MIN_INPUT_SIZE,
         le=MAX_INPUT_SIZE,
-        description="Images are resized to this square side; default the seed's per model.",
+        description="Images are resized to this square side; default the book's per model. "
+        "Some networks need more (alexnet 65, nin 67; GET /v1/models: min_input_size).",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for init and shuffling.")
     optimizer: Literal["sgd", "sgd_momentum", "adamw"] = Field(
@@ -168,6 +220,13 @@ class JobSpec(BaseModel):
         le=TRAIN_EXAMPLES,
         description="Train on only the first N shuffled examples.",
     )
+    val_limit: int | None = Field(
+        None,
+        ge=1,
+        le=TEST_EXAMPLES,
+        description="Validate each epoch on only the first N test images (quick runs); "
+        "default all 10,000.",
+    )
 
     @field_validator("model")
     @classmethod
@@ -196,7 +255,11 @@ class JobSpec(BaseModel):
     def _check_fit(self) -> None:
         """Refuse a network that cannot take the input, or a batch it cannot train on."""
         assert self.input_size is not None
-        fit = network_fit(self.model, self.arch_value, self.input_size)
+        try:
+            arch = self.arch_value
+        except ArchError as exc:
+            raise ValueError(f"arch: {exc}") from None
+        fit = network_fit(self.model, arch, self.input_size)
         if fit.problem is not None:
             raise ValueError(fit.problem)
         examples = min(self.batch_size, self.train_limit or TRAIN_EXAMPLES)
@@ -211,14 +274,15 @@ class JobSpec(BaseModel):
             )
 
     @property
-    def network_arch(self) -> list[list[int]] | None:
-        """The arch this spec trains, resolved to pairs (as a checkpoint's manifest has it)."""
-        resolved = get_model_entry(self.model).resolve_arch(self.arch_value)
-        return [list(p) for p in resolved] if resolved is not None else None
+    def network_arch(self) -> ArchJSON | None:
+        """The arch this spec trains, resolved to JSON (as a checkpoint's manifest has it)."""
+        return get_model_entry(self.model).arch_json(self.arch_value)
 
     @property
-    def arch_value(self) -> str | tuple[tuple[int, int], ...] | None:
-        """The arch in the form `models.build_model` takes."""
+    def arch_value(self) -> str | Arch | None:
+        """The arch in the form `models.build_model` takes, hashable (an object resolved)."""
         if isinstance(self.arch, list):
             return tuple((int(a), int(b)) for a, b in self.arch)
+        if isinstance(self.arch, dict):
+            return get_model_entry(self.model).resolve_arch(self.arch)
         return self.arch

@@ -59,9 +59,9 @@ STATIC_URL = "/static-docs"
 UI_URL = "/ui"
 
 DESCRIPTION = """\
-Train the convolutional networks of *Dive into Deep Learning* (LeNet, VGG, ResNet18) on
-Fashion-MNIST with Celery workers, keep their checkpoints, and serve shape summaries and image
-classification from them.
+Train the convolutional networks of *Dive into Deep Learning* (LeNet and chapter 8's AlexNet,
+VGG, NiN, GoogLeNet, BN-LeNet, ResNet-18, DenseNet, RegNetX-32) on Fashion-MNIST with Celery
+workers, keep their checkpoints, and serve shape summaries and image classification from them.
 
 * **models**: the zoo, default recipes and layer-by-layer shape summaries.
 * **ops**: the book's primitives: cross-correlation, pooling, output-size arithmetic.

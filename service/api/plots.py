@@ -42,7 +42,7 @@ def render_curves(
         ys = [float(getattr(m, field)) for m in metrics]
         ax.plot(xs, ys, style, label=label, color=color, marker="o" if len(xs) == 1 else None)
     ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     first = min(xs, default=1)  # after a parent's epochs, with continue_epochs
     last = max([*xs, epochs or 0, 1])
     ax.set_xlim(first, max(last, first + 1))
@@ -83,6 +83,16 @@ def render_comparison(
     title: str | None = None,
 ) -> bytes:
     """One metric of several jobs against epoch, one line each, labelled in a legend."""
+    return _save(comparison_figure(series, metric, title=title), fmt)
+
+
+def comparison_figure(
+    series: Sequence[tuple[str, Sequence[tuple[int, float]]]],
+    metric: str,
+    *,
+    title: str | None = None,
+) -> Figure:
+    """The figure `render_comparison` draws."""
     fig = Figure(figsize=(6.4, 4.0), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -99,7 +109,9 @@ def render_comparison(
             markersize=3,
         )
     ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # whole epochs only, even for one (MaxNLocator's default wants two ticks and would
+    # fall back to 0.5, 0.6, ... around a single epoch)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     epochs = [e for _, points in series for e, _ in points]
     if epochs and min(epochs) == max(epochs):  # one epoch each: a point, not a stretched axis
         ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
@@ -119,7 +131,7 @@ def render_comparison(
         ax.legend(loc="best", fontsize="small", ncols=2 if len(series) > 8 else 1)
     if title:
         ax.set_title(title)
-    return _save(fig, fmt)
+    return fig
 
 
 def render_confusion(

@@ -15,8 +15,12 @@ DEFAULT_API = "http://127.0.0.1:8000"
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="lenet, vgg or resnet18")
-    p.add_argument("--arch", help="a named arch (vgg: small, vgg11) or JSON pairs [[1,16],...]")
+    p.add_argument("--model", required=True, help="a registered model (GET /v1/models), e.g. lenet")
+    p.add_argument(
+        "--arch",
+        help="a named arch (vgg: small, vgg11), JSON pairs [[1,16],...] (vgg, resnet18) or a "
+        'JSON object of the book\'s parameters (densenet: {"growth_rate": 16}, regnetx32)',
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--lr", type=float)
@@ -26,6 +30,7 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     p.add_argument("--train-limit", type=int, dest="train_limit")
+    p.add_argument("--val-limit", type=int, dest="val_limit", help="validate on the first N")
     p.add_argument("--init-from", dest="init_from", help="start from this checkpoint (id or alias)")
     p.add_argument(
         "--continue-epochs",

@@ -35,7 +35,8 @@ def _value(text: str) -> Any:
 
 
 def _values(text: str) -> list[Any]:
-    sep = ";" if "[" in text else ","  # arch pairs hold commas: separate them with ;
+    # arch pairs and objects hold commas: separate them with ;
+    sep = ";" if "[" in text or "{" in text else ","
     return [_value(v.strip()) for v in text.split(sep) if v.strip()]
 
 

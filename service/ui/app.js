@@ -383,6 +383,7 @@ const SPEC_FIELDS = [
   ["optimizer", "Optimizer", "enum"],
   ["input_size", "Input size (px)", "integer"],
   ["train_limit", "Training images (empty: all 60,000)", "integer"],
+  ["val_limit", "Validation images (empty: all 10,000)", "integer"],
   ["seed", "Seed", "integer"],
   ["precision", "Precision", "enum"],
   ["device", "Device", "text"],
@@ -406,6 +407,7 @@ async function trainView(el) {
   const modelSel = h("select", { id: "spec-model", name: "model", required: true },
     models.map((m) => h("option", { value: m.name, text: `${m.name} (D2L ${m.section})`, selected: params.get("model") === m.name })));
   const inputs = {};
+  const helps = {};
   const fields = SPEC_FIELDS.map(([name, label, kind]) => {
     const b = bounds(props[name] || {});
     const id = `spec-${name}`;
@@ -428,9 +430,9 @@ async function trainView(el) {
     const range = b.minimum !== undefined || b.maximum !== undefined || b.exclusiveMinimum !== undefined
       ? `${b.exclusiveMinimum !== undefined ? `> ${b.exclusiveMinimum}` : b.minimum ?? ""}${b.maximum !== undefined ? ` … ${b.maximum}` : ""}`
       : "";
+    helps[name] = h("small", { id: `${id}-help`, text: [range, b.description].filter(Boolean).join(" · ") });
     return h("div", { class: "field" },
-      h("label", { for: id, text: label }), input,
-      h("small", { id: `${id}-help`, text: [range, b.description].filter(Boolean).join(" · ") }),
+      h("label", { for: id, text: label }), input, helps[name],
       h("div", { id: `${id}-error`, class: "error", "data-error-for": name }));
   });
 
@@ -441,11 +443,15 @@ async function trainView(el) {
     inputs.batch_size.value = r.batch_size;
     inputs.lr.value = r.lr;
     inputs.input_size.value = r.input_size;
+    inputs.input_size.min = m.min_input_size;
+    // the field's bounds for this network: some need more than 28 px (AlexNet 65, NiN 67)
+    helps.input_size.textContent = `${m.min_input_size} … ${inputs.input_size.max} for ${m.name} · ${bounds(props.input_size || {}).description}`;
     inputs.seed.value = 0;
     inputs.train_limit.value = params.get("train_limit") || "";
+    inputs.val_limit.value = params.get("val_limit") || "";
     inputs.device.value = "auto";
     inputs.arch.value = "";
-    inputs.arch.placeholder = m.default_arch ? `default: ${m.default_arch} (${Object.keys(m.archs).join(", ")} or [[n, c], …])` : "fixed for this model";
+    inputs.arch.placeholder = m.default_arch ? `default: ${m.default_arch} (${Object.keys(m.archs).join(", ")} or ${m.arch_form})` : "fixed for this model";
     inputs.arch.disabled = !m.default_arch;
     inputs.init_from.placeholder = `e.g. ${m.name}:best`;
   };
@@ -477,8 +483,9 @@ async function trainView(el) {
       const raw = input.value.trim();
       if (raw === "") continue;
       if (kind === "integer" || kind === "number") spec[name] = Number(raw);
-      else if (name === "arch" && raw.startsWith("[")) {
-        try { spec[name] = JSON.parse(raw); } catch { markField("arch", "not JSON: write [[count, channels], …] or a name"); return; }
+      else if (name === "arch" && (raw.startsWith("[") || raw.startsWith("{"))) {
+        const m = models.find((x) => x.name === modelSel.value);
+        try { spec[name] = JSON.parse(raw); } catch { markField("arch", `not JSON: write a name or ${m.arch_form}`); return; }
       } else spec[name] = raw;
     }
     const button = form.querySelector("button[type=submit]");
@@ -509,7 +516,8 @@ async function trainView(el) {
     h("div", { class: "row" }, fields),
     h("p", {}, h("button", { type: "submit", text: "Start training", disabled: !may("train") })),
     general);
-  el.append(h("h1", { text: "Train a network" }), may("train") ? null : scopeNote("train", "training"), form);
+  // Element.append writes a null as the text "null": leave the note out instead
+  el.append(...[h("h1", { text: "Train a network" }), may("train") ? null : scopeNote("train", "training"), form].filter(Boolean));
 }
 
 async function jobView(el, signal, jobId) {
@@ -739,7 +747,7 @@ async function modelsView(el) {
     shape.value = m.name === "vgg" ? "1,1,224,224" : `1,1,${size},${size}`;
     arch.value = m.default_arch === "small" ? "vgg11" : "";
     arch.disabled = !m.default_arch;
-    arch.placeholder = m.default_arch ? `${Object.keys(m.archs).join(", ")} or [[n, c], …]` : "fixed";
+    arch.placeholder = m.default_arch ? `${Object.keys(m.archs).join(", ")} or ${m.arch_form}` : "fixed";
     info.textContent = `${m.description} ${m.parameters.toLocaleString()} parameters at its default size.`;
   };
   const show = async () => {

@@ -32,15 +32,17 @@ def test_tiny_run_reports_both_ways_and_a_ratio(tmp_path: Path) -> None:
         "--device",
         "cpu",
         "--models",
-        "lenet",
+        "lenet,nin",
         "--epochs",
         "2",
         "--d2l-epochs",  # the d2l way is timed on fewer epochs than cnnserve trains
         "1",
         "--train-limit",
-        "512",
+        "lenet=512,nin=64",
         "--val-limit",
-        "1000",
+        "lenet=1000,nin=64",
+        "--input-size",  # NiN at its smallest size instead of the book's 224
+        "nin=67",
         "--threads",
         "1",
         "--loader-workers",
@@ -59,7 +61,9 @@ def test_tiny_run_reports_both_ways_and_a_ratio(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["benchmark"] == "training"
     assert report["machine"]["cores"] >= 1 and report["machine"]["torch"]
-    (result,) = report["results"]
+    result, book = report["results"]
+    assert (book["model"], book["input_size"], book["train_images"]) == ("nin", 67, 64)
+    assert book["d2l"]["median_epoch_s"] > 0 and book["cnnserve"]["median_epoch_s"] > 0
     assert result["model"] == "lenet" and result["train_images"] == 512
     assert result["val_images"] == 1000
     for way, epochs in (("d2l", 1), ("cnnserve", 2)):
@@ -79,6 +83,7 @@ def test_tiny_run_reports_both_ways_and_a_ratio(tmp_path: Path) -> None:
     assert "## Inference\n\nkept as it is" in text  # the others' sections stay
     assert "<!-- bench-train:bench-train-tiny:start -->" in text
     assert "| lenet (28px) | 512 / 1000 | 1 × 1; 2 × 1 |" in text
+    assert "| nin (67px) | 64 / 64 | 1 × 1; 2 × 1 |" in text
     assert "(bench-train-tiny.png)" in text
 
 
@@ -92,7 +97,7 @@ def test_per_model_values() -> None:
         "resnet18": 512,
     }
     with pytest.raises(ValueError, match="not among --models"):
-        per_model("alexnet=3", models, "--epochs")
+        per_model("mobilenet=3", models, "--epochs")
 
 
 def test_doc_update_replaces_only_its_block(tmp_path: Path) -> None:

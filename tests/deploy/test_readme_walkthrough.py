@@ -4,12 +4,16 @@ The commands are the ```sh blocks of the Walkthrough section, in order; each mus
 print what the ```text block after it shows. The only changes made to them: the port (a free
 one instead of 8000), the Python that writes the sample image (this test's interpreter) and the
 Fashion-MNIST directory. Shell variables a command sets (`JOB=...`) carry over to the next.
+With $CNNSERVE_SCREENSHOTS set, the comparison plot the run drew is copied there, with the
+sweep's leaderboard as text (the README shows docs/screenshots/compare.png from such a run).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +83,7 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
     workdir.mkdir()
     env = stack_env(tmp_path / "data", f"redis://127.0.0.1:{free_port()}/0")
     state = tmp_path / "state.sh"
+    pictures = os.environ.get("CNNSERVE_SCREENSHOTS")
     with running_stack(tmp_path, env, port) as stack:
         stack.wait_up()
         for number, step in enumerate(steps, start=1):
@@ -90,3 +95,7 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
             mismatch = output_mismatch(step.expected, result.stdout)
             assert mismatch is None, f"{where}\n--- README expects:\n{step.expected}\n{mismatch}"
             _check_beyond_the_text(command, result.stdout, workdir)
+            if pictures and " sweep " in command:  # the table beside the picture
+                (Path(pictures) / "compare-leaderboard.txt").write_text(result.stdout)
+    if pictures:
+        shutil.copy(workdir / "compare.png", Path(pictures) / "compare.png")

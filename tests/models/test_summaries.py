@@ -1,19 +1,45 @@
-"""Shape summaries reproduce the seed's `layer_summary` printouts and the issue's numbers."""
+"""Shape summaries reproduce the book's `layer_summary` printouts and parameter counts."""
 
 from __future__ import annotations
+
+import hashlib
 
 import pytest
 import torch
 from torch import nn
 
 from models import ShapeError, Summary, build_model, summarize
+from tests.book_printouts import (
+    ALEXNET_224,
+    BN_LENET_28,
+    BOOK_NUMBERS,
+    DENSENET_96,
+    GOOGLENET_96,
+    NIN_224,
+    REGNETX32_96,
+)
 from tests.seed_printouts import LENET_28, RESNET18_96, VGG11_224
 
 SEED_CASES = [
     pytest.param("lenet", None, (1, 1, 28, 28), LENET_28, id="lenet-28"),
     pytest.param("vgg", "vgg11", (1, 1, 224, 224), VGG11_224, id="vgg11-224"),
     pytest.param("resnet18", None, (1, 1, 96, 96), RESNET18_96, id="resnet18-96"),
+    pytest.param("alexnet", None, (1, 1, 224, 224), ALEXNET_224, id="alexnet-224"),
+    pytest.param("nin", None, (1, 1, 224, 224), NIN_224, id="nin-224"),
+    pytest.param("googlenet", None, (1, 1, 96, 96), GOOGLENET_96, id="googlenet-96"),
+    pytest.param("bn_lenet", None, (1, 1, 28, 28), BN_LENET_28, id="bn_lenet-28"),
+    pytest.param("densenet", None, (1, 1, 96, 96), DENSENET_96, id="densenet-96"),
+    pytest.param("regnetx32", None, (1, 1, 96, 96), REGNETX32_96, id="regnetx32-96"),
 ]
+#: The book's shape for each of the rest of chapter 8 (the issue's table).
+BOOK_SIZES = {
+    "alexnet": 224,
+    "nin": 224,
+    "googlenet": 96,
+    "bn_lenet": 28,
+    "densenet": 96,
+    "regnetx32": 96,
+}
 
 # Parameter counts with one input channel and ten classes (the issue's facts).
 PARAM_CASES = [
@@ -21,6 +47,13 @@ PARAM_CASES = [
     pytest.param("vgg", "small", 224, 43_093_322, id="vgg-small-224"),
     pytest.param("vgg", "vgg11", 224, 128_806_154, id="vgg11-224"),
     pytest.param("resnet18", None, 96, 11_178_378, id="resnet18-96"),
+    # the issue's table: the book's code run at the book's shapes
+    pytest.param("alexnet", None, 224, 46_764_746, id="alexnet-224"),
+    pytest.param("nin", None, 224, 1_992_166, id="nin-224"),
+    pytest.param("googlenet", None, 96, 5_977_530, id="googlenet-96"),
+    pytest.param("bn_lenet", None, 28, 44_878, id="bn_lenet-28"),
+    pytest.param("densenet", None, 96, 758_226, id="densenet-96"),
+    pytest.param("regnetx32", None, 96, 179_290, id="regnetx32-96"),
 ]
 
 
@@ -31,6 +64,25 @@ def test_summary_text_reproduces_the_seed_printout(
     summary = summarize(name, shape, arch=arch)
     assert summary.text == expected
     assert summary.text.splitlines()[0] == expected.splitlines()[0]
+
+
+@pytest.mark.parametrize("name", list(BOOK_SIZES))
+def test_each_top_level_layer_holds_the_parameters_it_holds_in_the_book(name: str) -> None:
+    size = BOOK_SIZES[name]
+    summary = summarize(name, (1, 1, size, size))
+    book = BOOK_NUMBERS[name]
+    assert [row.params for row in summary.layers] == book["rows"]
+    assert summary.total_params == book["params"]
+
+
+@pytest.mark.parametrize("name", list(BOOK_SIZES))
+def test_the_state_dict_has_the_book_models_keys_and_shapes(name: str) -> None:
+    # the same names and shapes in the same order: weights trained with the book's code load
+    # into cnnserve's network, and a cnnserve checkpoint into the book's
+    model = build_model(name, input_size=BOOK_SIZES[name], device="meta")
+    lines = "\n".join(f"{k} {tuple(v.shape)}" for k, v in model.state_dict().items())
+    assert len(model.state_dict()) == BOOK_NUMBERS[name]["tensors"]
+    assert hashlib.sha256(lines.encode()).hexdigest() == BOOK_NUMBERS[name]["layout"], lines
 
 
 def test_lenet_first_line_is_the_seed_line() -> None:
@@ -110,6 +162,21 @@ FORWARD_CASES = [
     pytest.param("resnet18", None, (1, 1, 96, 96), id="resnet18-96"),
     pytest.param("vgg", [[1, 8], [2, 16]], (2, 1, 32, 32), id="vgg-custom-32"),
     pytest.param("resnet18", [[1, 64], [1, 128]], (2, 1, 64, 64), id="resnet10ish-64"),
+    pytest.param("alexnet", None, (2, 1, 65, 65), id="alexnet-65"),
+    pytest.param("nin", None, (2, 1, 67, 67), id="nin-67"),
+    pytest.param("googlenet", None, (2, 1, 96, 96), id="googlenet-96"),
+    pytest.param("bn_lenet", None, (2, 1, 28, 28), id="bn_lenet-28"),
+    pytest.param("densenet", None, (2, 1, 96, 96), id="densenet-96"),
+    pytest.param(
+        "densenet", {"growth_rate": 8, "arch": [2, 3]}, (2, 1, 40, 33), id="densenet-small"
+    ),
+    pytest.param("regnetx32", None, (2, 1, 96, 96), id="regnetx32-96"),
+    pytest.param(
+        "regnetx32",
+        {"stem_channels": 16, "arch": [[1, 16, 8, 0.5], [2, 48, 16, 1], [1, 64, 32, 2]]},
+        (2, 1, 28, 28),
+        id="anynet-three-stages",
+    ),
 ]
 
 
@@ -242,3 +309,41 @@ def test_building_lenet_for_4x4_is_the_same_shape_error() -> None:
     with pytest.raises(ShapeError) as info:
         build_model("lenet", input_size=4)
     assert info.value.layer == "net.3"
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "layer", "layer_type"),
+    [
+        # 64 → conv1 14 → pool 6 → conv2 6 → pool 2 → convs 2 → the last 3×3 pool cannot fit
+        ("alexnet", 64, "net.12", "MaxPool2d"),
+        ("nin", 66, "net.5", "MaxPool2d"),
+        # 28 → b1 7 → three transitions 3, 1, and a 2×2 pool over a 1×1 input
+        ("densenet", 28, "net.tran_blk3", "Sequential"),
+    ],
+)
+def test_one_below_the_smallest_size_names_the_layer_that_runs_out(
+    name: str, size: int, layer: str, layer_type: str
+) -> None:
+    with pytest.raises(ShapeError) as info:
+        summarize(name, (1, 1, size, size))
+    assert info.value.layer.startswith(layer)
+    summarize(name, (1, 1, size + 1, size + 1))  # one pixel more fits
+
+
+@pytest.mark.parametrize("name", ["googlenet", "regnetx32"])
+def test_networks_of_strided_padded_layers_take_even_a_single_pixel(name: str) -> None:
+    summary = summarize(name, (1, 1, 1, 1))
+    assert summary.layers[-1].output_shape == (1, 10)
+
+
+def test_densenet_depth_two_looks_through_the_dense_blocks_into_their_conv_blocks() -> None:
+    # DenseBlock iterates its `net` instead of calling it, so that container never runs as a
+    # whole: its conv blocks are the rows, and every parameter still sits in one row
+    deep = summarize("densenet", (1, 1, 96, 96), depth=2)
+    convs = [row for row in deep.layers if row.name.startswith("net.dense_blk1.")]
+    assert [row.name for row in convs] == [f"net.dense_blk1.net.{i}" for i in range(4)]
+    # each conv block adds the growth rate's 32 channels to all it is given
+    assert [row.output_shape for row in convs] == [(1, 32, 24, 24)] * 4
+    assert [row.params for row in convs] == [2 * c + 32 * (c * 9 + 1) for c in (64, 96, 128, 160)]
+    assert sum(row.params for row in deep.layers) == deep.total_params == 758_226
+    assert [row.name for row in deep.layers][-5:] == [f"net.last.{i}" for i in range(5)]

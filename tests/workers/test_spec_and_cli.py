@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from models import list_models
 from workers.contracts import TRUSTED, JobSpec, network_fit
 from workers.settings import Settings
 from workers.store.checkpoints import CheckpointStore
@@ -27,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
         ({"input_size": 20}, "input_size"),
         ({"input_size": 512}, "input_size"),
         ({"train_limit": 0}, "train_limit"),
+        ({"val_limit": 0}, "val_limit"),
+        ({"val_limit": 10001}, "val_limit"),
         ({"device": "gpu"}, "device"),
         ({"precision": "fp16"}, "precision"),
         ({"optimizer": "rmsprop"}, "optimizer"),
@@ -60,6 +63,63 @@ def test_a_batch_that_batchnorm_cannot_train_on_is_refused(fields: dict[str, obj
     assert JobSpec.model_validate({**fields, "model": "lenet", "input_size": 28}).model == "lenet"
 
 
+@pytest.mark.parametrize(
+    ("fields", "said"),
+    [
+        (
+            {"model": "alexnet", "input_size": 64},
+            "does not fit alexnet: it needs an input_size of 65 or more",
+        ),
+        (
+            {"model": "nin", "input_size": 66},
+            "does not fit nin: it needs an input_size of 67 or more",
+        ),
+        (
+            {"model": "densenet", "input_size": 28},
+            "does not fit densenet: it needs an input_size of 29 or more",
+        ),
+        (
+            {"model": "vgg", "input_size": 31},
+            "does not fit vgg: it needs an input_size of 32 or more",
+        ),
+        (
+            {"model": "densenet", "input_size": 60, "arch": {"growth_rate": 8, "arch": [1] * 5}},
+            'densenet with arch {"num_channels": 64, "growth_rate": 8, "arch": [1, 1, 1, 1, 1]}: '
+            "it needs an input_size of 61 or more",
+        ),
+        (
+            {"model": "vgg", "arch": [[1, 4]] * 8},
+            "no input_size up to 224 fits it",
+        ),
+    ],
+)
+def test_an_input_below_the_networks_smallest_says_the_smallest(
+    fields: dict[str, object], said: str
+) -> None:
+    with pytest.raises(ValidationError, match="input_size") as err:
+        JobSpec.model_validate(fields)
+    assert said in str(err.value)
+    if "no input_size" not in said:
+        smallest = int(said.split("of ")[-1].split()[0])
+        assert JobSpec.model_validate({**fields, "input_size": smallest}).input_size == smallest
+
+
+def test_the_book_parameters_of_densenet_and_anynet_are_an_arch() -> None:
+    spec = JobSpec.model_validate(
+        {"model": "densenet", "arch": {"growth_rate": 8, "arch": [2, 2]}, "input_size": 28}
+    )
+    assert spec.network_arch == {"num_channels": 64, "growth_rate": 8, "arch": [2, 2]}
+    named = JobSpec.model_validate({"model": "regnetx32", "arch": "regnetx32"})
+    assert named.network_arch == {"stem_channels": 32, "arch": [[4, 32, 16, 1], [6, 80, 16, 1]]}
+    # a record read back (the arch as the client wrote it) resolves to the same network
+    again = JobSpec.model_validate(spec.model_dump(mode="json"), context=TRUSTED)
+    assert again.arch_value == spec.arch_value and again.network_arch == spec.network_arch
+    with pytest.raises(ValidationError, match="arch: DenseNet arch has no 'depth'"):
+        JobSpec.model_validate({"model": "densenet", "arch": {"depth": 3}})
+    with pytest.raises(ValidationError, match="arch: alexnet has a fixed architecture"):
+        JobSpec.model_validate({"model": "alexnet", "arch": [[1, 2]]})
+
+
 def test_a_record_read_back_is_trusted_and_checked_specs_are_not_rebuilt() -> None:
     # a spec the API refuses (VGG's five pools cannot take 28 px) ...
     refused = {"model": "vgg", "input_size": 28}
@@ -74,12 +134,18 @@ def test_a_record_read_back_is_trusted_and_checked_specs_are_not_rebuilt() -> No
     assert network_fit.cache_info().misses == 1 and network_fit.cache_info().hits == 2
 
 
-def test_defaults_are_the_seeds_recipe() -> None:
-    recipes = {m: JobSpec(model=m) for m in ("lenet", "vgg", "resnet18")}
+def test_defaults_are_the_books_recipe() -> None:
+    recipes = {m: JobSpec(model=m) for m in list_models()}
     assert {m: (s.lr, s.input_size) for m, s in recipes.items()} == {
         "lenet": (0.1, 28),
         "vgg": (0.01, 224),
         "resnet18": (0.01, 96),
+        "alexnet": (0.01, 224),
+        "nin": (0.05, 224),
+        "googlenet": (0.01, 96),
+        "bn_lenet": (0.1, 28),
+        "densenet": (0.01, 96),
+        "regnetx32": (0.05, 96),
     }
     spec = recipes["lenet"]
     assert (spec.epochs, spec.batch_size, spec.optimizer, spec.seed) == (10, 128, "sgd", 0)

@@ -61,6 +61,7 @@ from workers.store.checkpoint_index import SUMMARY_FIELDS, CheckpointIndex, Curs
 from workers.store.manifest import (
     CheckpointSummary,
     Manifest,
+    ManifestArch,
     OnnxExport,
     Preprocessing,
     StoredEvaluation,
@@ -100,8 +101,6 @@ MANIFEST = "manifest.json"
 EVALUATION_FILE = "evaluation.json"
 #: Manifests of a remote store kept parsed in memory (each checked against the index's hash).
 MANIFEST_MEMORY = 512
-#: An arch as a manifest records it: [count, channels] pairs, a name, or none.
-ManifestArch = list[list[int]] | str | None
 #: What a store that cannot be reached raises: the files' store, or Redis under the index.
 STORE_UNAVAILABLE: tuple[type[Exception], ...] = (
     StoreUnavailableError,

@@ -10,6 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models import CLASSES
 
+#: An arch as a manifest records it: [count, channels] pairs, the book's parameters of a
+#: DenseNet or AnyNet as an object, a name, or none.
+ManifestArch = list[list[int]] | dict[str, Any] | str | None
+
 
 class Preprocessing(BaseModel):
     """What inference must do to an image so it matches what training saw."""
@@ -54,7 +58,7 @@ class Manifest(BaseModel):
     job_id: str
     epoch: int
     model: str
-    arch: list[list[int]] | str | None = None
+    arch: ManifestArch = None
     input_size: int
     in_channels: int = 1
     num_classes: int = 10
@@ -82,7 +86,7 @@ class Manifest(BaseModel):
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     @property
-    def arch_value(self) -> str | tuple[tuple[int, int], ...] | None:
+    def arch_value(self) -> str | tuple[tuple[int, int], ...] | dict[str, Any] | None:
         if isinstance(self.arch, list):
             return tuple((int(a), int(b)) for a, b in self.arch)
         return self.arch
@@ -113,7 +117,7 @@ class CheckpointSummary(BaseModel):
     job_id: str = Field(description="The training job that wrote it.")
     epoch: int = Field(description="The epoch after which it was saved (1-based).")
     model: str = Field(description="The registered model name.")
-    arch: list[list[int]] | str | None = Field(None, description="The arch, if the model has one.")
+    arch: ManifestArch = Field(None, description="The arch, if the model has one.")
     input_size: int = Field(description="The square input side the network was trained at.")
     metrics: dict[str, float] = Field(description="train_loss, val_loss, val_acc of that epoch.")
     weights_sha256: str = Field(description="sha256 of the safetensors weights file.")

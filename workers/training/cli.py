@@ -80,7 +80,7 @@ def metrics_table(history: list[EpochMetrics]) -> str:
 def _parse_fields(fields: dict[str, Any]) -> dict[str, Any]:
     out = dict(fields)
     arch = out.get("arch")
-    if isinstance(arch, str) and arch.strip().startswith("["):
+    if isinstance(arch, str) and arch.strip()[:1] in ("[", "{"):
         out["arch"] = json.loads(arch)
     return out
 

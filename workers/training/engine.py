@@ -283,8 +283,9 @@ class _Run:
             train_x, train_y = train_x[subset], train_y[subset]
         self.train_x = train_x.to(device, non_blocking=True)
         self.train_y = train_y.to(device, non_blocking=True)
-        self.test_x = data.test_images.to(device, non_blocking=True)
-        self.test_y = data.test_labels.to(device, non_blocking=True)
+        # the first `val_limit` test images, or all of them
+        self.test_x = data.test_images[: self.spec.val_limit].to(device, non_blocking=True)
+        self.test_y = data.test_labels[: self.spec.val_limit].to(device, non_blocking=True)
         self.n_train = int(self.train_x.shape[0])
         self.batches, self.n_epoch = epoch_batches(self.n_train, self.spec.batch_size)
         if self.cuda:
@@ -466,7 +467,10 @@ class _Run:
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         dataset = self.data.describe()
         dataset.update(
-            train_limit=self.spec.train_limit, trained_on=self.n_train, per_epoch=self.n_epoch
+            train_limit=self.spec.train_limit,
+            trained_on=self.n_train,
+            per_epoch=self.n_epoch,
+            validated_on=int(self.test_x.shape[0]),
         )
         manifest_fields: dict[str, Any] = {
             "model": self.spec.model,

@@ -9,14 +9,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from models import ArchError, get_model_entry, list_models, summarize
+from models import Arch, ArchError, get_model_entry, list_models, summarize
 from service.access.auth import Allow
 from service.api.problems import problem_responses
 from service.errors import (
     BadRequestError,
     InputTooLargeError,
 )
-from workers.contracts import ArchPairs
+from workers.contracts import ArchOverride, min_job_input_size
 
 router = APIRouter(prefix="/models", tags=["models"], dependencies=[Allow("read")])
 
@@ -27,11 +27,9 @@ MAX_DEPTH = 4
 DEFAULT_EPOCHS = 10
 DEFAULT_BATCH_SIZE = 128
 
-Arch = tuple[tuple[int, int], ...]
-
 
 class Recipe(BaseModel):
-    """The seed's training recipe for a model: what a job gets when it sets nothing."""
+    """The book's training recipe for a model: what a job gets when it sets nothing."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -52,8 +50,10 @@ _LENET_INFO: dict[str, Any] = {
     "section": "7.6",
     "default_recipe": {"input_size": 28, "lr": 0.1, "epochs": 10, "batch_size": 128},
     "parameters": 61706,
+    "min_input_size": 28,
     "default_arch": None,
     "archs": {},
+    "arch_form": None,
 }
 
 
@@ -67,9 +67,17 @@ class ModelInfo(BaseModel):
     section: str = Field(description="The section of Dive into Deep Learning that defines it.")
     default_recipe: Recipe
     parameters: int = Field(description="Parameters at the default input size and arch.")
+    min_input_size: int = Field(
+        description="The smallest input_size a job trains it at (default arch): 28, "
+        "Fashion-MNIST's own side, or the smallest side all its layers take where that is more."
+    )
     default_arch: str | None = Field(description="The arch jobs train unless told otherwise.")
-    archs: dict[str, list[list[int]]] = Field(
-        description="Named archs: [[num_convs or num_residuals, channels], ...] per stage."
+    archs: dict[str, list[list[int]] | dict[str, Any]] = Field(
+        description="Named archs, as an override writes them: [[count, channels], ...] per "
+        "stage (vgg, resnet18) or the book's constructor parameters (densenet, regnetx32)."
+    )
+    arch_form: str | None = Field(
+        description="How an arch override is written for this model; null: it takes none."
     )
 
 
@@ -149,6 +157,7 @@ class SummaryRequest(BaseModel):
                 {"input_shape": [1, 1, 224, 224], "arch": "vgg11"},
                 {"input_shape": [1, 1, 224, 224], "arch": [[1, 64], [1, 128], [2, 256]]},
                 {"input_shape": [1, 1, 96, 96], "depth": 2},
+                {"input_shape": [1, 1, 96, 96], "arch": {"growth_rate": 16, "arch": [2, 2]}},
             ]
         },
     )
@@ -159,16 +168,16 @@ class SummaryRequest(BaseModel):
         max_length=4,
         description="(N, C, H, W); default (1, 1, S, S) with the model's default size S.",
     )
-    arch: str | ArchPairs | None = Field(
+    arch: ArchOverride | None = Field(
         None,
-        max_length=8,
-        description="A named arch ('vgg11', 'small') or [[count, channels], ...] pairs.",
+        description="A named arch ('vgg11', 'small'), [[count, channels], ...] pairs (vgg, "
+        "resnet18) or the book's parameters as an object (densenet, regnetx32).",
     )
     depth: int = Field(1, ge=1, le=MAX_DEPTH, description="How deep into the module tree.")
 
 
 ModelName = Annotated[
-    str, Path(description="A registered model name.", examples=["lenet", "vgg", "resnet18"])
+    str, Path(description="A registered model name.", examples=["lenet", "alexnet", "densenet"])
 ]
 
 
@@ -191,9 +200,18 @@ def _model_info(name: str) -> ModelInfo:
             batch_size=DEFAULT_BATCH_SIZE,
         ),
         parameters=_default_parameters(name),
+        min_input_size=_min_input_size(name),
         default_arch=entry.default_arch,
-        archs={k: [list(p) for p in v] for k, v in entry.archs.items()},
+        archs={k: entry.arch_json(v) for k, v in entry.archs.items()},
+        arch_form=entry.arch_form,
     )
+
+
+@lru_cache(maxsize=16)
+def _min_input_size(name: str) -> int:
+    smallest = min_job_input_size(name)
+    assert smallest is not None, f"{name}'s default recipe fits no input size"
+    return smallest
 
 
 @lru_cache(maxsize=256)
@@ -231,9 +249,12 @@ def _check_shape(shape: tuple[int, ...]) -> None:
         )
 
 
-def _arch_value(arch: Any) -> str | Arch | None:
+def _arch_value(name: str, arch: Any) -> str | Arch | None:
+    """The arch in a hashable form (the summaries are cached by it)."""
     if arch is None or isinstance(arch, str):
         return arch
+    if isinstance(arch, dict):
+        return get_model_entry(name).resolve_arch(arch)
     return tuple((int(a), int(b)) for a, b in arch)
 
 
@@ -243,7 +264,7 @@ def summary_for(name: str, shape: tuple[int, ...] | None, arch: Any, depth: int)
     if shape is None:
         shape = (1, 1, entry.input_size, entry.input_size)
     _check_shape(shape)
-    return _summary(name, shape, _arch_value(arch), depth)
+    return _summary(name, shape, _arch_value(name, arch), depth)
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -255,9 +276,17 @@ def _parse_shape(text: str) -> tuple[int, ...]:
         ) from None
 
 
-def _parse_arch_query(text: str | None) -> str | Arch | None:
-    if text is None or not text.strip().startswith("["):
+def _parse_arch_query(text: str | None) -> str | list[Any] | dict[str, Any] | None:
+    if text is None or text.strip()[:1] not in ("[", "{"):
         return text
+    if text.strip().startswith("{"):
+        try:
+            params = json.loads(text)
+        except ValueError:
+            raise ArchError(f"arch is not a JSON object: {text!r}") from None
+        if not isinstance(params, dict):
+            raise ArchError(f"arch is not a JSON object: {text!r}")
+        return params
     try:
         pairs = json.loads(text)
         arch = tuple((int(a), int(b)) for a, b in pairs)
@@ -267,13 +296,13 @@ def _parse_arch_query(text: str | None) -> str | Arch | None:
         ) from None
     if not 1 <= len(arch) <= 8 or any(not (1 <= a <= 2048 and 1 <= b <= 2048) for a, b in arch):
         raise ArchError("arch takes 1 to 8 [count, channels] pairs, each between 1 and 2048")
-    return arch
+    return [list(p) for p in arch]
 
 
 _SUMMARY_ERRORS = problem_responses(
     404,
     422,
-    s404="unknown model 'alexnet'; known models: lenet, vgg, resnet18",
+    s404="unknown model 'mobilenet'; known models: lenet, vgg, resnet18, alexnet, …",
     s422="layer net.2 (AvgPool2d) cannot take this input: Output size is too small; "
     "use a larger input",
 )
@@ -282,8 +311,9 @@ _SUMMARY_ERRORS = problem_responses(
 @router.get(
     "",
     summary="List the models",
-    description="Every registered network with its description, the seed's default training "
-    "recipe, its parameter count at the default input size and its named archs.",
+    description="Every registered network with its description, the book's default training "
+    "recipe, its parameter count at the default input size, the smallest input size a job "
+    "trains it at, its named archs and how an arch override is written.",
     response_model=ModelList,
 )
 def get_models() -> ModelList:
@@ -295,7 +325,7 @@ def get_models() -> ModelList:
     summary="Describe one model",
     description="The network's description, default recipe, parameter count and named archs.",
     response_model=ModelInfo,
-    responses=problem_responses(404, s404="unknown model 'alexnet'; known models: lenet, vgg"),
+    responses=problem_responses(404, s404="unknown model 'mobilenet'; known models: lenet, …"),
 )
 def get_model(name: ModelName) -> ModelInfo:
     return _model_info(name)
@@ -324,7 +354,9 @@ def get_summary(
     arch: Annotated[
         str | None,
         Query(
-            description="A named arch ('vgg11') or JSON pairs '[[1,64],[1,128]]'.",
+            description="A named arch ('vgg11'), JSON pairs '[[1,64],[1,128]]' (vgg, "
+            "resnet18) or a JSON object of the book's parameters (densenet, regnetx32: "
+            'see GET /v1/models), e.g. \'{"growth_rate":16,"arch":[2,2]}\'.',
             examples=["vgg11"],
             max_length=512,
         ),
@@ -340,8 +372,8 @@ def get_summary(
 @router.post(
     "/{name}/summary",
     summary="Summarise a model with an arch override",
-    description="As the GET, with the shape and an `arch` (a name or [[count, channels], ...] "
-    "pairs) in a JSON body.",
+    description="As the GET, with the shape and an `arch` (a name, [[count, channels], ...] "
+    "pairs or an object of the book's parameters) in a JSON body.",
     response_model=SummaryOut,
     responses=_SUMMARY_ERRORS,
 )

@@ -1,6 +1,6 @@
 """`/v2`: the Open Inference Protocol (KServe V2, as Triton and tritonclient speak it).
 
-A V2 model is a registry model (`lenet`, `vgg`, `resnet18`: its best checkpoint, like
+A V2 model is a registry model (`lenet`, `resnet18`, `densenet`, ...: its best checkpoint, like
 `<model>:best`) or a job id (that job's best); a version is a checkpoint id, `best` or
 `latest`. Inference takes one input: UINT8 or FP32 grayscale pixels (0–255, as Fashion-MNIST)
 shaped `[N, 28, 28]` or `[N, 1, 28, 28]`, or BYTES `[N]` of encoded images, preprocessed as
@@ -62,7 +62,8 @@ EXTENSIONS = ["binary_tensor_data", "classification"]
 ModelName = Annotated[
     str,
     Path(
-        description="A registry model (lenet, vgg, resnet18: its best checkpoint) or a job id "
+        description="A registry model (lenet, resnet18, densenet, ... as GET /v1/models lists "
+        "them: its best checkpoint) or a job id "
         "(its best checkpoint).",
         examples=["lenet"],
         max_length=64,
@@ -273,7 +274,7 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
         "JPEG, WebP or BMP",
         s400="input 'image' has shape [1, 32, 32]; send [N, 28, 28] or [N, 1, 28, 28] "
         "grayscale pixels (or BYTES [N] of encoded images)",
-        s404="unknown model 'alexnet': use a registry model (lenet, vgg, resnet18) or the id "
+        s404="unknown model 'mobilenet': use a registry model (lenet, vgg, resnet18, …) or the id "
         "of a training job (16 hex digits)",
     ),
 }

@@ -216,10 +216,60 @@ def test_a_refused_spec_says_why_next_to_the_field_it_names(
     browser.find_element(By.CSS_SELECTOR, "main button[type=submit]").click()
     error = browser.find_element(By.ID, "spec-input_size-error")
     wait(browser, "the message", lambda d: error.text)
-    assert "does not fit vgg" in error.text
+    assert "does not fit vgg: it needs an input_size of 32 or more" in error.text
     assert field(browser, "input_size").get_attribute("aria-invalid") == "true"
+    assert "null" not in browser.find_element(By.TAG_NAME, "main").text.split("\n")[:3]
     assert "#/train" in browser.current_url  # nothing was submitted
     browser.save_screenshot(str(shots / "refused.png"))
+
+
+def test_the_forms_and_layer_tables_know_each_networks_sizes_and_archs(
+    uvicorn_server: Callable[..., Server], browser: WebDriver, shots: Path
+) -> None:
+    server = uvicorn_server()
+    browser.get(f"{server.url}/#/train")
+    wait(browser, "the form", lambda d: d.find_elements(By.ID, "spec-input_size"))
+    models = [o.get_attribute("value") for o in Select(field(browser, "model")).options]
+    assert models[:3] == ["lenet", "vgg", "resnet18"] and "regnetx32" in models
+
+    Select(field(browser, "model")).select_by_value("alexnet")
+    assert field(browser, "input_size").get_attribute("value") == "224"  # the book's resize
+    assert field(browser, "input_size").get_attribute("min") == "65"
+    assert browser.find_element(By.ID, "spec-input_size-help").text.startswith("65 … 224")
+    assert not field(browser, "arch").is_enabled()  # the book's AlexNet takes no arch
+    fill(browser, input_size=64)
+    browser.find_element(By.CSS_SELECTOR, "main button[type=submit]").click()
+    error = browser.find_element(By.ID, "spec-input_size-error")
+    wait(browser, "the message", lambda d: error.text)
+    assert "it needs an input_size of 65 or more" in error.text
+
+    Select(field(browser, "model")).select_by_value("densenet")
+    assert field(browser, "input_size").get_attribute("min") == "29"
+    assert "growth_rate" in (field(browser, "arch").get_attribute("placeholder") or "")
+    fill(browser, arch='{"growth_rate": 0}', epochs=1)
+    browser.find_element(By.CSS_SELECTOR, "main button[type=submit]").click()
+    error = browser.find_element(By.ID, "spec-arch-error")
+    wait(browser, "the arch message", lambda d: error.text)
+    assert "growth_rate must be 1-128" in error.text
+
+    browser.get(f"{server.url}/#/models")
+    wait(browser, "the layer table", lambda d: d.find_elements(By.XPATH, "//td[text()='Conv2d']"))
+    Select(browser.find_element(By.ID, "m-model")).select_by_value("densenet")
+    wait(
+        browser, "DenseNet's rows", lambda d: d.find_elements(By.XPATH, "//td[text()='DenseBlock']")
+    )
+    printout = browser.find_element(By.TAG_NAME, "pre").text
+    second = " ".join(printout.splitlines()[1].split())  # the tab shows as spaces
+    assert second == "DenseBlock output shape: torch.Size([1, 192, 24, 24])"
+    arch = browser.find_element(By.ID, "m-arch")
+    arch.send_keys('{"growth_rate": 16, "arch": [2, 2]}')
+    browser.find_element(By.CSS_SELECTOR, "main form button[type=submit]").click()
+    wait(
+        browser,
+        "the smaller DenseNet",
+        lambda d: "torch.Size([1, 96, 24, 24])" in d.find_element(By.TAG_NAME, "pre").text,
+    )
+    browser.save_screenshot(str(shots / "models-densenet.png"))
 
 
 def test_a_server_with_keys_asks_for_one_and_the_key_is_kept_for_the_tab(

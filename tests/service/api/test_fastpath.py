@@ -233,7 +233,7 @@ def test_v2_infer_takes_the_fast_path_on_both_routes(
     [
         ("/v2/models/lenet/infer", {"shape": [1, 32, 32]}, 400, "shape"),
         ("/v2/models/lenet/infer", {"datatype": "INT64"}, 400, "INT64"),
-        ("/v2/models/alexnet/infer", {}, 404, "unknown model"),
+        ("/v2/models/mobilenet/infer", {}, 404, "unknown model"),
         ("/v2/models/lenet/versions/worst/infer", {}, 404, "unknown version"),
         ("/v2/models/vgg/infer", {}, 404, "no checkpoint"),
     ],

@@ -95,7 +95,7 @@ def test_out_of_bounds_spec_is_422_and_nothing_is_queued(
 ) -> None:
     for bad in (
         {"model": "lenet", "epochs": 1000000000},
-        {"model": "alexnet"},
+        {"model": "mobilenet"},
         {"model": "lenet", "batch_size": 0},
         {"model": "lenet", "input_size": 20},
         {"model": "lenet", "colour": "red"},
@@ -111,6 +111,30 @@ def test_out_of_bounds_spec_is_422_and_nothing_is_queued(
     assert r.status_code == 422
     assert store.r.llen(QUEUE) == 0
     assert client.get("/v1/jobs").json()["jobs"] == []
+
+
+def test_an_input_size_below_the_networks_smallest_is_a_422_that_says_it(
+    client: TestClient, store: JobStore
+) -> None:
+    for model, size, smallest in (("alexnet", 64, 65), ("nin", 66, 67), ("densenet", 28, 29)):
+        r = client.post("/v1/jobs", json={"model": model, "input_size": size})
+        assert r.status_code == 422, r.text
+        assert r.headers["content-type"] == PROBLEM
+        assert f"input_size {size} does not fit {model}" in r.json()["detail"]
+        assert f"it needs an input_size of {smallest} or more" in r.json()["detail"]
+    assert store.r.llen(QUEUE) == 0
+    r = client.post("/v1/jobs", json={"model": "alexnet", "input_size": 65, "epochs": 1})
+    assert r.status_code == 202, r.text
+
+
+def test_a_job_takes_the_book_parameters_of_densenet_as_its_arch(client: TestClient) -> None:
+    arch = {"growth_rate": 8, "arch": [2, 2]}
+    r = client.post("/v1/jobs", json={"model": "densenet", "arch": arch, "input_size": 28})
+    assert r.status_code == 202, r.text
+    assert r.json()["spec"]["arch"] == arch
+    r = client.post("/v1/jobs", json={"model": "densenet", "arch": {"growth_rate": 999}})
+    assert r.status_code == 422
+    assert "arch: DenseNet growth_rate must be 1-128" in r.json()["detail"]
 
 
 def test_unknown_and_malformed_job_ids_are_404(client: TestClient) -> None:

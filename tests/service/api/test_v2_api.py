@@ -106,7 +106,7 @@ def test_names_are_registry_models_or_jobs_and_versions_are_checkpoints(
 @pytest.mark.parametrize(
     ("path", "status", "message"),
     [
-        ("/v2/models/alexnet", 404, "unknown model 'alexnet'"),
+        ("/v2/models/mobilenet", 404, "unknown model 'mobilenet'"),
         ("/v2/models/resnet18", 404, "model 'resnet18' has no checkpoint"),
         ("/v2/models/lenet/versions/7", 404, "unknown version '7'"),
         ("/v2/models/lenet/versions/0000000000000000-e001", 404, "has no checkpoint for version"),

@@ -116,7 +116,7 @@ def test_errors_reach_tritonclient_with_the_servers_message(
     ) as err:
         infer(triton, np.zeros((1, 32, 32), np.uint8), "UINT8", binary=True)
     assert err.value.status() == "400"
-    with pytest.raises(InferenceServerException, match="unknown model 'alexnet'"):
-        triton.get_model_metadata("alexnet")
+    with pytest.raises(InferenceServerException, match="unknown model 'mobilenet'"):
+        triton.get_model_metadata("mobilenet")
     with pytest.raises(InferenceServerException, match="no checkpoint"):
         triton.infer("resnet18", [httpclient.InferInput("image", [1, 28, 28], "UINT8")])

@@ -157,6 +157,22 @@ def test_other_input_sizes_are_resized_on_the_device_as_the_manifest_says(
     assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 10)
 
 
+def test_val_limit_validates_on_the_first_test_images_only(
+    data: FashionMNIST, checkpoint_store: CheckpointStore
+) -> None:
+    store = checkpoint_store
+    spec = lenet_spec(epochs=1, train_limit=256, val_limit=300)
+    result = train(spec, job_id=new_job_id(), data=data, store=store)
+    manifest = store.manifest(result.latest_checkpoint or "")
+    assert manifest.dataset["validated_on"] == 300
+    matrix = result.history[0].confusion_matrix
+    assert matrix is not None
+    # the rows count each true class among the first 300 test labels
+    assert [sum(row) for row in matrix] == torch.bincount(
+        data.test_labels[:300].long(), minlength=10
+    ).tolist()
+
+
 def test_a_wall_time_ceiling_stops_the_run_and_keeps_checkpoints(
     data: FashionMNIST, checkpoint_store: CheckpointStore
 ) -> None:
