@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import struct
 import zlib
 from functools import lru_cache
@@ -19,6 +20,8 @@ from models import build_model
 from workers.store.checkpoints import CheckpointStore, Manifest, Preprocessing
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+#: A manifest as cnnserve's first version wrote it (fields since dropped or made real).
+FIRST_MANIFEST = Path(__file__).with_name("manifest_first_version.json")
 JOB_A = "0123456789abcdef"
 JOB_B = "fedcba9876543210"
 
@@ -133,3 +136,17 @@ def reference_probs(model: nn.Module, images: np.ndarray, input_size: int = 28) 
         x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=False)
     with torch.no_grad():
         return torch.softmax(model(x), dim=1).numpy()
+
+
+def as_first_version_wrote_it(store: CheckpointStore, manifest: Manifest) -> None:
+    """Rewrite a saved checkpoint's manifest as cnnserve's first version wrote manifests
+    (`FIRST_MANIFEST`), keeping its id, epoch and weights."""
+    earlier = json.loads(FIRST_MANIFEST.read_text())
+    earlier.update(
+        id=manifest.id,
+        job_id=manifest.job_id,
+        epoch=manifest.epoch,
+        weights_sha256=manifest.weights_sha256,
+    )
+    path = store.root / manifest.job_id / f"e{manifest.epoch:03d}" / "manifest.json"
+    path.write_text(json.dumps(earlier, indent=2))

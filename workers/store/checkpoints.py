@@ -36,11 +36,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models import CLASSES, build_model
+from workers.contracts import CHECKPOINT_ID_RE, JOB_ID_RE, MODEL_NAME_RE
 from workers.store.checkpoint_index import CheckpointIndex
 
-JOB_ID_RE = re.compile(r"^[0-9a-f]{16}$")
-CHECKPOINT_ID_RE = re.compile(r"^(?P<job>[0-9a-f]{16})-e(?P<epoch>[0-9]{3})$")
-MODEL_NAME_RE = re.compile(r"^[a-z0-9_]{1,32}$")
 EVALUATION_FILE = "evaluation.json"
 #: An arch as a manifest records it: [count, channels] pairs, a name, or none.
 ManifestArch = list[list[int]] | str | None
@@ -63,18 +61,29 @@ class CheckpointCorruptError(CheckpointError):
 
 
 class Preprocessing(BaseModel):
-    """What inference must do to an image so it matches what training saw."""
+    """What is done to an image before the network, in training and inference alike.
 
-    grayscale: bool = True
-    pad_to_square: bool = True
+    `workers.preprocessing.Transform(preprocessing)` does it (torchvision's `Weights.transforms`);
+    every field is read there. (`grayscale`, which earlier versions wrote and nothing read, is
+    ignored when their manifests load: the network's `in_channels` says it.)
+    """
+
+    pad_to_square: bool = Field(
+        True, description="A non-square input is padded to a square with black before resizing."
+    )
     resize: int = Field(description="Square side the image is resized to.")
-    interpolation: str = "bilinear"
+    interpolation: Literal["bilinear"] = Field(
+        "bilinear",
+        description="How the 28×28 image is resized to `resize`: bilinear without antialias, "
+        "on the device in training and inside the served graph in inference.",
+    )
     scale: float = Field(1 / 255, description="Pixel values are multiplied by this (to 0..1).")
-    mean: float = 0.0
-    std: float = 1.0
-    invert: str = Field(
+    mean: float = Field(0.0, description="Subtracted after scaling.")
+    std: float = Field(1.0, description="Divides after subtracting the mean.")
+    invert: Literal["auto", "true", "false"] = Field(
         "auto",
-        description="Fashion-MNIST is light-on-dark; 'auto' inverts dark-on-light photos.",
+        description="What a request's invert=auto means: 'auto' inverts an input whose border "
+        "is light (Fashion-MNIST is light-on-dark); 'true' or 'false' always or never.",
     )
     photos: Literal["fashion-mnist", "pad-resize"] = Field(
         "fashion-mnist",
@@ -439,7 +448,8 @@ class CheckpointStore:
         return owner if indexed else self.manifest(ckpt_id).owner
 
     def resolve(self, ref: str, within: str | None = None) -> str:
-        """A checkpoint id from an id or an alias: `<job>:latest`, `<job>:best`, `<model>:best`.
+        """A checkpoint id from an id or an alias: `<job>:latest`, `<job>:best`, `<model>:best`,
+        `<model>:latest`.
 
         With `within`, only that owner's checkpoints answer (`<model>:best` is its best); any
         other is not found, exactly as one that does not exist.
@@ -462,15 +472,17 @@ class CheckpointStore:
             raise CheckpointNotFoundError(
                 ref,
                 f"{ref!r} is neither a checkpoint id (<job>-e<NNN>) nor an alias "
-                "(<job>:latest, <job>:best, <model>:best)",
+                "(<job>:latest, <job>:best, <model>:best, <model>:latest)",
             )
         if JOB_ID_RE.match(head):
             target = self.aliases(head).get(alias)
             if not target:
                 raise CheckpointNotFoundError(ref, f"job {head} has no {alias} checkpoint")
             return target
-        if alias == "best" and MODEL_NAME_RE.match(head):
-            return self._best_of_model(ref, head, within)
+        if MODEL_NAME_RE.match(head):
+            if alias == "best":
+                return self._best_of_model(ref, head, within)
+            return self._latest_of_model(ref, head, within)
         raise CheckpointNotFoundError(ref, f"no checkpoint answers to {ref!r}")
 
     def _best_of_model(self, ref: str, model: str, within: str | None) -> str:
@@ -485,6 +497,16 @@ class CheckpointStore:
                 return present[0]
             # removed behind the store's back (by hand): forget them, look again
             self.index.remove(ranked)
+
+    def _latest_of_model(self, ref: str, model: str, within: str | None) -> str:
+        """The newest checkpoint of `model` (of one owner's), as `list` orders them."""
+        while True:
+            newest = self.index.summaries(model=model, limit=1, within=within)
+            if not newest:
+                raise CheckpointNotFoundError(ref, f"no checkpoint of model {model!r} exists")
+            if (self._dir(newest[0]["id"]) / "manifest.json").is_file():
+                return str(newest[0]["id"])
+            self.index.remove({newest[0]["id"]})  # removed behind the store's back: look again
 
     def lineage(
         self,
