@@ -9,11 +9,14 @@ other modules of ours; a failure names the chain.
 from __future__ import annotations
 
 import ast
+import re
 from collections import deque
 from functools import cache
 from pathlib import Path
 
 import pytest
+
+from tests.deploy.readme import section
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("models", "workers", "service")
@@ -117,3 +120,26 @@ def test_the_graph_sees_lazy_and_from_package_imports() -> None:
     assert "service.inference.pipeline" in imports("service.api.fastpath")  # from pkg import mod
     assert "workers.training.runner" in imports("workers.tasks")  # inside a task function
     assert chain("service.api.app", ROUTES) is not None  # the app includes every router
+
+
+def test_the_readme_layout_and_docs_architecture_match_the_tree() -> None:
+    layout = section("Layout")
+    named = set(re.findall(r"^\| `([^`]+)`", layout, re.M))
+    named |= set(re.findall(r"^\| `[^`]+`, `([^`]+)`", layout, re.M))
+    assert all((ROOT / p).exists() for p in named), sorted(
+        p for p in named if not (ROOT / p).exists()
+    )
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    assert "docs/architecture.md" in layout
+    subpackages = {m.replace(".", "/") + "/" for m in modules() if m.count(".") == 1
+                   and modules()[m].name == "__init__.py"}  # fmt: skip
+    assert subpackages <= named, sorted(subpackages - named)
+    rows = re.findall(r"^\| `([a-z_/]+/)` \| (.*) \|$", page, re.M)
+    assert {p for p, _ in rows} >= subpackages, "docs/architecture.md lacks a package"
+    stale = [
+        f"{package}{name}"
+        for package, owns in rows
+        for name in re.findall(r"`([a-z_]+\.py|[a-z_]+/)`", owns)
+        if not (ROOT / package / name).exists()
+    ]
+    assert not stale, f"docs/architecture.md names files that are not there: {stale}"
