@@ -107,7 +107,7 @@ def take_predict(match: re.Match[str], scope: Scope, headers: Headers) -> Taken 
         settings = inference.settings
         manifest = await inference.resolver.manifest(ref, caller.within)
         parts = decode.multipart_parts(content_type, body, settings.max_images_per_request)
-        how = pipeline.Preparation(manifest, query)
+        how = pipeline.Preparation.of(manifest, query)
         native = await pipeline.files_native(decode.upload_blobs(parts), settings, how)
         answer = await pipeline.predict_answer(
             inference, how, native, query.top_k, query.return_input

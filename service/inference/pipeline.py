@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from typing import Any, get_args
 
 import numpy as np
@@ -59,6 +58,8 @@ from workers.store.checkpoints import Manifest
 
 #: The most classes a prediction lists (Fashion-MNIST has ten).
 MAX_TOP_K = 10
+#: The values V2's `invert` and `preprocess` parameters take (as predict's query).
+INVERT_MODES, PREPROCESS_MODES = get_args(InvertMode), get_args(PreprocessMode)
 #: Uploads whose headers declare at most this many pixels in all are decoded on the event
 #: loop: a 28×28 PNG decodes in microseconds, less than a hop to the thread pool costs.
 INLINE_DECODE_PIXELS = 64 * 64
@@ -104,23 +105,28 @@ class PredictQuery(PreprocessQuery):
 @dataclass(frozen=True)
 class Preparation:
     """How a request's images become its checkpoint's input: the manifest's preprocessing,
-    with the request's options."""
+    with the request's options (`PreprocessQuery`'s, or V2's parameters)."""
 
     manifest: Manifest
-    query: PreprocessQuery = field(default_factory=PreprocessQuery)
+    invert: InvertMode = "auto"
+    mode: PreprocessMode = "auto"
 
-    @cached_property
+    @classmethod
+    def of(cls, manifest: Manifest, query: PreprocessQuery) -> Preparation:
+        return cls(manifest, query.invert, query.preprocess)
+
+    @property
     def transform(self) -> Transform:
         return Transform(self.manifest.preprocessing)
 
     def native(self, arrays: list[np.ndarray]) -> np.ndarray:
         """Decoded images as the 28×28 uint8 images the network sees (N×28×28)."""
-        q = self.query
-        return np.stack([self.transform.native(a, q.invert, q.preprocess) for a in arrays])
+        transform = self.transform
+        return np.stack([transform.native(a, self.invert, self.mode) for a in arrays])
 
     def native_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """28×28 grayscale pixels (N×28×28 uint8) as the images the network sees."""
-        return self.transform.native_batch(pixels, self.query.invert)
+        return self.transform.native_batch(pixels, self.invert)
 
     def model_input(self, native: np.ndarray) -> np.ndarray:
         """Those images as the model's N×1×28×28 float32 input."""
@@ -199,11 +205,8 @@ async def _infer_batch(
     """A V2 request's input as the model's input, preprocessed exactly as `/v1` predict's."""
     tensor = v2_input(request.inputs)
     params = request.parameters
-    query = PreprocessQuery(
-        invert=_choice(params, "invert", get_args(InvertMode)),
-        preprocess=_choice(params, "preprocess", get_args(PreprocessMode)),
-    )
-    how = Preparation(manifest, query)
+    invert = _choice(params, "invert", INVERT_MODES)
+    how = Preparation(manifest, invert, _choice(params, "preprocess", PREPROCESS_MODES))
     limit = inference.settings.max_images_per_request
     if tensor.datatype in PIXEL_TYPES:
         return how.model_input(how.native_pixels(pixel_tensor(tensor, limit)))

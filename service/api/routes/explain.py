@@ -55,7 +55,8 @@ async def explain(
     inference: InferenceDep,
     query: Annotated[pipeline.PreprocessQuery, Query()],
 ) -> Any:
-    done = await pipeline.explain_images(inference, pipeline.Preparation(manifest, query), request)
+    how = pipeline.Preparation.of(manifest, query)
+    done = await pipeline.explain_images(inference, how, request)
     classes = done.loaded.manifest.classes
     probs, targets = done.probs, done.targets
     if "image/png" in request.headers.get("accept", ""):

@@ -50,7 +50,7 @@ async def predict(
     request: Request, manifest: PredictManifest, query: Annotated[PredictQuery, Query()]
 ) -> Response:
     inference = await get_inference(request)
-    how = Preparation(manifest, query)
+    how = Preparation.of(manifest, query)
     native = await request_images(request, inference.settings, how)
     body = await predict_answer(inference, how, native, query.top_k, query.return_input)
     return Response(body, media_type="application/json")
