@@ -37,7 +37,7 @@ SWEEP_ID_PATTERN = JOB_ID_PATTERN
 EVALUATION_ID_PATTERN = rf"^eval-{ID_HEX}$"
 #: A checkpoint id: its job's id and its epoch, `<job>-eNNN`.
 CHECKPOINT_ID_RE = re.compile(rf"^(?P<job>{ID_HEX})-e(?P<epoch>[0-9]{{3}})$")
-#: A registry model's name (as a filter and in `<model>:best`).
+#: A registry model's name (as a filter, and in `<model>:best` and `<model>:latest`).
 MODEL_NAME = "[a-z0-9_]{1,32}"
 MODEL_NAME_PATTERN = rf"^{MODEL_NAME}$"
 MODEL_NAME_RE = re.compile(MODEL_NAME_PATTERN)

@@ -173,7 +173,7 @@ async def _checkpoint_not_found(request: Request, exc: Exception) -> JSONRespons
     return problem_response(
         404,
         f"{exc}; refs are checkpoint ids (<job>-eNNN) or aliases "
-        "(<job>:latest, <job>:best, <model>:best)",
+        "(<job>:latest, <job>:best, <model>:best, <model>:latest)",
         instance=_path(request),
         slug="checkpoint-not-found",
         title="Checkpoint not found",
