@@ -25,7 +25,9 @@ import torch.nn.functional as F
 
 from bench.infer import machine_info
 from models import build_model, get_model_entry
+from workers.preprocessing import Transform
 from workers.settings import Settings
+from workers.store.checkpoints import Preprocessing
 from workers.training.data import load_fashion_mnist
 from workers.training.validation import Tally, model_input
 
@@ -33,12 +35,17 @@ from workers.training.validation import Tally, model_input
 EVAL_PIXELS = 2**21
 
 
+def _input(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Test images as the engine feeds them to a network of input side `size`."""
+    return model_input(Transform(Preprocessing(resize=size)), images, True)
+
+
 def _before(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, size: int, batch: int) -> float:
     """The validation pass without the matrix: summed loss and a count of hits."""
     loss = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.int64)
     for start in range(0, len(x), batch):
-        logits = net(model_input(x[start : start + batch], size, True))
+        logits = net(_input(x[start : start + batch], size))
         labels = y[start : start + batch]
         loss += F.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(dim=1) == labels).sum()
@@ -49,7 +56,7 @@ def _after(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, size: int, ba
     """The engine's validation pass: `Tally` with the confusion matrix."""
     tally = Tally(10, x.device)
     for start in range(0, len(x), batch):
-        tally.add(net(model_input(x[start : start + batch], size, True)), y[start : start + batch])
+        tally.add(net(_input(x[start : start + batch], size)), y[start : start + batch])
     return tally.scores().accuracy * len(x)
 
 

@@ -37,12 +37,13 @@ class Classifier:
     def __init__(self) -> None:
         from bench.stores import open_store
         from service.inference.backends import InferenceNet
+        from workers.preprocessing import Transform
 
         threads = int(os.environ.get("PEER_THREADS", "2"))
         torch.set_num_threads(threads)
         store = open_store(Path(os.environ["PEER_CHECKPOINTS"]))  # CNNSERVE_REDIS_URL's index
         net, manifest = store.load_model(os.environ["PEER_CHECKPOINT"], "cpu")
-        self.module = InferenceNet(net, manifest.preprocessing.resize).eval()
+        self.module = InferenceNet(net, Transform(manifest.preprocessing)).eval()
         self.classes = manifest.classes
         stats = os.environ.get("PEER_STATS")
         self.stats = np.memmap(stats, dtype=np.int64, mode="r+", shape=(2,)) if stats else None

@@ -76,16 +76,17 @@ def local_classifier(store_root: Path, checkpoint: str, mode: str) -> Any:
     """Classify encoded images as the server does: its decoding, preprocessing and model."""
     from bench.stores import open_store
     from service.inference.backends import load_for_inference
-    from service.inference.images import decode_image, preprocess
+    from service.inference.images import decode_image
+    from workers.preprocessing import Transform
 
     store = open_store(store_root)
     loaded = load_for_inference(store, checkpoint, backend="auto", threads=2)
-    prep = loaded.manifest.preprocessing
+    transform = Transform(loaded.manifest.preprocessing)
 
     def classify(blobs: list[bytes]) -> np.ndarray:
         arrays = [decode_image(b, max_pixels=4096 * 4096) for b in blobs]
-        x = np.stack([preprocess(a, prep, "auto", mode) for a in arrays])  # type: ignore[arg-type]
-        return loaded.run(x).argmax(axis=1)
+        native = np.stack([transform.native(a, "auto", mode) for a in arrays])  # type: ignore[arg-type]
+        return loaded.run(transform.scale(native)).argmax(axis=1)
 
     return classify
 

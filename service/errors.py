@@ -1,6 +1,7 @@
 """Domain errors of the service, each an RFC 9457 problem: status, type slug and title.
 
-Routes and the pipeline raise these (or the model zoo's and workers' own errors);
+Routes and the pipeline raise these (or the model zoo's and workers' own errors, such as the
+job store's `QueueFullError`, which are not defined again here);
 `service.api.handlers` maps every one of them to a response, once.
 """
 
@@ -77,14 +78,6 @@ class RateLimitedError(ProblemError):
     title = "Too many requests"
 
 
-class ActiveJobsLimitError(ProblemError):
-    """A principal past its quota of queued and running jobs."""
-
-    status = 429
-    slug = "too-many-active-jobs"
-    title = "Too many active jobs"
-
-
 class JobFinishedError(ProblemError):
     """An action that needs an unfinished job on a finished one."""
 
@@ -109,12 +102,12 @@ class IdempotencyInFlightError(ProblemError):
     title = "Request with this Idempotency-Key in progress"
 
 
-class QueueFullError(ProblemError):
-    """Too many queued jobs to take another."""
+class SweepNotFoundError(ProblemError):
+    """No sweep with this id (or another tenant's)."""
 
-    status = 429
-    slug = "queue-full"
-    title = "Too many queued jobs"
+    status = 404
+    slug = "sweep-not-found"
+    title = "Sweep not found"
 
 
 class ServiceUnavailableError(ProblemError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
@@ -52,9 +53,24 @@ def queues_for_worker(device: str) -> list[str]:
 
 MIN_INPUT_SIZE = 28
 MAX_INPUT_SIZE = 224
-#: A checkpoint id or alias (as `CheckpointStore.resolve` takes them).
+
+# The shapes of ids and names, here once: every check of a client's string uses these.
+#: A job's (or a sweep's) id: 16 hex digits, `uuid4().hex[:16]`.
+ID_HEX = "[0-9a-f]{16}"
+JOB_ID_PATTERN = rf"^{ID_HEX}$"
+JOB_ID_RE = re.compile(JOB_ID_PATTERN)
+SWEEP_ID_PATTERN = JOB_ID_PATTERN
+EVALUATION_ID_PATTERN = rf"^eval-{ID_HEX}$"
+#: A checkpoint id: its job's id and its epoch, `<job>-eNNN`.
+CHECKPOINT_ID_RE = re.compile(rf"^(?P<job>{ID_HEX})-e(?P<epoch>[0-9]{{3}})$")
+#: A registry model's name (as a filter, and in `<model>:best` and `<model>:latest`).
+MODEL_NAME = "[a-z0-9_]{1,32}"
+MODEL_NAME_PATTERN = rf"^{MODEL_NAME}$"
+MODEL_NAME_RE = re.compile(MODEL_NAME_PATTERN)
+#: A checkpoint id or alias (as `CheckpointStore.resolve` takes them): `<job>-eNNN`,
+#: `<job>:best`, `<job>:latest`, `<model>:best`, `<model>:latest`.
 CHECKPOINT_REF_PATTERN = (
-    r"^([0-9a-f]{16}-e[0-9]{3}|[0-9a-f]{16}:(latest|best)|[a-z0-9_]{1,32}:best)$"
+    rf"^({ID_HEX}-e[0-9]{{3}}|{ID_HEX}:(latest|best)|{MODEL_NAME}:(latest|best))$"
 )
 #: Training examples in Fashion-MNIST (a `train_limit` at or above it trains on all).
 TRAIN_EXAMPLES = 60000
@@ -205,8 +221,8 @@ class JobSpec(BaseModel):
         None,
         pattern=CHECKPOINT_REF_PATTERN,
         description="Start from this checkpoint's weights (an id or alias: <job>-eNNN, "
-        "<job>:best, <job>:latest, <model>:best) with a fresh optimizer and this spec's "
-        "hyperparameters; it must be the same model, arch and input size.",
+        "<job>:best, <job>:latest, <model>:best, <model>:latest) with a fresh optimizer and "
+        "this spec's hyperparameters; it must be the same model, arch and input size.",
         examples=["lenet:best"],
     )
     continue_epochs: bool = Field(

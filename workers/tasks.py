@@ -1,5 +1,6 @@
-"""The Celery side of training: thin tasks over `runner.run_job` and `evaluations.run_evaluation`,
-and the worker's hooks.
+"""The Celery side of training: thin tasks over `runner.run_job` and `evaluate.run_evaluation`,
+and the worker's hooks. Every task option (acks late, reject on a lost worker, no results) is
+the app's (`workers.celery_app.make_celery`); a task here names itself and binds, nothing more.
 
 Only workers load this module (the app's `include`); the engine itself is imported lazily,
 inside the task, so even loading this module does not pull in the training loop.
@@ -20,13 +21,7 @@ from workers.settings import get_settings
 log = logging.getLogger(__name__)
 
 
-@app.task(
-    bind=True,
-    name=TRAIN_TASK,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    ignore_result=True,
-)
+@app.task(bind=True, name=TRAIN_TASK)
 def train_job(self: Task, job_id: str) -> str:
     """Train the job `job_id` (an id, never the spec: the record in Redis is the truth)."""
     from workers.training.runner import run_job
@@ -41,16 +36,10 @@ def train_job(self: Task, job_id: str) -> str:
     )
 
 
-@app.task(
-    bind=True,
-    name=EVALUATE_TASK,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    ignore_result=True,
-)
+@app.task(bind=True, name=EVALUATE_TASK)
 def evaluate(self: Task, evaluation_id: str) -> str:
     """Evaluate the checkpoint an evaluation record names (the record is the truth)."""
-    from workers.store.evaluations import run_evaluation
+    from workers.training.evaluate import run_evaluation
 
     return run_evaluation(
         evaluation_id, worker=str(self.request.hostname or "worker"), settings=get_settings()

@@ -27,9 +27,11 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from limits import RateLimitItem, parse
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
+from starlette.requests import HTTPConnection
 
 from service.access import audit
 from service.access.keys import KeyRing, Principal
@@ -45,8 +47,25 @@ logger = logging.getLogger(__name__)
 #: What a route may ask for: a scope, or `any` (whoever calls, even without a key).
 Rule = Literal["read", "predict", "train", "admin", "any"]
 
-#: The OpenAPI security scheme (the docs page's "Authorize" button); errors are ours.
-bearer_scheme = HTTPBearer(
+
+def bearer_credentials(authorization: str | None) -> HTTPAuthorizationCredentials | None:
+    """The key an `Authorization: Bearer <key>` header sends (None: no such header), read as
+    `HTTPBearer(auto_error=False)` reads it; the routes and the fast path both read it here."""
+    scheme, token = get_authorization_scheme_param(authorization)
+    if not (authorization and scheme and token) or scheme.lower() != "bearer":
+        return None
+    return HTTPAuthorizationCredentials(scheme=scheme, credentials=token)
+
+
+class BearerKey(HTTPBearer):
+    """The OpenAPI security scheme (the docs page's "Authorize" button) that reads the header
+    with `bearer_credentials`; refusing is `authorize`'s (our problems, not FastAPI's)."""
+
+    async def __call__(self, request: HTTPConnection) -> HTTPAuthorizationCredentials | None:
+        return bearer_credentials(request.headers.get("Authorization"))
+
+
+bearer_scheme = BearerKey(
     auto_error=False,
     scheme_name="ApiKey",
     description="An API key (`cnnserve keys add`, or one of CNNSERVE_API_KEYS), sent as "

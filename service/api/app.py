@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
+from service import server_version
 from service.access.audit import AuditMiddleware
 from service.access.auth import PredictLimiter, log_auth_mode
 from service.access.keys import KeyRing
@@ -269,15 +270,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the cnnserve API for `settings` (default: the process's `get_settings()`)."""
     settings = settings or get_settings()
     configure_logging(settings)
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        app_version = version("cnnserve")
-    except PackageNotFoundError:
-        app_version = "0.0.0"
     app = CnnserveAPI(
         title="cnnserve",
-        version=app_version,
+        version=server_version(),
         summary="Train and serve the CNNs of Dive into Deep Learning on Fashion-MNIST.",
         description=DESCRIPTION,
         openapi_tags=TAGS,

@@ -28,7 +28,7 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _content_length(scope)
+        declared = declared_length(scope)
         if declared is not None and declared > self.max_bytes:
             logger.info("refused a %d-byte body (limit %d)", declared, self.max_bytes)
             await self._send_413(scope, receive, send)
@@ -73,7 +73,8 @@ class BodySizeLimitMiddleware:
         await response(scope, receive, send)
 
 
-def _content_length(scope: Scope) -> int | None:
+def declared_length(scope: Scope) -> int | None:
+    """The body length a request declares (its first Content-Length), None without one."""
     for name, value in scope.get("headers", []):
         if name == b"content-length":
             try:

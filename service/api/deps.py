@@ -1,4 +1,5 @@
-"""`Annotated` dependency aliases: settings, stores and the Celery app from `app.state`.
+"""`Annotated` dependency aliases and path parameters the routes share: settings, stores, the
+Celery app and the inference service from `app.state`, valid jobs, resolved checkpoints.
 
 `create_app` puts one of each on `app.state` in its lifespan, so a test can build an app with
 its own settings and every route sees them.
@@ -6,20 +7,20 @@ its own settings and every route sees them.
 
 from __future__ import annotations
 
-import re
 import threading
 from typing import Annotated, Any
 
 from celery import Celery
 from fastapi import Depends, Path, Request
 
-from service.access.auth import CallerDep
+from service.access.auth import CallerDep, current_caller
+from service.api.schemas import EXAMPLE_ID
 from service.inference.batcher import InferenceService
+from service.jobs.sweeps import SweepStore
+from workers.contracts import JOB_ID_RE
 from workers.settings import Settings
-from workers.store.checkpoints import CheckpointStore
+from workers.store.checkpoints import CheckpointStore, Manifest
 from workers.store.jobs import JobNotFoundError, JobRecord, JobStore
-
-JOB_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 
 
 async def get_app_settings(request: Request) -> Settings:
@@ -82,6 +83,15 @@ ValidJobId = Annotated[str, Depends(valid_job_id)]
 ValidJob = Annotated[JobRecord, Depends(valid_job)]
 
 
+async def sweep_store(request: Request) -> SweepStore:
+    """The sweep records beside the app's job store."""
+    store: JobStore = request.app.state.job_store
+    return SweepStore(store.r)
+
+
+SweepStoreDep = Annotated[SweepStore, Depends(sweep_store)]
+
+
 _SERVICE_LOCK = threading.Lock()
 
 
@@ -107,3 +117,38 @@ def inference_of(state: Any) -> InferenceService:
 
 
 InferenceDep = Annotated[InferenceService, Depends(get_inference)]
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+RefPath = Annotated[
+    str,
+    Path(
+        description="A checkpoint id (`<job>-eNNN`) or an alias: `<job>:latest`, "
+        "`<job>:best`, `<model>:best`, `<model>:latest`.",
+        examples=[EXAMPLE_ID, "0123456789abcdef:best", "lenet:best"],
+        max_length=64,
+    ),
+]
+
+
+async def resolved_manifest(ref: RefPath, request: Request, caller: CallerDep) -> Manifest:
+    """The manifest of the checkpoint `ref` names, read afresh; a 404 problem when none does,
+    or it is another tenant's."""
+    resolver = inference_of(request.app.state).resolver
+    return await resolver.manifest(ref, caller.within, fresh=True)
+
+
+async def predict_manifest(ref: RefPath, request: Request) -> Manifest:
+    """Like `resolved_manifest`, but a resolution under a second old is reused (the hot calls:
+    predict, explain).
+
+    The caller and the service straight from the request (each sub-dependency costs FastAPI's
+    resolution on every call), so no dependency of a predict call needs the thread pool.
+    """
+    caller = await current_caller(request)
+    return await inference_of(request.app.state).resolver.manifest(ref, caller.within)
+
+
+ResolvedManifest = Annotated[Manifest, Depends(resolved_manifest)]
+PredictManifest = Annotated[Manifest, Depends(predict_manifest)]

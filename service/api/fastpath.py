@@ -7,11 +7,11 @@ resolution and response machinery.
 That machinery cost more CPU per LeNet request than decoding the image and the forward pass
 together (`bench peers`, docs/benchmarks.md), and a fifth of a 64-image V2 batch's forward
 pass (`bench http`). This layer stands in front of the whole middleware stack
-(`service.api.app.CnnserveAPI`): it counts what it answers in the request metrics itself, takes
-only bodies whose declared length is within the body limit, and answers nothing the audit
-log records (predictions change no state). It does what the routes do with the routes' own
-functions: the same key check, scope and rate limit (`service.access.auth`), the same checkpoint or
-model resolution within the caller's tenant, parsers, checks, batcher and encoders.
+(`service.api.app.CnnserveAPI`; `STANDS_IN_FRONT_OF` names each middleware and why what it
+answers may skip it, and a test holds the app to that list). It does what the routes do, with
+what they do it with: the same bearer parser, key check, scope and rate limit
+(`service.access.auth`), the same query model (`PredictQuery`), the same resolution within the
+caller's tenant and the same pipeline (`service.inference.pipeline`); it imports no route.
 
 It answers only a success. Whatever it does not take (JSON predict bodies, big uploads, odd
 query strings, bodies without a declared length) goes to the route untouched, and whatever goes
@@ -28,31 +28,19 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, get_args
 from urllib.parse import parse_qsl
 
-from fastapi.security import HTTPAuthorizationCredentials
-from fastapi.security.utils import get_authorization_scheme_param
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.access.auth import ADMITTED, Caller, authorize, count_prediction
+from service.access.audit import AuditMiddleware
+from service.access.auth import ADMITTED, Caller, authorize, bearer_credentials, count_prediction
+from service.api.body_limit import BodySizeLimitMiddleware, declared_length
 from service.api.deps import inference_of
-from service.api.routes.predict import (
-    INLINE_MULTIPART_BYTES,
-    MAX_TOP_K,
-    Preparation,
-    files_native,
-    manifest_for,
-    multipart_parts,
-    predict_json,
-    upload_blobs,
-)
-from service.api.routes.v2 import infer_answer, model_manifest
 from service.errors import ProblemError
+from service.inference import decode, pipeline
 from service.inference.batcher import InferenceService
-from service.inference.images import InvertMode, PreprocessMode
-from service.metrics import observe_request
+from service.metrics import RequestMetricsMiddleware, observe_request
 from workers.contracts import CHECKPOINT_REF_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -61,9 +49,13 @@ PREDICT_PATH = re.compile(r"^/v1/checkpoints/([^/]{1,64})/predict$")
 #: The V2 infer routes; model and version names as the routes' path parameters allow them.
 INFER_PATH = re.compile(r"^/v2/models/([^/]{1,64})(?:/versions/([^/]{1,64}))?/infer$")
 REF = re.compile(CHECKPOINT_REF_PATTERN)
-#: The predict route's own types: its accepted values, and pydantic's reading of a boolean.
-INVERT, PREPROCESS = set(get_args(InvertMode)), set(get_args(PreprocessMode))
-BOOL = TypeAdapter(bool)
+
+#: The app's middleware, outermost first, that the fast path stands in front of; what it
+#: answers may skip each: the request metrics (it counts its answers itself), the body limit
+#: (it takes only bodies whose declared length is within the limit) and the audit log
+#: (predictions change no state). A middleware added to the app must be added here, with why
+#: the fast path may skip it, or the fast path must do its work too: a test holds them equal.
+STANDS_IN_FRONT_OF = (RequestMetricsMiddleware, BodySizeLimitMiddleware, AuditMiddleware)
 
 Headers = dict[bytes, bytes]
 #: What a fast route answers: the body and its headers (Content-Type among them).
@@ -87,20 +79,15 @@ INFER_ROUTE = "/v2/models/{model}/infer"
 INFER_VERSION_ROUTE = "/v2/models/{model}/versions/{model_version}/infer"
 
 
-def _query(raw: bytes) -> dict[str, Any] | None:
-    """The predict query parameters, or None where the route should judge them (a 422)."""
+def _query(raw: bytes) -> pipeline.PredictQuery | None:
+    """The predict query, read as the route reads it (Starlette's query parameters, the last
+    of a repeated one, validated by the route's own model), or None where the route should
+    judge it (a 422)."""
     params = dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True)) if raw else {}
-    top_k, invert = params.get("top_k", "1"), params.get("invert", "auto")
-    mode, with_input = params.get("preprocess", "auto"), params.get("return_input", "false")
-    if not (top_k.isascii() and top_k.isdigit() and 1 <= int(top_k) <= MAX_TOP_K):
-        return None
-    if invert not in INVERT or mode not in PREPROCESS:
-        return None
     try:
-        flag = BOOL.validate_python(with_input)
+        return pipeline.PredictQuery.model_validate(params)
     except ValidationError:
         return None
-    return {"top_k": int(top_k), "invert": invert, "mode": mode, "with_input": flag}
 
 
 def take_predict(match: re.Match[str], scope: Scope, headers: Headers) -> Taken | None:
@@ -111,18 +98,20 @@ def take_predict(match: re.Match[str], scope: Scope, headers: Headers) -> Taken 
     if (
         query is None
         or not REF.match(ref)
-        or content_type.split(";")[0].strip().lower() != "multipart/form-data"
-        or int(headers[b"content-length"]) > INLINE_MULTIPART_BYTES
+        or decode.body_kind(content_type) != "multipart"
+        or int(headers[b"content-length"]) > decode.INLINE_MULTIPART_BYTES
     ):
         return None
 
     async def handle(inference: InferenceService, caller: Caller, body: bytes) -> Answer:
         settings = inference.settings
-        manifest = await manifest_for(inference, caller, ref)
-        parts = multipart_parts(content_type, body, settings.max_images_per_request)
-        how = Preparation(manifest, query["invert"], query["mode"])
-        native = await files_native(upload_blobs(parts), settings, how)
-        answer = await predict_json(inference, how, native, query["top_k"], query["with_input"])
+        manifest = await inference.resolver.manifest(ref, caller.within)
+        parts = decode.multipart_parts(content_type, body, settings.max_images_per_request)
+        how = pipeline.Preparation.of(manifest, query)
+        native = await pipeline.files_native(decode.upload_blobs(parts), settings, how)
+        answer = await pipeline.predict_answer(
+            inference, how, native, query.top_k, query.return_input
+        )
         return answer, {"Content-Type": "application/json"}
 
     return Taken(PREDICT_ROUTE, handle)
@@ -135,8 +124,8 @@ def take_infer(match: re.Match[str], scope: Scope, headers: Headers) -> Taken | 
     header_length = raw_length.decode("latin-1") if raw_length is not None else None
 
     async def handle(inference: InferenceService, caller: Caller, body: bytes) -> Answer:
-        manifest = await model_manifest(inference, model, version, caller)
-        return await infer_answer(inference, model, manifest, body, header_length)
+        manifest = await inference.resolver.model_manifest(model, version, caller.within)
+        return await pipeline.infer_answer(inference, model, manifest, body, header_length)
 
     return Taken(INFER_ROUTE if version is None else INFER_VERSION_ROUTE, handle)
 
@@ -146,14 +135,6 @@ ROUTES: tuple[tuple[re.Pattern[str], Callable[..., Taken | None]], ...] = (
     (PREDICT_PATH, take_predict),
     (INFER_PATH, take_infer),
 )
-
-
-def _credentials(authorization: str | None) -> HTTPAuthorizationCredentials | None:
-    """As `HTTPBearer(auto_error=False)` reads the Authorization header."""
-    scheme, token = get_authorization_scheme_param(authorization)
-    if not (authorization and scheme and token) or scheme.lower() != "bearer":
-        return None
-    return HTTPAuthorizationCredentials(scheme=scheme, credentials=token)
 
 
 def _taken(scope: Scope) -> tuple[Taken, Headers] | None:
@@ -168,13 +149,12 @@ def _taken(scope: Scope) -> tuple[Taken, Headers] | None:
         match = pattern.match(path)
         if match is None:
             continue
+        length = declared_length(scope)
+        if length is None or not 0 <= length <= scope["app"].state.settings.max_body_bytes:
+            return None
         headers: Headers = {}
         for name, value in scope["headers"]:
             headers.setdefault(name, value)  # the first of a repeated header, as Starlette
-        length = headers.get(b"content-length", b"")
-        limit = scope["app"].state.settings.max_body_bytes
-        if not (length.isdigit() and int(length) <= limit):
-            return None
         taken = take(match, scope, headers)
         return None if taken is None else (taken, headers)
     return None
@@ -217,7 +197,7 @@ class FastPath:
     async def _answer(self, scope: Scope, headers: Headers, body: bytes, taken: Taken) -> Answer:
         app_state = scope["app"].state
         authorization = headers.get(b"authorization")
-        credentials = _credentials(authorization.decode("latin-1") if authorization else None)
+        credentials = bearer_credentials(authorization.decode("latin-1") if authorization else None)
         caller = authorize(app_state.key_ring, app_state.settings, "predict", credentials)
         await count_prediction(app_state, caller)
         state = scope.setdefault("state", {})

@@ -20,18 +20,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from models import ArchError, ShapeError, UnknownModelError
-from service.api.problems import (
-    problem_response,
-)
+from service.api.problems import problem_response
 from service.errors import ProblemError
 from workers.store.checkpoints import (
     CheckpointCorruptError,
     CheckpointNotFoundError,
     StoreUnavailableError,
 )
-from workers.store.jobs import JobNotFoundError
+from workers.store.jobs import ActiveJobsLimitError, JobNotFoundError, QueueFullError
 
 logger = logging.getLogger(__name__)
+
+#: A submission past the queue limit or a quota is told to retry after this many seconds.
+QUEUE_FULL_RETRY_S = 30
 
 
 def _path(request: Request) -> str:
@@ -176,7 +177,7 @@ async def _checkpoint_not_found(request: Request, exc: Exception) -> JSONRespons
     return problem_response(
         404,
         f"{exc}; refs are checkpoint ids (<job>-eNNN) or aliases "
-        "(<job>:latest, <job>:best, <model>:best)",
+        "(<job>:latest, <job>:best, <model>:best, <model>:latest)",
         instance=_path(request),
         slug="checkpoint-not-found",
         title="Checkpoint not found",
@@ -191,6 +192,34 @@ async def _checkpoint_corrupt(request: Request, exc: Exception) -> JSONResponse:
         instance=_path(request),
         slug="checkpoint-corrupt",
         title="Checkpoint corrupt",
+    )
+
+
+async def _queue_full(request: Request, exc: Exception) -> JSONResponse:
+    return problem_response(
+        429,
+        f"{exc}; retry in {QUEUE_FULL_RETRY_S} s or cancel queued jobs",
+        instance=_path(request),
+        slug="queue-full",
+        title="Too many queued jobs",
+        headers={"Retry-After": str(QUEUE_FULL_RETRY_S)},
+    )
+
+
+async def _active_jobs_limit(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ActiveJobsLimitError)
+    return problem_response(
+        429,
+        f"{exc}; retry in {QUEUE_FULL_RETRY_S} s, when one has finished, or cancel one",
+        instance=_path(request),
+        slug="too-many-active-jobs",
+        title="Too many active jobs",
+        headers={"Retry-After": str(QUEUE_FULL_RETRY_S)},
+        extensions={
+            "limit": "max_active_jobs",
+            "max_active_jobs": exc.limit,
+            "active_jobs": exc.active,
+        },
     )
 
 
@@ -243,6 +272,8 @@ def register_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(JobNotFoundError, _job_not_found)
     app.add_exception_handler(CheckpointNotFoundError, _checkpoint_not_found)
     app.add_exception_handler(CheckpointCorruptError, _checkpoint_corrupt)
+    app.add_exception_handler(QueueFullError, _queue_full)
+    app.add_exception_handler(ActiveJobsLimitError, _active_jobs_limit)
     app.add_exception_handler(redis.ConnectionError, _redis_down)
     app.add_exception_handler(redis.TimeoutError, _redis_down)
     app.add_exception_handler(StoreUnavailableError, _store_down)

@@ -1,22 +1,57 @@
 """Plots: a job's curves as d2l draws them, several jobs' curves compared, a confusion matrix.
 
 Matplotlib's object API on the Agg canvas (no pyplot state), so it is safe in a thread pool.
+Each plot is one route with its format in the path (`curves.{format:plot}`): the `plot`
+convertor matches `png` and `svg` only, so any other ending is no route at all (a 404).
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Any, Literal
 
+from fastapi import Path, Response
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from starlette.convertors import Convertor, register_url_convertor
 
 from workers.store.jobs import EpochMetrics
 
 CurveFormat = Literal["png", "svg"]
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "svg": "image/svg+xml"}
+
+
+class _PlotFormat(Convertor[str]):
+    """The `plot` path convertor: a plot's file ending."""
+
+    regex = "png|svg"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("plot", _PlotFormat())
+
+#: A plot route's format, the path's `{format:plot}`.
+PlotFormat = Annotated[CurveFormat, Path(description="The image format: png or svg.")]
+#: A plot route's 200 in OpenAPI.
+PLOT_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "A PNG or an SVG image, as the path's ending says.",
+        "content": {media_type: {} for media_type in MEDIA_TYPES.values()},
+    }
+}
+
+
+def plot_response(body: bytes, fmt: CurveFormat) -> Response:
+    """A rendered plot, never cached (its data changes while a job runs)."""
+    return Response(body, media_type=MEDIA_TYPES[fmt], headers={"Cache-Control": "no-store"})
+
 
 # d2l.plot's default formats: solid, magenta dashed, green dash-dot
 _SERIES = (

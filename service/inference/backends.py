@@ -1,7 +1,8 @@
 """Inference backends: the network wrapped for serving, ONNX export, and the runners.
 
-- The network is wrapped with training's on-device resize (`F.interpolate`, bilinear, no
-  antialias) and a softmax, so every backend takes N×1×28×28 floats and returns probabilities.
+- The network is wrapped with its checkpoint's resize (`workers.preprocessing.Transform`, as
+  training does it on the device) and a softmax, so every backend takes N×1×28×28 floats
+  (scaled) and returns probabilities.
 - ONNX Runtime where the export works and agrees with PyTorch (on this 2-core CPU it is
   2–6× faster at batch 1, see docs/benchmarks.md), eager PyTorch otherwise. The exported graph
   is kept in the checkpoint store beside its checkpoint (named by the weights' sha256, so
@@ -25,10 +26,9 @@ from typing import Literal
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from service.inference.images import NATIVE_SIZE
+from workers.preprocessing import NATIVE_SIZE, Transform
 from workers.store.checkpoints import CheckpointStore, Manifest
 
 logger = logging.getLogger(__name__)
@@ -60,25 +60,17 @@ def cpu_budget() -> tuple[int, int]:
 
 
 class InferenceNet(nn.Module):
-    """A classifier as inference runs it: 28×28 in, training's resize, probabilities out."""
+    """A classifier as inference runs it: 28×28 in, its preprocessing's resize, probabilities
+    out."""
 
-    def __init__(self, net: nn.Module, size: int) -> None:
+    def __init__(self, net: nn.Module, transform: Transform) -> None:
         super().__init__()
         self.net = net
-        self.size = size
+        self.transform = transform
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The network's class scores for 28×28 inputs (what explanations attribute)."""
-        if self.size != NATIVE_SIZE:
-            # exactly the engine's on-device resize of the 28×28 /255 tensor
-            x = F.interpolate(
-                x,
-                size=(self.size, self.size),
-                mode="bilinear",
-                align_corners=False,
-                antialias=False,
-            )
-        out: torch.Tensor = self.net(x)
+        out: torch.Tensor = self.net(self.transform.resize(x))
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,8 +84,6 @@ RunFn = Callable[[np.ndarray], np.ndarray]
 class LoadedModel:
     """A checkpoint ready to classify: its manifest and a batch function (N×1×28×28 → N×C)."""
 
-    checkpoint_id: str
-    weights_sha256: str
     manifest: Manifest
     backend: Backend
     run_batch: RunFn
@@ -102,6 +92,14 @@ class LoadedModel:
     #: The ONNX graph on disk, when one was exported.
     onnx_path: Path | None = None
     max_batch_size: int = 64
+
+    @property
+    def checkpoint_id(self) -> str:
+        return self.manifest.id
+
+    @property
+    def weights_sha256(self) -> str:
+        return self.manifest.weights_sha256
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Probabilities for a batch, in chunks of at most `max_batch_size` images."""
@@ -200,7 +198,7 @@ def load_for_inference(
 ) -> LoadedModel:
     """Load a checkpoint's verified weights and pick the backend that serves it."""
     net, manifest = store.load_model(ckpt_id, "cpu")
-    module = InferenceNet(net, manifest.preprocessing.resize).eval()
+    module = InferenceNet(net, Transform(manifest.preprocessing)).eval()
     eager = eager_runner(module)
     chosen: Backend = "eager"
     run = eager
@@ -225,16 +223,7 @@ def load_for_inference(
             logger.warning("ONNX export of %s failed; serving it with eager PyTorch", ckpt_id)
             logger.debug("ONNX failure", exc_info=True)
             exported = None
-    return LoadedModel(
-        checkpoint_id=ckpt_id,
-        weights_sha256=manifest.weights_sha256,
-        manifest=manifest,
-        backend=chosen,
-        run_batch=run,
-        module=module,
-        onnx_path=exported,
-        max_batch_size=max_batch_size,
-    )
+    return LoadedModel(manifest, chosen, run, module, exported, max_batch_size)
 
 
 def ensure_onnx(module: InferenceNet, manifest: Manifest, store: CheckpointStore) -> Path:

@@ -6,8 +6,8 @@ pass: the first request waits up to `batch_window_ms` for company (a full batch 
 and so does one as big as the checkpoint's last busy spell: the closed loop of clients that
 keeps it busy is all there), a checkpoint has at most one batch per compute thread in flight,
 and whatever queues meanwhile goes next (≤ `max_batch_size` images), taken by the compute
-thread itself as soon as its batch is done. Predict calls re-resolve a ref at most once per
-`REF_TTL_S` (1 s), not per request.
+thread itself as soon as its batch is done. It holds the pipeline's checkpoint resolver
+(`service.inference.resolve`), so that deleting a checkpoint forgets it everywhere at once.
 """
 
 from __future__ import annotations
@@ -34,16 +34,15 @@ from service.inference.backends import (
     load_for_inference,
 )
 from service.inference.cache import ModelCache
+from service.inference.resolve import Resolver
 from service.metrics import observe_batch
 from workers.settings import Settings
 from workers.store.checkpoints import CheckpointStore, Manifest
 
 logger = logging.getLogger(__name__)
 
-#: Predict re-resolves a ref (and re-reads its manifest) at most this often, so an alias like
-#: `<job>:latest` follows a running job within this many seconds.
-REF_TTL_S = 1.0
-REF_CACHE_SIZE = 1024
+#: Checkpoints whose last busy spell is remembered (bounded; cleared wholesale when full).
+SPELLS_SIZE = 1024
 
 
 @dataclass
@@ -120,7 +119,8 @@ class InferenceService:
         #: Drains handed to the compute pool that no thread has started yet.
         self._waiting = 0
         self._waiting_lock = threading.Lock()
-        self._refs: dict[str, tuple[float, Manifest]] = {}
+        #: Checkpoint refs to manifests, the one cache of them.
+        self.resolver = Resolver(store)
 
     def _load(self, ckpt_id: str) -> LoadedModel:
         return load_for_inference(
@@ -130,19 +130,6 @@ class InferenceService:
             threads=self.threads,
             max_batch_size=self.settings.max_batch_size,
         )
-
-    def cached_manifest(self, ref: str) -> Manifest | None:
-        """The manifest `ref` resolved to less than `REF_TTL_S` ago, if any."""
-        entry = self._refs.get(ref)
-        if entry is None or entry[0] < time.monotonic():
-            return None
-        return entry[1]
-
-    def remember_manifest(self, ref: str, manifest: Manifest) -> None:
-        """Keep a ref's resolution for `REF_TTL_S` (bounded; cleared wholesale when full)."""
-        if len(self._refs) >= REF_CACHE_SIZE:
-            self._refs.clear()
-        self._refs[ref] = (time.monotonic() + REF_TTL_S, manifest)
 
     async def model(self, manifest: Manifest) -> LoadedModel:
         """The loaded model for a checkpoint, from the cache or loaded on a worker thread."""
@@ -266,7 +253,7 @@ class InferenceService:
                 self._submit(queue, served)
                 return
         if served:  # a drain that found nothing taken says nothing of the clients
-            if len(self._spells) >= REF_CACHE_SIZE:
+            if len(self._spells) >= SPELLS_SIZE:
                 self._spells.clear()
             self._spells[queue.loaded.checkpoint_id] = served
         _call_soon(queue.loop, self._retire, queue)
@@ -282,9 +269,7 @@ class InferenceService:
         """Drop a deleted checkpoint: its cached model and every ref resolved to it (the store
         removed its files, exported graph included)."""
         self.cache.evict(deleted.id)
-        for ref, (_, manifest) in list(self._refs.items()):
-            if manifest.id == deleted.id:
-                self._refs.pop(ref, None)
+        self.resolver.forget(deleted.id)
 
     def close(self) -> None:
         """Stop the thread pools (pending forward passes finish first)."""

@@ -2,9 +2,11 @@
 
 `POST /v1/jobs` and `POST /v1/sweeps` both come here. Each spec has passed `JobSpec`'s checks
 (bounds, the network fit); here its `init_from` is resolved to a checkpoint of the same network
-(or a 422 that says what differs), the jobs are recorded in one atomic step with the queue
-limit, and each is sent through `enqueue_job`. When the broker cannot take them, nothing is
-left behind: the jobs not sent are removed and those sent are cancelled before they start.
+(or a 422 that says what differs), an `Idempotency-Key` is claimed or replayed (`Idempotency`),
+the jobs are recorded in one atomic step with the queue limit (past it, the job store's
+`QueueFullError` or `ActiveJobsLimitError`: a 429), and each is sent through `enqueue_job`.
+When the broker cannot take them, nothing is left behind: the jobs not sent are removed and
+those sent are cancelled before they start.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
 
 import redis
 from celery import Celery
@@ -22,34 +27,30 @@ from pydantic import BaseModel
 
 from service.access.auth import Caller
 from service.errors import (
-    ActiveJobsLimitError,
     BadRequestError,
     IdempotencyConflictError,
     IdempotencyInFlightError,
-    QueueFullError,
     ServiceUnavailableError,
 )
 from workers.celery_app import enqueue_job, worker_heartbeats
 from workers.contracts import JobSpec, JobStatus
 from workers.settings import Settings
 from workers.store.checkpoints import CheckpointStore, Lineage, LineageError
-from workers.store.jobs import ActiveJobsLimitError as ActiveJobsLimit
 from workers.store.jobs import JobRecord, JobStore, Quota, new_job_id, now_iso
-from workers.store.jobs import QueueFullError as QueueFull
 
 logger = logging.getLogger(__name__)
 
-QUEUE_FULL_RETRY_S = 30
 IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
+T = TypeVar("T")
 
 
-def body_hash(body: BaseModel) -> str:
+def _body_hash(body: BaseModel) -> str:
     """A request body's fingerprint for its Idempotency-Key (canonical JSON, sha256)."""
     canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def claim_key(
+def _claim_key(
     store: JobStore, key: str, fingerprint: str, new_id: str, owner: str | None
 ) -> str | None:
     """Claim `owner`'s Idempotency-Key for `new_id`; the earlier id when the key was used
@@ -64,14 +65,14 @@ def claim_key(
         ) from None
 
 
-def in_flight() -> IdempotencyInFlightError:
+def _in_flight() -> IdempotencyInFlightError:
     return IdempotencyInFlightError(
         "the first request with this Idempotency-Key is still being processed; retry in a moment",
         headers={"Retry-After": "1"},
     )
 
 
-def release_key(store: JobStore, key: str | None, new_id: str, owner: str | None) -> None:
+def _release_key(store: JobStore, key: str | None, new_id: str, owner: str | None) -> None:
     """Give back a key claimed for something that was not made."""
     if key is None:
         return
@@ -79,6 +80,40 @@ def release_key(store: JobStore, key: str | None, new_id: str, owner: str | None
         store.forget_idempotency_key(key, new_id, owner)
     except redis.RedisError:
         logger.warning("could not release the Idempotency-Key of %s", new_id)
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A submission's `Idempotency-Key` (None: it sent none), claimed by its owner for what
+    the submission makes (`claim`: a job id, or `sweep:<id>`): one way for jobs and sweeps."""
+
+    store: JobStore
+    key: str | None
+    claim: str
+    owner: str | None
+
+    def replay(self, body: BaseModel, find: Callable[[str], T | None]) -> T | None:
+        """What an earlier submission with this key and body made (`find` reads it from that
+        submission's claim), or None when this one claimed the key (or sent none). The key with
+        another body is a 422; while the first submission is still being made, a 409."""
+        if self.key is None:
+            return None
+        earlier = _claim_key(self.store, self.key, _body_hash(body), self.claim, self.owner)
+        if earlier is None:
+            return None
+        found = find(earlier)
+        if found is None:
+            raise _in_flight()
+        return found
+
+    @contextmanager
+    def released_on_failure(self) -> Iterator[None]:
+        """Give the key back when what it was claimed for is not made after all."""
+        try:
+            yield
+        except BaseException:
+            _release_key(self.store, self.key, self.claim, self.owner)
+            raise
 
 
 def lineage(
@@ -132,24 +167,11 @@ def submit(
     jobs: Sequence[JobRecord],
     caller: Caller,
 ) -> None:
-    """Record the caller's `jobs` at once (or none: 429 past the queue limit or the caller's
-    quota of active jobs), then enqueue each."""
+    """Record the caller's `jobs` at once (or none: the job store's `QueueFullError` or
+    `ActiveJobsLimitError`, a 429, past the queue limit or the caller's quota of active
+    jobs), then enqueue each."""
     quota = Quota(caller.owner, caller.principal.max_active_jobs if caller.owner else None)
-    try:
-        store.create_many(list(jobs), max_queued=settings.max_queued_jobs, quota=quota)
-    except QueueFull as full:
-        raise QueueFullError(
-            f"{full}; retry in {QUEUE_FULL_RETRY_S} s or cancel queued jobs",
-            headers={"Retry-After": str(QUEUE_FULL_RETRY_S)},
-        ) from None
-    except ActiveJobsLimit as limit:
-        raise ActiveJobsLimitError(
-            f"{limit}; retry in {QUEUE_FULL_RETRY_S} s, when one has finished, or cancel one",
-            headers={"Retry-After": str(QUEUE_FULL_RETRY_S)},
-            limit="max_active_jobs",
-            max_active_jobs=limit.limit,
-            active_jobs=limit.active,
-        ) from None
+    store.create_many(list(jobs), max_queued=settings.max_queued_jobs, quota=quota)
     sent: list[str] = []
     try:
         for job in jobs:

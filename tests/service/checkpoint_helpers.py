@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import shutil
 import struct
 import zlib
@@ -18,9 +19,12 @@ from PIL import Image
 from torch import nn
 
 from models import build_model
+from workers.store.checkpoint_upgrade import index_earlier_store
 from workers.store.checkpoints import CheckpointStore, Manifest, Preprocessing
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+#: A manifest as cnnserve's first version wrote it (fields since dropped or made real).
+FIRST_MANIFEST = Path(__file__).with_name("manifest_first_version.json")
 JOB_A = "0123456789abcdef"
 JOB_B = "fedcba9876543210"
 
@@ -148,3 +152,22 @@ def reference_probs(model: nn.Module, images: np.ndarray, input_size: int = 28) 
         x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=False)
     with torch.no_grad():
         return torch.softmax(model(x), dim=1).numpy()
+
+
+def as_first_version_wrote_it(store: CheckpointStore, manifest: Manifest) -> None:
+    """Rewrite a saved checkpoint's manifest as cnnserve's first version wrote manifests
+    (`FIRST_MANIFEST`), keeping its id, epoch and weights."""
+    earlier = json.loads(FIRST_MANIFEST.read_text())
+    earlier.update(
+        id=manifest.id,
+        job_id=manifest.job_id,
+        epoch=manifest.epoch,
+        weights_sha256=manifest.weights_sha256,
+    )
+    key = f"{manifest.job_id}/e{manifest.epoch:03d}/manifest.json"
+    store.blobs.put_bytes(key, json.dumps(earlier, indent=2).encode())
+    # as that version left its store: nothing in the Redis index until the upgrade files it
+    store.index.unfile(manifest.id, manifest.job_id)
+    store.index.r.delete(store.index.indexed_key(store.location))
+    filed = index_earlier_store(store)
+    assert filed >= 1, filed

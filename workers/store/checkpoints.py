@@ -29,7 +29,6 @@ import hashlib
 import logging
 import pickle
 import platform
-import re
 import shutil
 import tempfile
 import threading
@@ -49,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models import build_model
+from workers.contracts import CHECKPOINT_ID_RE, JOB_ID_RE, MODEL_NAME_RE
 from workers.store.blobs import (
     BlobNotFoundError,
     Blobs,
@@ -92,9 +92,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-JOB_ID_RE = re.compile(r"^[0-9a-f]{16}$")
-CHECKPOINT_ID_RE = re.compile(r"^(?P<job>[0-9a-f]{16})-e(?P<epoch>[0-9]{3})$")
-MODEL_NAME_RE = re.compile(r"^[a-z0-9_]{1,32}$")
 WEIGHTS = "weights.safetensors"
 STATE = "state.pt"
 MANIFEST = "manifest.json"

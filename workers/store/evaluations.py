@@ -1,9 +1,10 @@
-"""Evaluations of a checkpoint queued for a worker: their records in Redis and the task body.
+"""Evaluations of a checkpoint queued for a worker: their records in Redis, and what a
+confusion matrix says per class.
 
 `POST /v1/checkpoints/{ref}/evaluate` records an evaluation (`queued`) and sends
-`cnnserve.evaluate` through the one enqueue path; a worker marks it `running`, evaluates the
-checkpoint on the test set as validation does (`workers.training.validation`), stores the
-result beside the checkpoint (in the checkpoint store, so any host reads it) and in the record
+`cnnserve.evaluate` through the one enqueue path; a worker (`workers.training.evaluate`) marks it
+`running`, evaluates the checkpoint on the test set as validation does, stores the result
+beside the checkpoint (in the checkpoint store, so any host reads it) and in the record
 (`succeeded`), or the reason it could not (`failed`).
 Records expire after `RECORD_TTL_S`; the stored result stays with the checkpoint.
 
@@ -12,27 +13,14 @@ Keys (prefix `cnnserve:`): `evaluation:{id}` the JSON of an `EvaluationRecord`.
 
 from __future__ import annotations
 
-import logging
 import uuid
 from typing import Any
 
-import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from workers.contracts import JobStatus
-from workers.errors import TrainingError
-from workers.settings import Settings
-from workers.store.checkpoints import (
-    CheckpointError,
-    CheckpointStore,
-    StoredEvaluation,
-    StoreUnavailableError,
-)
 from workers.store.job_index import PREFIX
 from workers.store.jobs import now_iso
-from workers.training.devices import prepare_device, release_memory
-
-log = logging.getLogger(__name__)
 
 RECORD_TTL_S = 7 * 86400
 
@@ -95,44 +83,41 @@ class EvaluationStore:
         return EvaluationRecord.model_validate_json(raw) if raw is not None else None
 
 
-def run_evaluation(evaluation_id: str, *, worker: str, settings: Settings) -> str:
-    """A worker's part: evaluate the recorded checkpoint and keep the result; what happened."""
-    from workers.training.data import load_fashion_mnist
-    from workers.training.validation import evaluate_checkpoint
+class ClassScores(BaseModel):
+    """One class's numbers in a confusion matrix (one class against the rest)."""
 
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-    store = EvaluationStore(client)
-    try:
-        record = store.get(evaluation_id)
-        if record is None or record.status.finished:
-            return "missing" if record is None else "finished"
-        record.status, record.started_at, record.worker = JobStatus.running, now_iso(), worker
-        store.put(record)
-        try:
-            device, amp = prepare_device(settings.worker_device, "auto")
-            result: StoredEvaluation = evaluate_checkpoint(
-                CheckpointStore.from_settings(settings, client),
-                record.checkpoint,
-                load_fashion_mnist(settings),
-                device=device,
-                amp_dtype=amp,
-                limit=record.limit,
+    model_config = ConfigDict(populate_by_name=True)
+
+    class_: str = Field(alias="class", description="The class name.")
+    precision: float = Field(description="Of the images predicted as this class, how many are.")
+    recall: float = Field(description="Of the images of this class, how many were found.")
+    f1: float = Field(description="The harmonic mean of precision and recall.")
+    accuracy: float = Field(
+        description="This class against the rest: (true positives + true negatives) / images."
+    )
+    support: int = Field(description="Images of this class.")
+
+
+def per_class(matrix: list[list[int]], classes: list[str]) -> list[ClassScores]:
+    """Precision, recall, F1 and one-vs-rest accuracy per class from a confusion matrix."""
+    n = sum(map(sum, matrix))
+    out = []
+    for i, name in enumerate(classes):
+        tp = matrix[i][i]
+        predicted = sum(row[i] for row in matrix)
+        actual = sum(matrix[i])
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        tn = n - predicted - actual + tp
+        out.append(
+            ClassScores(
+                class_=name,
+                precision=precision,
+                recall=recall,
+                f1=f1,
+                accuracy=(tp + tn) / n if n else 0.0,
+                support=actual,
             )
-        except (CheckpointError, TrainingError, StoreUnavailableError) as exc:
-            record.status, record.error = JobStatus.failed, str(exc)
-        except Exception as exc:  # a bug or the environment: fail the evaluation, keep the worker
-            log.exception("evaluation %s crashed", evaluation_id)
-            record.status, record.error = JobStatus.failed, f"{type(exc).__name__}: {exc}"
-        else:
-            record.status, record.accuracy, record.images = (
-                JobStatus.succeeded,
-                result.accuracy,
-                result.images,
-            )
-        finally:
-            release_memory(settings.worker_device)
-        record.finished_at = now_iso()
-        store.put(record)
-        return record.status.value
-    finally:
-        client.close()
+        )
+    return out

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 import uuid
 from typing import Any
 
-from workers.contracts import JobStatus
+from workers.contracts import JOB_ID_RE, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,6 @@ MIGRATE_CHUNK = 500
 MIGRATE_LOCK_S = 60
 
 Cursor = tuple[float, str]
-JOB_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 
 
 def record_key(job_id: str) -> str:

@@ -16,18 +16,29 @@ ManifestArch = list[list[int]] | dict[str, Any] | str | None
 
 
 class Preprocessing(BaseModel):
-    """What inference must do to an image so it matches what training saw."""
+    """What is done to an image before the network, in training and inference alike.
 
-    grayscale: bool = True
-    pad_to_square: bool = True
+    `workers.preprocessing.Transform(preprocessing)` does it (torchvision's `Weights.transforms`);
+    every field is read there. (`grayscale`, which earlier versions wrote and nothing read, is
+    ignored when their manifests load: the network's `in_channels` says it.)
+    """
+
+    pad_to_square: bool = Field(
+        True, description="A non-square input is padded to a square with black before resizing."
+    )
     resize: int = Field(description="Square side the image is resized to.")
-    interpolation: str = "bilinear"
+    interpolation: Literal["bilinear"] = Field(
+        "bilinear",
+        description="How the 28×28 image is resized to `resize`: bilinear without antialias, "
+        "on the device in training and inside the served graph in inference.",
+    )
     scale: float = Field(1 / 255, description="Pixel values are multiplied by this (to 0..1).")
-    mean: float = 0.0
-    std: float = 1.0
-    invert: str = Field(
+    mean: float = Field(0.0, description="Subtracted after scaling.")
+    std: float = Field(1.0, description="Divides after subtracting the mean.")
+    invert: Literal["auto", "true", "false"] = Field(
         "auto",
-        description="Fashion-MNIST is light-on-dark; 'auto' inverts dark-on-light photos.",
+        description="What a request's invert=auto means: 'auto' inverts an input whose border "
+        "is light (Fashion-MNIST is light-on-dark); 'true' or 'false' always or never.",
     )
     photos: Literal["fashion-mnist", "pad-resize"] = Field(
         "fashion-mnist",

@@ -4,7 +4,7 @@ Recipe (as the seed): Xavier init (the models do it), cross-entropy, plain SGD b
 fresh shuffle each epoch, validation on all 10,000 test images after every epoch.
 
 Speed: the uint8 data set sits on the training device as one tensor; each batch is gathered,
-scaled by 1/255 and resized there (bilinear, no antialias: the manifest's preprocessing);
+scaled and resized there by the preprocessing the manifest records (`workers.preprocessing`);
 losses and accuracy accumulate on the device and are read once per epoch. On a GPU: bf16
 autocast, cudnn autotuning, and the training step captured once as a CUDA graph and replayed
 per batch (`workers.training.graphs`; SGD family) or, optionally, `torch.compile`. On the CPU: no
@@ -31,6 +31,7 @@ from torch import nn
 from models import build_model
 from workers.contracts import JobSpec
 from workers.errors import OutOfMemoryError, ResumeError
+from workers.preprocessing import Transform
 from workers.settings import Settings
 from workers.store.checkpoints import (
     CheckpointError,
@@ -211,6 +212,8 @@ class _Run:
         self.device = device
         self.amp_dtype = amp_dtype
         self.input_size = spec.input_size
+        #: What every batch goes through on the device, and the manifest records for serving.
+        self.transform = Transform(Preprocessing(resize=spec.input_size))
         self.cuda = device.type == "cuda"
         # every zoo model is convolutional; NHWC is faster on cuDNN and oneDNN alike (about
         # 1.1-2x per LeNet step on a 2-core CPU, measured against NCHW)
@@ -362,7 +365,7 @@ class _Run:
 
     # the loop
     def _prep(self, images: torch.Tensor) -> torch.Tensor:
-        return model_input(images, self.input_size, self.channels_last)
+        return model_input(self.transform, images, self.channels_last)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
@@ -476,7 +479,7 @@ class _Run:
             "model": self.spec.model,
             "arch": self.arch,
             "input_size": self.input_size,
-            "preprocessing": Preprocessing(resize=self.input_size),
+            "preprocessing": self.transform.preprocessing,
             "metrics": {
                 "train_loss": metrics.train_loss,
                 "val_loss": metrics.val_loss,

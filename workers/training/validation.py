@@ -4,7 +4,8 @@
 the confusion matrix (rows: true class, columns: predicted) grow on the device and are read
 back once, together, at the end; accuracy is the matrix's trace over its sum. The engine's
 validation after every epoch and `evaluate_checkpoint` (a worker re-evaluating any checkpoint)
-both use it, so a checkpoint's matrix and its `val_acc` cannot disagree.
+both use it, so a checkpoint's matrix and its `val_acc` cannot disagree. Both feed the network
+through the checkpoint's own preprocessing (`workers.preprocessing.Transform`), as serving does.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 
+from workers.preprocessing import Transform
 from workers.store.checkpoints import CheckpointStore, StoredEvaluation
 from workers.training.data import FashionMNIST
 
@@ -24,12 +25,10 @@ from workers.training.data import FashionMNIST
 EVAL_PIXELS = 2**21
 
 
-def model_input(images: torch.Tensor, input_size: int, channels_last: bool) -> torch.Tensor:
-    """uint8 28×28 images (N×28×28, on the device) as the network's input: scaled by 1/255
-    and resized on the device (bilinear, no antialias), as the manifest's preprocessing says."""
-    x = images.unsqueeze(1).to(torch.float32).mul_(1 / 255)
-    if input_size != x.shape[-1]:
-        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=False)
+def model_input(transform: Transform, images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 28×28 images (N×28×28, on the device) as the network's input, as the manifest's
+    preprocessing says (scaled and resized on the device), channels-last where that is faster."""
+    x = transform(images)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
@@ -75,46 +74,6 @@ class Tally:
         )
 
 
-class ClassScores(BaseModel):
-    """One class's numbers in a confusion matrix (one class against the rest)."""
-
-    model_config = ConfigDict(populate_by_name=True)
-
-    class_: str = Field(alias="class", description="The class name.")
-    precision: float = Field(description="Of the images predicted as this class, how many are.")
-    recall: float = Field(description="Of the images of this class, how many were found.")
-    f1: float = Field(description="The harmonic mean of precision and recall.")
-    accuracy: float = Field(
-        description="This class against the rest: (true positives + true negatives) / images."
-    )
-    support: int = Field(description="Images of this class.")
-
-
-def per_class(matrix: list[list[int]], classes: list[str]) -> list[ClassScores]:
-    """Precision, recall, F1 and one-vs-rest accuracy per class from a confusion matrix."""
-    n = sum(map(sum, matrix))
-    out = []
-    for i, name in enumerate(classes):
-        tp = matrix[i][i]
-        predicted = sum(row[i] for row in matrix)
-        actual = sum(matrix[i])
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / actual if actual else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        tn = n - predicted - actual + tp
-        out.append(
-            ClassScores(
-                class_=name,
-                precision=precision,
-                recall=recall,
-                f1=f1,
-                accuracy=(tp + tn) / n if n else 0.0,
-                support=actual,
-            )
-        )
-    return out
-
-
 def evaluate_checkpoint(
     store: CheckpointStore,
     ckpt_id: str,
@@ -131,6 +90,7 @@ def evaluate_checkpoint(
     n = min(limit or data.test_images.shape[0], data.test_images.shape[0])
     x = data.test_images[:n].to(device)
     y = data.test_labels[:n].to(device)
+    transform = Transform(manifest.preprocessing)
     size = manifest.input_size
     batch = max(1, min(2048 if device.type == "cuda" else 256, EVAL_PIXELS // size**2))
     tally = Tally(manifest.num_classes, device)
@@ -142,7 +102,8 @@ def evaluate_checkpoint(
     with torch.inference_mode(), autocast:
         for start in range(0, n, batch):
             tally.add(
-                model(model_input(x[start : start + batch], size, True)), y[start : start + batch]
+                model(model_input(transform, x[start : start + batch], True)),
+                y[start : start + batch],
             )
     scores = tally.scores()
     evaluation = StoredEvaluation(

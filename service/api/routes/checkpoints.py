@@ -1,8 +1,10 @@
 """Checkpoints: list, read, download and delete them (classification is `routes.predict`).
 
 A `ref` is a checkpoint id (`<job>-eNNN`, made by the server) or an alias (`<job>:latest`,
-`<job>:best`, `<model>:best`). `CheckpointStore.resolve` checks it against strict patterns, so
-no client string ever becomes a path; anything else is a 404 problem.
+`<job>:best`, `<model>:best`, `<model>:latest`), resolved by the pipeline's one resolver
+(`service.inference.resolve`, through `deps.ResolvedManifest`). `CheckpointStore.resolve` checks
+it against strict patterns, so no client string ever becomes a path; anything else is a 404
+problem.
 """
 
 from __future__ import annotations
@@ -10,31 +12,19 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Response, status
-from fastapi.concurrency import run_in_threadpool
+from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
 from service.access.auth import Allow, CallerDep
-from service.api.deps import CheckpointStoreDep, InferenceDep
+from service.api.deps import CheckpointStoreDep, InferenceDep, ResolvedManifest
 from service.api.problems import problem_responses
-from workers.store.checkpoints import CheckpointStore, CheckpointSummary, Manifest
+from workers.contracts import JOB_ID_PATTERN, MODEL_NAME_PATTERN
+from workers.store.checkpoints import CheckpointSummary, Manifest
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/checkpoints", tags=["checkpoints"])
-
-EXAMPLE_ID = "0123456789abcdef-e002"
-
-RefPath = Annotated[
-    str,
-    Path(
-        description="A checkpoint id (`<job>-eNNN`) or an alias: `<job>:latest`, "
-        "`<job>:best`, `<model>:best`.",
-        examples=[EXAMPLE_ID, "0123456789abcdef:best", "lenet:best"],
-        max_length=64,
-    ),
-]
 
 
 # --- schemas -------------------------------------------------------------------------------
@@ -44,24 +34,6 @@ class CheckpointList(BaseModel):
     """Checkpoints matching the filters, newest first."""
 
     checkpoints: list[CheckpointSummary]
-
-
-# --- helpers -------------------------------------------------------------------------------
-
-
-def resolve_manifest(store: CheckpointStore, ref: str, within: str | None) -> Manifest:
-    """The manifest of the checkpoint an id or alias names among `within`'s (None: anyone's)
-    checkpoints (blocking: file reads)."""
-    return store.manifest(store.resolve(ref, within))
-
-
-async def resolved_manifest(ref: RefPath, store: CheckpointStoreDep, caller: CallerDep) -> Manifest:
-    """The manifest of the checkpoint `ref` names; a 404 problem when none does, or it is
-    another tenant's."""
-    return await run_in_threadpool(resolve_manifest, store, ref, caller.within)
-
-
-ResolvedManifest = Annotated[Manifest, Depends(resolved_manifest)]
 
 
 # --- routes --------------------------------------------------------------------------------
@@ -81,11 +53,11 @@ def list_checkpoints(
     store: CheckpointStoreDep,
     job_id: Annotated[
         str | None,
-        Query(pattern=r"^[0-9a-f]{16}$", description="Only this job's checkpoints."),
+        Query(pattern=JOB_ID_PATTERN, description="Only this job's checkpoints."),
     ] = None,
     model: Annotated[
         str | None,
-        Query(pattern=r"^[a-z0-9_]{1,32}$", description="Only checkpoints of this model."),
+        Query(pattern=MODEL_NAME_PATTERN, description="Only checkpoints of this model."),
     ] = None,
     limit: Annotated[
         int | None, Query(ge=1, le=1000, description="At most this many, the newest.")

@@ -16,19 +16,24 @@ from pydantic import BaseModel, ConfigDict, Field
 from models import CLASSES
 from service.access.audit import audit_target
 from service.access.auth import Allow, CallerDep
-from service.api.deps import CeleryDep, CheckpointStoreDep
-from service.api.plots import MEDIA_TYPES, CurveFormat, render_confusion
+from service.api.deps import CeleryDep, CheckpointStoreDep, ResolvedManifest
+from service.api.plots import PLOT_RESPONSE, PlotFormat, plot_response, render_confusion
 from service.api.problems import problem_responses
-from service.api.routes.checkpoints import EXAMPLE_ID, ResolvedManifest
+from service.api.schemas import EXAMPLE_ID
 from service.errors import (
     ProblemError,
     ServiceUnavailableError,
 )
 from workers.celery_app import enqueue
-from workers.contracts import EVALUATE_TASK
+from workers.contracts import EVALUATE_TASK, EVALUATION_ID_PATTERN
 from workers.store.checkpoints import CheckpointStore, Manifest
-from workers.store.evaluations import EvaluationRecord, EvaluationStore, new_evaluation_id
-from workers.training.validation import ClassScores, per_class
+from workers.store.evaluations import (
+    ClassScores,
+    EvaluationRecord,
+    EvaluationStore,
+    new_evaluation_id,
+    per_class,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -152,13 +157,6 @@ def get_evaluation(manifest: ResolvedManifest, store: CheckpointStoreDep) -> Eva
     return _evaluation(store, manifest)
 
 
-def _heatmap(store: CheckpointStore, manifest: Manifest, fmt: CurveFormat) -> Response:
-    evaluation = _evaluation(store, manifest)
-    title = f"{manifest.model} · {manifest.id} · accuracy {evaluation.accuracy:.3f}"
-    body = render_confusion(evaluation.confusion_matrix, evaluation.classes, fmt, title=title)
-    return Response(body, media_type=MEDIA_TYPES[fmt], headers={"Cache-Control": "no-store"})
-
-
 _HEATMAP_DESCRIPTION = (
     "The confusion matrix as a labelled heatmap: true class down, predicted class across, the "
     "count in each cell, shaded by its share of the true class."
@@ -166,33 +164,20 @@ _HEATMAP_DESCRIPTION = (
 
 
 @router.get(
-    "/checkpoints/{ref}/confusion.png",
-    summary="Draw a checkpoint's confusion matrix as PNG",
+    "/checkpoints/{ref}/confusion.{format:plot}",
+    summary="Draw a checkpoint's confusion matrix as PNG or SVG",
     description=_HEATMAP_DESCRIPTION,
     response_class=Response,
-    responses={
-        200: {"description": "A PNG image.", "content": {"image/png": {}}},
-        **problem_responses(401, 403, 404, 409, s404=_NO_EVALUATION),
-    },
+    responses={**PLOT_RESPONSE, **problem_responses(401, 403, 404, 409, s404=_NO_EVALUATION)},
     dependencies=[Allow("read")],
 )
-def confusion_png(manifest: ResolvedManifest, store: CheckpointStoreDep) -> Response:
-    return _heatmap(store, manifest, "png")
-
-
-@router.get(
-    "/checkpoints/{ref}/confusion.svg",
-    summary="Draw a checkpoint's confusion matrix as SVG",
-    description=_HEATMAP_DESCRIPTION,
-    response_class=Response,
-    responses={
-        200: {"description": "An SVG image.", "content": {"image/svg+xml": {}}},
-        **problem_responses(401, 403, 404, 409, s404=_NO_EVALUATION),
-    },
-    dependencies=[Allow("read")],
-)
-def confusion_svg(manifest: ResolvedManifest, store: CheckpointStoreDep) -> Response:
-    return _heatmap(store, manifest, "svg")
+def confusion(
+    manifest: ResolvedManifest, store: CheckpointStoreDep, format: PlotFormat
+) -> Response:
+    evaluation = _evaluation(store, manifest)
+    title = f"{manifest.model} · {manifest.id} · accuracy {evaluation.accuracy:.3f}"
+    body = render_confusion(evaluation.confusion_matrix, evaluation.classes, format, title=title)
+    return plot_response(body, format)
 
 
 class EvaluateRequest(BaseModel):
@@ -258,7 +243,7 @@ def evaluate_checkpoint(
 EvaluationId = Annotated[
     str,
     Path(
-        pattern=r"^eval-[0-9a-f]{16}$",
+        pattern=EVALUATION_ID_PATTERN,
         description="An evaluation id as POST .../evaluate answered it.",
         examples=["eval-0123456789abcdef"],
     ),

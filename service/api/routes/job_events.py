@@ -14,11 +14,11 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.access.auth import Allow
 from service.api.deps import JobStoreDep, ValidJob
-from service.api.plots import MEDIA_TYPES, CurveFormat, render_curves
+from service.api.plots import PLOT_RESPONSE, PlotFormat, plot_response, render_curves
 from service.api.problems import problem_responses
 from service.errors import BadRequestError
 from workers.contracts import JobStatus
-from workers.store.jobs import JobNotFoundError, JobRecord, JobStore
+from workers.store.jobs import JobNotFoundError, JobStore
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -134,13 +134,6 @@ async def _event_stream(
 _FINISHED = {s.value for s in JobStatus if s.finished}
 
 
-def _curves(job: JobRecord, fmt: CurveFormat) -> Response:
-    body = render_curves(
-        job.metrics, fmt, epochs=job.spec.epochs, title=f"{job.spec.model} · job {job.id}"
-    )
-    return Response(body, media_type=MEDIA_TYPES[fmt], headers={"Cache-Control": "no-store"})
-
-
 _CURVES_DESCRIPTION = (
     "Train loss, validation loss and validation accuracy against epoch, as d2l plots them "
     "(solid, dashed and dash-dot lines with a legend). Before the first epoch ends: empty axes."
@@ -148,30 +141,15 @@ _CURVES_DESCRIPTION = (
 
 
 @router.get(
-    "/{job_id}/curves.png",
-    summary="Plot a job's curves as PNG",
+    "/{job_id}/curves.{format:plot}",
+    summary="Plot a job's curves as PNG or SVG",
     description=_CURVES_DESCRIPTION,
     response_class=Response,
-    responses={
-        200: {"description": "A PNG image.", "content": {"image/png": {}}},
-        **problem_responses(401, 403, 404),
-    },
+    responses={**PLOT_RESPONSE, **problem_responses(401, 403, 404)},
     dependencies=[Allow("read")],
 )
-def job_curves_png(job: ValidJob) -> Response:
-    return _curves(job, "png")
-
-
-@router.get(
-    "/{job_id}/curves.svg",
-    summary="Plot a job's curves as SVG",
-    description=_CURVES_DESCRIPTION,
-    response_class=Response,
-    responses={
-        200: {"description": "An SVG image.", "content": {"image/svg+xml": {}}},
-        **problem_responses(401, 403, 404),
-    },
-    dependencies=[Allow("read")],
-)
-def job_curves_svg(job: ValidJob) -> Response:
-    return _curves(job, "svg")
+def job_curves(job: ValidJob, format: PlotFormat) -> Response:
+    body = render_curves(
+        job.metrics, format, epochs=job.spec.epochs, title=f"{job.spec.model} · job {job.id}"
+    )
+    return plot_response(body, format)

@@ -11,17 +11,19 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from anyio import to_thread
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.access.auth import Allow, Caller, CallerDep
-from service.api.deps import JOB_ID_RE, JobStoreDep
-from service.api.plots import MEDIA_TYPES, CurveFormat, render_comparison
+from service.api.deps import JobStoreDep, SweepStoreDep
+from service.api.plots import PLOT_RESPONSE, PlotFormat, plot_response, render_comparison
 from service.api.problems import problem_responses
-from service.api.routes.sweeps import SweepNotFoundError, SweepStoreDep
-from service.errors import BadRequestError
-from workers.contracts import JobSpec, JobStatus
+from service.errors import (
+    BadRequestError,
+    SweepNotFoundError,
+)
+from workers.contracts import JOB_ID_RE, SWEEP_ID_PATTERN, JobSpec, JobStatus
 from workers.store.jobs import JobNotFoundError, JobRecord, JobStore
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -59,7 +61,7 @@ Ids = Annotated[
 ]
 Sweep = Annotated[
     str | None,
-    Query(pattern=r"^[0-9a-f]{16}$", description="Compare every job of this sweep instead."),
+    Query(pattern=SWEEP_ID_PATTERN, description="Compare every job of this sweep instead."),
 ]
 MetricQuery = Annotated[Metric, Query(description="Which per-epoch number to compare.")]
 
@@ -119,6 +121,21 @@ _DESCRIPTION = (
 )
 
 
+def compared(
+    caller: CallerDep,
+    store: JobStoreDep,
+    sweeps: SweepStoreDep,
+    ids: Ids = None,
+    sweep: Sweep = None,
+    metric: MetricQuery = "val_acc",
+) -> Comparison:
+    """The comparison a request asks for, as JSON and plots show it."""
+    return _comparison(_records(store, sweeps, ids, sweep, caller), metric)
+
+
+Compared = Annotated[Comparison, Depends(compared)]
+
+
 @router.get(
     "/compare",
     summary="Compare jobs",
@@ -127,67 +144,24 @@ _DESCRIPTION = (
     dependencies=[Allow("read")],
     responses=problem_responses(401, 403, 404, 422),
 )
-def compare(
-    caller: CallerDep,
-    store: JobStoreDep,
-    sweeps: SweepStoreDep,
-    ids: Ids = None,
-    sweep: Sweep = None,
-    metric: MetricQuery = "val_acc",
-) -> Comparison:
-    return _comparison(_records(store, sweeps, ids, sweep, caller), metric)
+def compare(comparison: Compared) -> Comparison:
+    return comparison
 
 
-def _plot(comparison: Comparison, fmt: CurveFormat) -> Response:
+@router.get(
+    "/compare.{format:plot}",
+    summary="Plot jobs side by side as PNG or SVG",
+    description=f"{_DESCRIPTION} One line per job, a legend of the differing fields.",
+    response_class=Response,
+    responses={**PLOT_RESPONSE, **problem_responses(401, 403, 404, 422)},
+    dependencies=[Allow("read")],
+)
+def compare_plot(format: PlotFormat, comparison: Compared) -> Response:
     title = f"{comparison.metric.replace('_', ' ')} of {len(comparison.jobs)} jobs"
     body = render_comparison(
-        [(s.label, s.points) for s in comparison.jobs], comparison.metric, fmt, title=title
+        [(s.label, s.points) for s in comparison.jobs], comparison.metric, format, title=title
     )
-    return Response(body, media_type=MEDIA_TYPES[fmt], headers={"Cache-Control": "no-store"})
-
-
-@router.get(
-    "/compare.png",
-    summary="Plot jobs side by side as PNG",
-    description=f"{_DESCRIPTION} One line per job, a legend of the differing fields.",
-    response_class=Response,
-    responses={
-        200: {"description": "A PNG image.", "content": {"image/png": {}}},
-        **problem_responses(401, 403, 404, 422),
-    },
-    dependencies=[Allow("read")],
-)
-def compare_png(
-    caller: CallerDep,
-    store: JobStoreDep,
-    sweeps: SweepStoreDep,
-    ids: Ids = None,
-    sweep: Sweep = None,
-    metric: MetricQuery = "val_acc",
-) -> Response:
-    return _plot(_comparison(_records(store, sweeps, ids, sweep, caller), metric), "png")
-
-
-@router.get(
-    "/compare.svg",
-    summary="Plot jobs side by side as SVG",
-    description=f"{_DESCRIPTION} One line per job, a legend of the differing fields.",
-    response_class=Response,
-    responses={
-        200: {"description": "An SVG image.", "content": {"image/svg+xml": {}}},
-        **problem_responses(401, 403, 404, 422),
-    },
-    dependencies=[Allow("read")],
-)
-def compare_svg(
-    caller: CallerDep,
-    store: JobStoreDep,
-    sweeps: SweepStoreDep,
-    ids: Ids = None,
-    sweep: Sweep = None,
-    metric: MetricQuery = "val_acc",
-) -> Response:
-    return _plot(_comparison(_records(store, sweeps, ids, sweep, caller), metric), "svg")
+    return plot_response(body, format)
 
 
 FOLLOWED = 50

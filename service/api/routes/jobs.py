@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 from typing import Annotated, Any
@@ -15,15 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.access.audit import audit_target
 from service.access.auth import Allow, CallerDep
 from service.api.deps import CeleryDep, CheckpointStoreDep, JobStoreDep, SettingsDep, ValidJob
+from service.api.pages import decode_cursor, encode_cursor
 from service.api.problems import problem_responses
-from service.errors import (
-    BadRequestError,
-    JobFinishedError,
-)
+from service.errors import JobFinishedError
 from service.jobs import control as job_control
 from workers.contracts import JobSpec, JobStatus
-from workers.store.job_index import Cursor, format_cursor, parse_cursor
-from workers.store.jobs import JobNotFoundError, JobRecord
+from workers.store.jobs import JobRecord
 
 logger = logging.getLogger(__name__)
 
@@ -124,20 +119,6 @@ def _json(
     )
 
 
-def encode_cursor(cursor: Cursor) -> str:
-    return base64.urlsafe_b64encode(format_cursor(cursor).encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> Cursor:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        return parse_cursor(raw)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise BadRequestError(
-            "cursor is not one this API gave out; use next_cursor from the previous page"
-        ) from None
-
-
 @router.post(
     "",
     status_code=202,
@@ -187,24 +168,15 @@ def submit_job(
     ] = None,
 ) -> Response:
     (record,) = job_control.records(ckpts, [spec], caller)
-    if idempotency_key is not None:
-        earlier = job_control.claim_key(
-            store, idempotency_key, job_control.body_hash(spec), record.id, caller.owner
-        )
-        if earlier is not None:
-            try:
-                replay = store.get(earlier)
-            except JobNotFoundError:
-                raise job_control.in_flight() from None
-            audit_target(request, earlier)
-            replayed = {"Location": f"/v1/jobs/{earlier}", "Idempotent-Replayed": "true"}
-            return _json(replay, 200, replayed)
+    key = job_control.Idempotency(store, idempotency_key, record.id, caller.owner)
+    replay = key.replay(spec, lambda earlier: store.get_many([earlier])[0])
+    if replay is not None:
+        audit_target(request, replay.id)
+        replayed = {"Location": f"/v1/jobs/{replay.id}", "Idempotent-Replayed": "true"}
+        return _json(replay, 200, replayed)
     audit_target(request, record.id)
-    try:
+    with key.released_on_failure():
         job_control.submit(store, celery, settings, [record], caller)
-    except BaseException:
-        job_control.release_key(store, idempotency_key, record.id, caller.owner)
-        raise
     note = job_control.waiting_note(record, settings.redis_url)
     return _job(record, note, 202, {"Location": f"/v1/jobs/{record.id}"})
 

@@ -9,18 +9,24 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from anyio import to_thread
-from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.access.audit import audit_target
 from service.access.auth import Allow, Caller, CallerDep
-from service.api.deps import CeleryDep, CheckpointStoreDep, JobStoreDep, SettingsDep
+from service.api.deps import (
+    CeleryDep,
+    CheckpointStoreDep,
+    JobStoreDep,
+    SettingsDep,
+    SweepStoreDep,
+)
+from service.api.pages import decode_cursor, encode_cursor
 from service.api.problems import problem_responses
-from service.api.routes.jobs import decode_cursor, encode_cursor
 from service.errors import (
     BadRequestError,
-    ProblemError,
+    SweepNotFoundError,
 )
 from service.jobs import control as job_control
 from service.jobs.sweeps import (
@@ -37,22 +43,15 @@ from service.jobs.sweeps import (
     rank,
     status,
 )
-from workers.contracts import JobStatus
+from workers.contracts import SWEEP_ID_PATTERN, JobStatus
 from workers.store.jobs import JobRecord, JobStore
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/sweeps", tags=["sweeps"])
 
-SWEEP_ID_RE = r"^[0-9a-f]{16}$"
 #: A sweep's event stream sends its leaderboard at most this often (seconds).
 SWEEP_EVENT_EVERY_S = 0.5
-
-
-class SweepNotFoundError(ProblemError):
-    status = 404
-    slug = "sweep-not-found"
-    title = "Sweep not found"
 
 
 class Sweep(BaseModel):
@@ -94,15 +93,9 @@ class SweepPage(BaseModel):
     next_cursor: str | None
 
 
-async def sweep_store(request: Request) -> SweepStore:
-    store: JobStore = request.app.state.job_store
-    return SweepStore(store.r)
-
-
-SweepStoreDep = Annotated[SweepStore, Depends(sweep_store)]
 SweepId = Annotated[
     str,
-    Path(pattern=SWEEP_ID_RE, description="A sweep id, as POST /v1/sweeps answered it."),
+    Path(pattern=SWEEP_ID_PATTERN, description="A sweep id, as POST /v1/sweeps answered it."),
 ]
 Sort = Annotated[
     SortKey, Query(description="Order the jobs by this, best first (lowest loss, seconds).")
@@ -193,18 +186,13 @@ def create_sweep(
         )
     sweep_id = new_sweep_id()
     jobs = job_control.records(ckpts, specs, caller, sweep_id=sweep_id)
-    if idempotency_key is not None:
-        earlier = job_control.claim_key(
-            store, idempotency_key, job_control.body_hash(body), f"sweep:{sweep_id}", caller.owner
-        )
-        if earlier is not None:
-            replay = sweeps.get(earlier.removeprefix("sweep:"))
-            if replay is None:
-                raise job_control.in_flight()
-            audit_target(request, replay.id)
-            view = _view(replay, store.get_many(replay.job_ids), "best_val_acc")
-            headers = {"Location": f"/v1/sweeps/{replay.id}", "Idempotent-Replayed": "true"}
-            return Response(view.model_dump_json(), 200, headers, media_type="application/json")
+    key = job_control.Idempotency(store, idempotency_key, f"sweep:{sweep_id}", caller.owner)
+    replay = key.replay(body, lambda earlier: sweeps.get(earlier.removeprefix("sweep:")))
+    if replay is not None:
+        audit_target(request, replay.id)
+        view = _view(replay, store.get_many(replay.job_ids), "best_val_acc")
+        headers = {"Location": f"/v1/sweeps/{replay.id}", "Idempotent-Replayed": "true"}
+        return Response(view.model_dump_json(), 200, headers, media_type="application/json")
     record = SweepRecord(
         id=sweep_id,
         name=body.name,
@@ -214,16 +202,13 @@ def create_sweep(
         owner=caller.owner,
     )
     audit_target(request, sweep_id)
-    try:
+    with key.released_on_failure():
         sweeps.put(record, new=True)
         try:
             job_control.submit(store, celery, settings, jobs, caller)
         except BaseException:
             sweeps.delete(sweep_id, caller.owner)
             raise
-    except BaseException:
-        job_control.release_key(store, idempotency_key, f"sweep:{sweep_id}", caller.owner)
-        raise
     logger.info("sweep %s: %d jobs queued", sweep_id, len(jobs))
     view = _view(record, list(jobs), "best_val_acc")
     return Response(

@@ -60,16 +60,14 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/ops/pool2d"): Rule("read"),
     ("GET", "/v1/ops/output-size"): Rule("read"),
     ("GET", "/v1/jobs/compare"): Rule("read", owned=True),
-    ("GET", "/v1/jobs/compare.png"): Rule("read", owned=True),
-    ("GET", "/v1/jobs/compare.svg"): Rule("read", owned=True),
+    ("GET", "/v1/jobs/compare.{format}"): Rule("read", owned=True),
     ("GET", "/v1/jobs/events"): Rule("read"),  # others' jobs are left out, not refused
     ("POST", "/v1/jobs"): Rule("train", ok=202),
     ("GET", "/v1/jobs"): Rule("read"),
     ("GET", "/v1/jobs/{job_id}"): Rule("read", owned=True),
     ("POST", "/v1/jobs/{job_id}/cancel"): Rule("train", owned=True, ok=409),  # it finished
     ("GET", "/v1/jobs/{job_id}/events"): Rule("read", owned=True),
-    ("GET", "/v1/jobs/{job_id}/curves.png"): Rule("read", owned=True),
-    ("GET", "/v1/jobs/{job_id}/curves.svg"): Rule("read", owned=True),
+    ("GET", "/v1/jobs/{job_id}/curves.{format}"): Rule("read", owned=True),
     ("POST", "/v1/sweeps"): Rule("train", ok=202),
     ("GET", "/v1/sweeps"): Rule("read"),
     ("GET", "/v1/sweeps/{sweep_id}"): Rule("read", owned=True),
@@ -83,8 +81,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/checkpoints/{ref}/predict"): Rule("predict", owned=True),
     ("POST", "/v1/checkpoints/{ref}/explain"): Rule("predict", owned=True),
     ("GET", "/v1/checkpoints/{ref}/evaluation"): Rule("read", owned=True),
-    ("GET", "/v1/checkpoints/{ref}/confusion.png"): Rule("read", owned=True),
-    ("GET", "/v1/checkpoints/{ref}/confusion.svg"): Rule("read", owned=True),
+    ("GET", "/v1/checkpoints/{ref}/confusion.{format}"): Rule("read", owned=True),
     ("POST", "/v1/checkpoints/{ref}/evaluate"): Rule("train", owned=True, ok=202),
     ("GET", "/v1/evaluations/{evaluation_id}"): Rule("read", owned=True),
     ("GET", "/v2"): Rule("read"),
@@ -235,13 +232,13 @@ def request_for(
         .replace("{model_version}", a["e3"])
         .replace("{model}", a["job"])
         .replace("{ref}", ref)
+        .replace("{format}", "png")
     )
     query = {
         "/v1/models/{name}/summary": {"input_shape": "1,1,28,28"},
         "/v1/ops/output-size": {"n": "28", "kernel": "5", "padding": "2"},
         "/v1/jobs/compare": {"ids": a["job"]},
-        "/v1/jobs/compare.png": {"ids": a["job"]},
-        "/v1/jobs/compare.svg": {"ids": a["job"]},
+        "/v1/jobs/compare.{format}": {"ids": a["job"]},
         "/v1/jobs/events": {"ids": a["job"]},
     }.get(path, {}) if method == "GET" else {}  # fmt: skip
     kwargs: dict[str, Any] = {"params": query, "headers": t.headers(key)}

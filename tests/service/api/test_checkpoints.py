@@ -11,7 +11,16 @@ from safetensors.torch import load
 
 from service.api.app import create_app
 from tests.http_checks import PROBLEM, assert_problem
-from tests.service.checkpoint_helpers import JOB_A, JOB_B, damage, lenet, save
+from tests.service.checkpoint_helpers import (
+    JOB_A,
+    JOB_B,
+    as_first_version_wrote_it,
+    damage,
+    fashion_test_set,
+    lenet,
+    png,
+    save,
+)
 from workers.settings import Settings
 from workers.store.checkpoints import CheckpointStore, Manifest
 
@@ -82,6 +91,41 @@ def test_manifest_by_id_and_by_alias(client: TestClient, saved: dict[str, Manife
         ("lenet:best", "a2"),
     ]:
         assert client.get(f"/v1/checkpoints/{ref}").json()["id"] == saved[want].id, ref
+
+
+def test_model_latest_is_the_models_newest_checkpoint_wherever_best_works(
+    client: TestClient, saved: dict[str, Manifest]
+) -> None:
+    newest = saved["b1"]  # saved last
+    assert client.get("/v1/checkpoints/lenet:latest").json()["id"] == newest.id
+    files = [("files", ("0.png", png(fashion_test_set()[0][0]), "image/png"))]
+    for path in ("predict", "explain"):
+        r = client.post(f"/v1/checkpoints/lenet:latest/{path}", files=files)
+        assert r.status_code == 200 and r.json()["checkpoint"] == newest.id, r.text
+    r = client.get("/v1/checkpoints/lenet:latest/weights")
+    assert r.status_code == 200 and newest.id in r.headers["content-disposition"]
+    v2 = client.get("/v2/models/lenet/versions/latest").json()
+    assert v2["parameters"]["checkpoint"] == newest.id
+    assert_problem(client.get("/v1/checkpoints/vgg:latest"), 404, "vgg")
+
+
+def test_a_checkpoint_the_first_version_wrote_is_served_as_before(
+    client: TestClient, store: CheckpointStore
+) -> None:
+    model = lenet()
+    current = save(store, model, job_id=JOB_A)
+    earlier = save(store, model, job_id=JOB_B)
+    as_first_version_wrote_it(store, earlier)
+    prep = client.get(f"/v1/checkpoints/{earlier.id}").json()["preprocessing"]
+    assert prep["resize"] == 28 and prep["invert"] == "auto" and "grayscale" not in prep
+    images = fashion_test_set()[0][:4]
+    files = [("files", (f"{i}.png", png(im), "image/png")) for i, im in enumerate(images)]
+    answers = [
+        client.post(f"/v1/checkpoints/{m.id}/predict?top_k=10", files=files).json()
+        for m in (current, earlier)
+    ]
+    assert answers[1]["checkpoint"] == earlier.id
+    assert answers[0]["predictions"] == answers[1]["predictions"]
 
 
 def test_unknown_refs_are_404_problems(client: TestClient, saved: dict[str, Manifest]) -> None:

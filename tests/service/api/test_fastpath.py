@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
+from starlette.middleware.errors import ServerErrorMiddleware
 
 from bench import http as bench_http
 from service.access.keys import add_key
 from service.api import fastpath
 from service.api.app import create_app
+from service.inference.pipeline import PredictQuery
 from tests.http_checks import assert_problem
 from tests.service.checkpoint_helpers import (
     JOB_A,
@@ -302,3 +304,44 @@ def test_a_v2_body_over_the_limit_is_refused_before_the_fast_path(
         r = client.post("/v2/models/lenet/infer", content=body, headers=headers)
     assert r.status_code == 413 and "error" in r.json()
     assert answered == []  # never read: the limit's middleware answered
+
+
+# --- what keeps the fast path and the routes one contract ----------------------------------
+
+
+def test_the_route_takes_no_query_parameter_the_fast_path_does_not_read(
+    client: TestClient,
+) -> None:
+    """The fast path validates a predict call's query with `PredictQuery`: a parameter the
+    route gained beside it would be ignored there, and the call answered 200 regardless."""
+    paths = client.get("/openapi.json").json()["paths"]
+
+    def query(path: str) -> set[str]:
+        return {p["name"] for p in paths[path]["post"].get("parameters", []) if p["in"] == "query"}
+
+    assert query(ROUTE) == {f.alias or name for name, f in PredictQuery.model_fields.items()}
+    assert query(INFER) == query(INFER_VERSION) == set()  # V2 takes its options in the body
+
+
+def test_a_query_the_model_reads_leniently_is_read_alike_on_both_paths(
+    client: TestClient, ckpt: Manifest, answered: list[bool]
+) -> None:
+    images, _ = fashion_test_set()
+    query = "?top_k=03&return_input=yes&top_k=2"  # the last of a repeated one, as Starlette
+    fast = client.post(f"/v1/checkpoints/{ckpt.id}/predict{query}", files=uploads(images[:1]))
+    body = {"images": [base64.b64encode(png(images[0])).decode()]}
+    slow = client.post(f"/v1/checkpoints/{ckpt.id}/predict{query}", json=body)
+    assert fast.status_code == slow.status_code == 200, (fast.text, slow.text)
+    assert answered == [True]
+    for answer in (fast.json(), slow.json()):
+        assert len(answer["predictions"][0]["top_k"]) == 2 and "input" in answer["predictions"][0]
+
+
+def test_the_fast_path_stands_in_front_of_every_middleware(settings: Settings) -> None:
+    """A middleware added to the app must be weighed against the fast path (which skips it)
+    in `fastpath.STANDS_IN_FRONT_OF`; the fast path never runs inside the stack."""
+    app = create_app(settings)
+    assert [m.cls for m in app.user_middleware] == list(fastpath.STANDS_IN_FRONT_OF)
+    stack = app.build_middleware_stack()
+    assert isinstance(stack, fastpath.FastPath)
+    assert isinstance(stack.app, ServerErrorMiddleware)  # the whole stack is behind it

@@ -24,10 +24,7 @@ from service.inference.images import (
     ImageTooLargeError,
     UnsupportedImageError,
     decode_image,
-    grayscale,
     pixels_to_array,
-    preprocess,
-    should_invert,
 )
 from tests.service.checkpoint_helpers import (
     JOB_A,
@@ -41,6 +38,7 @@ from tests.service.checkpoint_helpers import (
     reference_probs,
     save,
 )
+from workers.preprocessing import grayscale
 from workers.settings import Settings
 from workers.store.checkpoints import CheckpointStore, Preprocessing
 
@@ -102,44 +100,6 @@ def test_pixels_are_checked() -> None:
         pixels_to_array([[0, 1], [2]], max_pixels=10, index=0)
     with pytest.raises(ImageTooLargeError):
         pixels_to_array([[0] * 5] * 5, max_pixels=10, index=0)
-
-
-def test_preprocess_equals_training_for_28x28_and_inverts_light_backgrounds() -> None:
-    img = fashion_test_set()[0][0]
-    prep = Preprocessing(resize=28)
-    x = preprocess(img, prep, "auto")
-    assert x.shape == (1, 28, 28) and x.dtype == np.float32
-    assert np.array_equal(x[0], img.astype(np.float32) * np.float32(1 / 255))
-    assert not should_invert(img, "auto")
-    assert should_invert(255 - img, "auto")
-    assert np.array_equal(preprocess(255 - img, prep, "auto"), x)
-    inverted = preprocess(255 - img, prep, "false")[0]
-    assert np.array_equal(inverted, (255 - img) * np.float32(1 / 255))
-
-
-def test_preprocess_pads_with_black_then_scales_to_28() -> None:
-    img = fashion_test_set()[0][0]
-    top = img[:14]  # 14×28: padded to 28×28 with 7 black rows above and below, no resize
-    expected = np.zeros((28, 28), np.float32)
-    expected[7:21] = top * np.float32(1 / 255)
-    assert np.array_equal(preprocess(top, Preprocessing(resize=28), "false")[0], expected)
-    big = np.kron(img, np.ones((4, 4), np.uint8))  # 112×112 → Lanczos back to 28×28
-    back = preprocess(big, Preprocessing(resize=28), "false", "none")[0] * 255
-    assert np.abs(back - img).mean() < 4
-
-
-def test_a_large_image_goes_through_fashion_mnists_own_conversion() -> None:
-    img = fashion_test_set()[0][1]  # a pullover, light on black, touching two edges
-    photo = np.full((300, 260, 3), 250, np.uint8)  # a dark garment on off-white, margins
-    garment = np.kron(255 - img, np.ones((8, 8), np.uint8))  # 224×224
-    photo[40:264, 20:244] = np.minimum(garment, 250)[..., None]
-    back = preprocess(photo, Preprocessing(resize=28), "auto")[0] * 255
-    # trimmed to the garment, subsampled to 28, negated: the data set's image again
-    assert np.abs(back - img).mean() < 12  # sharpened once more, as the data set was
-    padded = preprocess(photo, Preprocessing(resize=28), "auto", "none")[0] * 255
-    assert np.abs(padded - img).mean() > 3 * np.abs(back - img).mean()
-    kept = Preprocessing(resize=28, photos="pad-resize")  # a manifest that asks for padding
-    assert np.array_equal(preprocess(photo, kept, "auto"), preprocess(photo, kept, "auto", "none"))
 
 
 # --- backends --------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from workers.store.jobs import new_job_id
 from workers.training.data import FashionMNIST
 from workers.training.devices import prepare_device
 from workers.training.engine import Outcome, train
-from workers.training.validation import Tally, evaluate_checkpoint, per_class
+from workers.training.validation import Tally, evaluate_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,16 +31,6 @@ def test_a_tally_counts_each_true_and_predicted_pair() -> None:
     assert scores.images == 6 and scores.accuracy == pytest.approx(4 / 6)
     expected = torch.nn.functional.cross_entropy(logits, labels).item()
     assert scores.loss == pytest.approx(expected)
-
-
-def test_per_class_scores_from_a_matrix() -> None:
-    matrix = [[8, 2, 0], [1, 9, 0], [0, 5, 5]]
-    a, b, c = per_class(matrix, ["a", "b", "c"])
-    assert (a.precision, a.recall, a.support) == (8 / 9, 8 / 10, 10)
-    assert b.precision == pytest.approx(9 / 16) and b.recall == pytest.approx(0.9)
-    assert c.f1 == pytest.approx(2 * 1.0 * 0.5 / 1.5)
-    assert a.accuracy == pytest.approx((8 + 19) / 30)  # a against the rest
-    assert a.model_dump(by_alias=True)["class"] == "a"
 
 
 def test_every_epoch_keeps_a_confusion_matrix_that_agrees_with_its_accuracy(
