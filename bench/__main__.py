@@ -1,4 +1,5 @@
-"""`python -m bench <api|infer|http|peers|photos|train> [options]`: run one benchmark, write JSON.
+"""`python -m bench <name> [options]`: run one benchmark (api, infer, http, peers, photos,
+streams, train), write JSON.
 
 Each benchmark is a module of this package with a `main(argv) -> int`, imported lazily so
 `bench http` never loads the training code. To add one, map its name in `BENCHMARKS`.
@@ -18,6 +19,7 @@ BENCHMARKS: dict[str, str] = {
     "photos": "bench.photos",  # catalogue-style photos vs raw test PNGs, same checkpoint
     "confusion": "bench.confusion",  # what the confusion matrix costs a validation pass
     "api": "bench.api",  # request cost against the size of the history (10 to 100,000 jobs)
+    "streams": "bench.streams",  # idle event streams against what everyone else waits for
     "train": "bench.train",  # d2l way vs cnnserve's engine (its owner adds bench/train.py)
 }
 

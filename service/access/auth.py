@@ -58,6 +58,10 @@ OPEN = Principal(name=None, scopes=frozenset({"admin"}))
 
 WWW_AUTHENTICATE = 'Bearer realm="cnnserve"'
 
+#: Whom callers without a key count as, for rates and streams: no principal can have this
+#: name (principal names start with a letter or digit).
+KEYLESS = ":keyless"
+
 
 @dataclass(frozen=True)
 class Caller:
