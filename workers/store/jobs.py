@@ -151,7 +151,7 @@ class QueueFullError(Exception):
         self.queued = queued
         self.limit = limit
         more = f" and this request adds {adding}" if adding > 1 else ""
-        super().__init__(f"{queued} jobs are queued{more}, the limit is {limit}")
+        super().__init__(f"{queued} jobs and evaluations are queued{more}, the limit is {limit}")
 
 
 class ActiveJobsLimitError(Exception):
@@ -163,7 +163,7 @@ class ActiveJobsLimitError(Exception):
         self.limit = limit
         more = f" and this request adds {adding}" if adding > 1 else ""
         super().__init__(
-            f"{owner} has {active} jobs queued or running{more}; its limit "
+            f"{owner} has {active} jobs and evaluations queued or running{more}; its limit "
             f"(max_active_jobs) is {limit}"
         )
 
@@ -304,7 +304,7 @@ class JobStore:
         raise QueueFullError(int(before), int(max_queued or 0), len(records))
 
     def count_active(self, owner: str) -> int:
-        """How many of `owner`'s jobs are queued or running (two ZCARDs)."""
+        """How many of `owner`'s jobs and evaluations are queued or running (three ZCARDs)."""
         pipe = self.r.pipeline(transaction=False)
         for key in index.active_keys(owner):
             pipe.zcard(key)
