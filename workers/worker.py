@@ -4,7 +4,8 @@ One process per GPU with concurrency 1. The pool is `threads`: nothing forks, so
 never initialised in a parent whose children would inherit it, and the worker still answers
 pings (for `/readyz`) while a job trains. Two daemon threads run beside the pool: one keeps
 the worker's heartbeat key in Redis, the other queues again the jobs of workers that died
-(`runner.recover_orphans`) and removes jobs past their retention.
+(`runner.recover_orphans`), sends again the messages the broker lost (`runner.resend_lost`)
+and removes jobs past their retention.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class Heartbeat(threading.Thread):
 
 
 class Maintenance(threading.Thread):
-    """Every `lease_seconds`: queue again the jobs of workers that died, drop expired jobs.
+    """Every `lease_seconds`: queue again the jobs of workers that died, send again the
+    messages the broker lost, drop expired jobs.
 
     Its own thread (and Redis connection), so a slow scan never holds up the heartbeat; it
     also indexes a store written by an earlier version before the first scan.
@@ -72,9 +74,9 @@ class Maintenance(threading.Thread):
         self.halt = halt
 
     def run(self) -> None:
-        from workers.celery_app import app, enqueue_job
+        from workers.celery_app import app, enqueue, enqueue_job, task_ids_in_broker
         from workers.store.jobs import JobStore
-        from workers.training.runner import recover_orphans
+        from workers.training.runner import recover_orphans, resend_lost
 
         store = JobStore.from_url(self.settings.redis_url)
         retention = self.settings.job_retention
@@ -83,6 +85,12 @@ class Maintenance(threading.Thread):
                 try:
                     store.ensure_indexed()
                     recover_orphans(store, self.settings, lambda jid: enqueue_job(app, jid))
+                    resend_lost(
+                        store,
+                        self.settings,
+                        lambda task, oid: enqueue(app, task, oid),
+                        lambda: task_ids_in_broker(store.r),
+                    )
                     if retention is not None:
                         store.purge_finished(retention.total_seconds())
                 except redis.RedisError as exc:

@@ -156,9 +156,9 @@ class EvaluationStore:
             pipe.zrem(job_index.owner_evaluations_key(record.owner), record.id)
         pipe.execute()
 
-    def queued_ids(self) -> list[str]:
-        """The evaluations waiting on the queue, oldest first."""
-        return list(self.r.zrange(EVALUATIONS_QUEUED, 0, -1))
+    def queued_before(self, cutoff: float) -> list[str]:
+        """The evaluations waiting on the queue since before `cutoff` (epoch s), oldest first."""
+        return list(self.r.zrangebyscore(EVALUATIONS_QUEUED, "-inf", cutoff))
 
     def get(self, evaluation_id: str) -> EvaluationRecord | None:
         raw = self.r.get(self._key(evaluation_id))

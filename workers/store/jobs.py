@@ -404,6 +404,11 @@ class JobStore:
         self.ensure_indexed()
         return index.ids_in(self.r, JobStatus.running)
 
+    def queued_before(self, cutoff: float) -> list[str]:
+        """The ids of the queued jobs recorded before `cutoff` (epoch seconds), oldest first."""
+        self.ensure_indexed()
+        return list(self.r.zrangebyscore(index.status_key(JobStatus.queued), "-inf", cutoff))
+
     # events
     def _queue_event(self, pipe: Any, job_id: str, kind: str, data: dict[str, Any]) -> None:
         pipe.xadd(
@@ -492,6 +497,10 @@ class JobStore:
         """Claim the right to requeue an orphaned job; one caller gets it per `ttl_s`."""
         key = f"{self._key(job_id)}:requeue"
         return bool(self.r.set(key, "1", nx=True, ex=max(2, int(ttl_s))))
+
+    def claim_resend(self, object_id: str, ttl_s: float) -> bool:
+        """Claim the right to send a lost message again; one caller gets it per `ttl_s`."""
+        return bool(self.r.set(f"{PREFIX}resend:{object_id}", "1", nx=True, ex=max(2, int(ttl_s))))
 
     # idempotency
     @staticmethod
