@@ -223,9 +223,20 @@ class Swarm:
             if re.search(rb"(?im)^retry-after:\s*\d+", raw):
                 self.retry_after[status] += 1
             if len(self.refusals) < 3:
-                self.refusals.append(raw.decode("latin-1", "replace")[-400:])
+                self.refusals.append(self._body(sock, raw).decode("latin-1", "replace")[:600])
             sock.close()
         return status
+
+    @staticmethod
+    def _body(sock: socket.socket, raw: bytes) -> bytes:
+        """The rest of a refusal: its body, as long as its Content-Length says."""
+        head, _, body = raw.partition(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        want = int(length.group(1)) if length else 0
+        with contextlib.suppress(OSError):
+            while len(body) < want and (chunk := sock.recv(65536)):
+                body += chunk
+        return body
 
     def ended(self) -> int:
         """How many of the open streams the server has ended or cut (read without waiting)."""
