@@ -78,6 +78,14 @@ class RateLimitedError(ProblemError):
     title = "Too many requests"
 
 
+class TooManyStreamsError(ProblemError):
+    """A principal (or an address without a key) past its bound of open event streams."""
+
+    status = 429
+    slug = "too-many-streams"
+    title = "Too many event streams"
+
+
 class JobFinishedError(ProblemError):
     """An action that needs an unfinished job on a finished one."""
 

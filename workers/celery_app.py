@@ -21,9 +21,18 @@ from typing import Any
 import redis
 from celery import Celery
 
-from workers.contracts import QUEUE, TRAIN_TASK, queue_for
+from workers.contracts import CUDA_QUEUE, QUEUE, TRAIN_TASK, queue_for
 from workers.settings import Settings, get_settings
 from workers.store.jobs import PREFIX
+
+#: Where kombu's Redis transport keeps the training queue's messages: one list per priority
+#: step (its defaults: 0, 3, 6, 9; the list of 0 is the queue's own name) and, once delivered
+#: and until acknowledged, the `unacked` hash.
+_PRIORITY_SEP = "\x06\x16"
+_PRIORITY_STEPS = (3, 6, 9)
+UNACKED_KEY = "unacked"
+#: Messages read at most when looking for lost ones; past it nothing is called lost.
+MAX_SCANNED_MESSAGES = 100_000
 
 #: Workers refresh `cnnserve:worker:<name>` this often; the key expires after 3 misses.
 WORKER_HEARTBEAT_S = 5.0
@@ -95,6 +104,47 @@ def enqueue(celery: Celery, task: str, object_id: str, queue: str = QUEUE) -> st
         ignore_result=True,
     )
     return str(result.id)
+
+
+def _task_id(raw: str | bytes) -> str | None:
+    try:
+        message = json.loads(raw)
+        if isinstance(message, list):  # unacked: [message, exchange, routing key]
+            message = message[0]
+        task_id = message["headers"]["id"]
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+    return task_id if isinstance(task_id, str) else None
+
+
+def task_ids_in_broker(client: Any, limit: int = MAX_SCANNED_MESSAGES) -> set[str] | None:
+    """The task ids (job and evaluation ids, `enqueue`'s) of every message the broker holds
+    for the training queues (CPU and GPU): waiting, or delivered to a worker and not yet
+    acknowledged.
+
+    None when it holds more than `limit` messages: too many to read to say that one is missing.
+    """
+    lists = [
+        f"{queue}{suffix}"
+        for queue in (QUEUE, CUDA_QUEUE)
+        for suffix in ("", *(f"{_PRIORITY_SEP}{step}" for step in _PRIORITY_STEPS))
+    ]
+    pipe = client.pipeline(transaction=False)
+    for key in lists:
+        pipe.llen(key)
+    pipe.hlen(UNACKED_KEY)
+    if sum(int(n) for n in pipe.execute()) > limit:
+        return None
+    ids: set[str | None] = set()
+    for key in lists:
+        for start in range(0, limit, 1000):
+            chunk = client.lrange(key, start, start + 999)
+            ids.update(_task_id(raw) for raw in chunk)
+            if len(chunk) < 1000:
+                break
+    ids.update(_task_id(raw) for raw in client.hvals(UNACKED_KEY))
+    ids.discard(None)
+    return {i for i in ids if i is not None}
 
 
 def live_workers(celery: Celery, timeout: float = 1.0) -> list[str]:

@@ -145,6 +145,15 @@ class Settings(BaseSettings):
     explain_timeout_s: float = Field(
         30.0, gt=0, description="An explain call that would run longer stops with a 503."
     )
+    max_streams: int = Field(
+        256, ge=1, description="Event streams (SSE) open at once in one API process; a 503 past it."
+    )
+    max_streams_per_principal: int = Field(
+        32,
+        ge=1,
+        description="Event streams one principal (or one address without a key) may hold open "
+        "in one API process; a 429 past it.",
+    )
     inference_backend: Literal["auto", "onnxruntime", "eager"] = Field(
         "auto",
         description="auto: ONNX Runtime where the export works (faster on CPUs), else eager.",

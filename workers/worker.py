@@ -4,7 +4,8 @@ One process per GPU with concurrency 1. The pool is `threads`: nothing forks, so
 never initialised in a parent whose children would inherit it, and the worker still answers
 pings (for `/readyz`) while a job trains. Two daemon threads run beside the pool: one keeps
 the worker's heartbeat key in Redis, the other queues again the jobs of workers that died
-(`runner.recover_orphans`) and removes jobs past their retention.
+(`runner.recover_orphans`), sends again the messages the broker lost (`runner.resend_lost`)
+and removes jobs past their retention.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import threading
 
 import redis
 
-from workers.contracts import queues_for_worker
+from workers.contracts import TRAIN_TASK, queues_for_worker
 from workers.settings import DEVICE_PATTERN, Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ class Heartbeat(threading.Thread):
 
 
 class Maintenance(threading.Thread):
-    """Every `lease_seconds`: queue again the jobs of workers that died, drop expired jobs.
+    """Every `lease_seconds`: queue again the jobs of workers that died, send again the
+    messages the broker lost, drop expired jobs.
 
     Its own thread (and Redis connection), so a slow scan never holds up the heartbeat; it
     also indexes a job store and a checkpoint store written by an earlier version before the
@@ -74,16 +76,22 @@ class Maintenance(threading.Thread):
         self.halt = halt
 
     def run(self) -> None:
-        from workers.celery_app import app, enqueue_job
+        from workers.celery_app import app, enqueue, enqueue_job, task_ids_in_broker
         from workers.store.checkpoints import CheckpointStore, StoreUnavailableError
         from workers.store.jobs import JobStore
-        from workers.training.runner import recover_orphans
+        from workers.training.runner import recover_orphans, resend_lost
 
         store = JobStore.from_url(self.settings.redis_url)
 
         def requeue_job(store: JobStore, job_id: str) -> str:
             # back on the queue its device asks for: a `cuda` job only ever reaches a GPU worker
             return enqueue_job(app, job_id, store.get(job_id).spec.device)
+
+        def resend(store: JobStore, task: str, object_id: str) -> str:
+            # a job goes back on the queue its device asks for, as orphans do
+            if task == TRAIN_TASK:
+                return requeue_job(store, object_id)
+            return enqueue(app, task, object_id)
 
         checkpoints = CheckpointStore.from_settings(self.settings, store.r)
         retention = self.settings.job_retention
@@ -93,6 +101,12 @@ class Maintenance(threading.Thread):
                     store.ensure_indexed()
                     checkpoints.ensure_indexed()
                     recover_orphans(store, self.settings, lambda jid: requeue_job(store, jid))
+                    resend_lost(
+                        store,
+                        self.settings,
+                        lambda task, oid: resend(store, task, oid),
+                        lambda: task_ids_in_broker(store.r),
+                    )
                     if retention is not None:
                         store.purge_finished(retention.total_seconds())
                 except (redis.RedisError, StoreUnavailableError) as exc:

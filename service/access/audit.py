@@ -10,20 +10,32 @@ line once the response status is known, to the `cnnserve.audit` logger:
 
 With `CNNSERVE_LOG_FORMAT=json` the same fields are the JSON line's (`audit: true`). A key
 appears only by its id; neither a key nor its hash is ever written.
+
+A line cannot be forged: the target is the client's path parameter, so every value is cut at
+`MAX_FIELD_CHARS`, its control characters escaped, and written `logfmt`'s way, in quotes
+when it holds anything but letters, digits and `_.:@/+-` (`target="zz outcome=ok"` is one
+field, not two); the log formatters escape whatever else reaches a line
+(`service.api.logs`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.logs import clip, escape_controls
+
 audit_logger = logging.getLogger("cnnserve.audit")
 
 STATE_KEY = "cnnserve_audit"
+#: A value longer than this (a client's path parameter) is cut, saying how much was left out.
+MAX_FIELD_CHARS = 128
+_BARE = re.compile(r"[A-Za-z0-9_.:@/+-]+")
 
 
 @dataclass
@@ -56,22 +68,33 @@ def _outcome(status: int) -> str:
     return "refused" if status < 500 else "failed"
 
 
+def field_value(value: str | None) -> str:
+    """A value as the audit line writes it: cut, control characters escaped, and quoted
+    unless it is a plain word (so it is one field, whatever it holds)."""
+    if not value:
+        return "-"
+    text = clip(value, MAX_FIELD_CHARS)
+    if _BARE.fullmatch(text) and text != "-":
+        return text
+    return '"' + escape_controls(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+
+
 def write(entry: AuditEntry, status: int) -> None:
     fields: dict[str, Any] = {
         "audit": True,
         "action": entry.action,
         "principal": entry.principal or "-",
         "key": entry.key_id or "-",
-        "target": entry.target or "-",
+        "target": clip(entry.target, MAX_FIELD_CHARS) if entry.target else "-",
         "outcome": _outcome(status),
         "status": status,
     }
     audit_logger.info(
         "audit action=%s principal=%s key=%s target=%s outcome=%s status=%d",
-        fields["action"],
-        fields["principal"],
-        fields["key"],
-        fields["target"],
+        field_value(entry.action),
+        field_value(entry.principal),
+        field_value(entry.key_id),
+        field_value(entry.target),
         fields["outcome"],
         status,
         extra=fields,

@@ -77,6 +77,10 @@ OPEN = Principal(name=None, scopes=frozenset({"admin"}))
 
 WWW_AUTHENTICATE = 'Bearer realm="cnnserve"'
 
+#: Whom callers without a key count as, for rates and streams: no principal can have this
+#: name (principal names start with a letter or digit).
+KEYLESS = ":keyless"
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -95,7 +99,9 @@ class Caller:
 
     @property
     def rate_identity(self) -> str:
-        return self.principal.name or "anonymous"
+        """Whose predict budget a call spends: its principal's, or the one that all callers
+        without a key share (under a name no principal can have)."""
+        return self.principal.name or KEYLESS
 
 
 # --- the predict rate ------------------------------------------------------------------------
@@ -126,8 +132,9 @@ class PredictLimiter:
         stats = await self._limiter.get_window_stats(item, "predict", who)
         retry = max(1, math.ceil(stats.reset_time - time.time()))
         window = item.get_expiry()
+        name = "callers without a key" if who == KEYLESS else who
         raise RateLimitedError(
-            f"{who} made {item.amount} predict calls in the last {window} s, its limit "
+            f"{name} made {item.amount} predict calls in the last {window} s, its limit "
             f"(predict_rate) is {rate}; retry in {retry} s",
             headers={
                 "Retry-After": str(retry),

@@ -44,6 +44,7 @@ from service.api.routes import (
 )
 from service.api.routes import models as models_routes
 from service.api.routes.health import WorkerPingCache
+from service.api.streams import EventReader, StreamLimiter
 from service.metrics import RequestMetricsMiddleware
 from workers.celery_app import make_celery
 from workers.contracts import warm_network_fit
@@ -121,7 +122,10 @@ def _lifespan(settings: Settings) -> Any:
         # enqueues by task name only: workers.celery_app never imports the engine here
         app.state.celery = make_celery(settings)
         app.state.worker_ping_cache = WorkerPingCache()
-        app.state.sse_threads = anyio.CapacityLimiter(job_events.SSE_THREADS)
+        app.state.stream_limiter = StreamLimiter(
+            settings.max_streams, settings.max_streams_per_principal
+        )
+        app.state.event_reader = EventReader(settings.redis_url, settings.max_streams)
         app.state.predict_limiter = PredictLimiter(settings.redis_url)
         ring: KeyRing = app.state.key_ring
         reload_on_hup = _reload_keys_on_sighup(ring)
@@ -143,6 +147,7 @@ def _lifespan(settings: Settings) -> Any:
             if inference is not None and hasattr(inference, "close"):
                 inference.close()
             app.state.celery.close()
+            await app.state.event_reader.aclose()
             client.close()
 
     return lifespan

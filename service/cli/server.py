@@ -19,7 +19,6 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from uvicorn.config import LOGGING_CONFIG
 
 from service.api.logs import uvicorn_log_config
 from service.inference.backends import API_PROCESSES_ENV
@@ -34,7 +33,7 @@ GRACEFUL_S = 10
 def _config(host: str, port: int) -> dict[str, Any]:
     return {
         "app": "service.api.app:create_app",
-        "log_config": uvicorn_log_config(get_settings()) or LOGGING_CONFIG,
+        "log_config": uvicorn_log_config(get_settings()),
         "factory": True,
         "host": host,
         "port": port,

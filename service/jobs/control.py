@@ -1,4 +1,5 @@
-"""Submitting and cancelling jobs, one or a sweep's many, the one way for both.
+"""Submitting and cancelling jobs, one or a sweep's many, the one way for both; and queueing
+evaluations, which share the training queue and so its limit and the owners' quotas.
 
 `POST /v1/jobs` and `POST /v1/sweeps` both come here. Each spec has passed `JobSpec`'s checks
 (bounds, the network fit); here its `init_from` is resolved to a checkpoint of the same network
@@ -7,6 +8,7 @@ the jobs are recorded in one atomic step with the queue limit (past it, the job 
 `QueueFullError` or `ActiveJobsLimitError`: a 429), and each is sent through `enqueue_job`.
 When the broker cannot take them, nothing is left behind: the jobs not sent are removed and
 those sent are cancelled before they start.
+`POST .../evaluate` comes to `queue_evaluation`: the same limits, the same 429s.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from service.errors import (
     IdempotencyInFlightError,
     ServiceUnavailableError,
 )
-from workers.celery_app import enqueue_job, worker_heartbeats
-from workers.contracts import JobSpec, JobStatus
+from workers.celery_app import enqueue, enqueue_job, worker_heartbeats
+from workers.contracts import EVALUATE_TASK, JobSpec, JobStatus
 from workers.settings import Settings
 from workers.store.checkpoints import CheckpointStore, Lineage, LineageError
+from workers.store.evaluations import EvaluationRecord, EvaluationStore
 from workers.store.jobs import JobRecord, JobStore, Quota, new_job_id, now_iso
 
 logger = logging.getLogger(__name__)
@@ -160,6 +163,10 @@ def records(
     return out
 
 
+def _quota(caller: Caller) -> Quota:
+    return Quota(caller.owner, caller.principal.max_active_jobs if caller.owner else None)
+
+
 def submit(
     store: JobStore,
     celery: Celery,
@@ -170,8 +177,7 @@ def submit(
     """Record the caller's `jobs` at once (or none: the job store's `QueueFullError` or
     `ActiveJobsLimitError`, a 429, past the queue limit or the caller's quota of active
     jobs), then enqueue each."""
-    quota = Quota(caller.owner, caller.principal.max_active_jobs if caller.owner else None)
-    store.create_many(list(jobs), max_queued=settings.max_queued_jobs, quota=quota)
+    store.create_many(list(jobs), max_queued=settings.max_queued_jobs, quota=_quota(caller))
     sent: list[str] = []
     try:
         for job in jobs:
@@ -187,6 +193,30 @@ def submit(
         ) from None
     for job in jobs:
         logger.info("queued job %s (%s)", job.id, job.spec.model)
+
+
+def queue_evaluation(
+    evaluations: EvaluationStore,
+    celery: Celery,
+    settings: Settings,
+    record: EvaluationRecord,
+    caller: Caller,
+) -> None:
+    """Record the caller's evaluation within the queue limit and its quota (429 past either,
+    as for jobs), then enqueue it; when the broker cannot take it, nothing is left behind."""
+    evaluations.create(record, max_queued=settings.max_queued_jobs, quota=_quota(caller))
+    try:
+        enqueue(celery, EVALUATE_TASK, record.id)
+    except (KombuError, redis.RedisError, OSError) as exc:
+        logger.warning("could not enqueue evaluation %s: %s", record.id, exc)
+        try:
+            evaluations.discard(record)
+        except redis.RedisError:
+            logger.warning("could not take back evaluation %s", record.id)
+        raise ServiceUnavailableError(
+            "the broker (Redis) is not reachable; the evaluation was not queued; retry shortly",
+            headers={"Retry-After": "5"},
+        ) from None
 
 
 def _take_back(store: JobStore, ids: list[str], sent: list[str]) -> None:

@@ -6,6 +6,7 @@ problems, never 500s, and recovers by itself; a worker training a job rides out 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -113,6 +114,43 @@ def test_queued_jobs_survive_a_redis_kill_and_run_after_the_restart(
         record = wait_finished(store, job_id, 120, worker)
         assert record.status is JobStatus.succeeded, record.error
         assert record.attempts == 1
+
+
+def lose_the_last_writes(server: RedisServer, since: bytes) -> None:
+    """Cut the append-only file before the last `since` command, as a Redis that had not yet
+    synced its last second would lose it (`appendfsync everysec`, the compose file's), then
+    start it again on what is left."""
+    server.kill9()
+    aof = sorted((server.directory / "appendonlydir").glob("*.incr.aof"))[-1]
+    data = aof.read_bytes()
+    command = re.compile(rb"\*\d+\r\n\$%d\r\n%s\r\n" % (len(since), since), re.IGNORECASE)
+    cut = [m.start() for m in command.finditer(data)][-1]
+    aof.write_bytes(data[:cut])
+    server.start()
+
+
+def test_a_job_whose_message_redis_lost_runs_all_the_same(
+    aof_redis: RedisServer,
+    store: JobStore,
+    start_api: Callable[..., ApiProcess],
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    api = start_api()
+    r = httpx.post(f"{api.url}/v1/jobs", json=TINY_JOB, timeout=10)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    assert queued_messages(aof_redis.url) == 1
+
+    lose_the_last_writes(aof_redis, b"LPUSH")  # the message; the record was written before it
+
+    assert store.get(job_id).status is JobStatus.queued, "the record should have survived"
+    assert queued_messages(aof_redis.url) == 0, "the message should be lost"
+    # a worker's maintenance notices within a lease (2 s here) and sends it again
+    worker = start_worker(env={"CNNSERVE_LEASE_SECONDS": "2"})
+    record = wait_finished(store, job_id, 120, worker)
+    assert record.status is JobStatus.succeeded, record.error
+    assert record.attempts == 1
+    assert "its message was lost; sent again" in worker.log()
 
 
 def test_a_worker_rides_out_a_redis_restart_without_losing_its_job(

@@ -8,21 +8,53 @@ beside the checkpoint (in the checkpoint store, so any host reads it) and in the
 (`succeeded`), or the reason it could not (`failed`).
 Records expire after `RECORD_TTL_S`; the stored result stays with the checkpoint.
 
-Keys (prefix `cnnserve:`): `evaluation:{id}` the JSON of an `EvaluationRecord`.
+An evaluation is work on the training queue: it is recorded only within the queue limit and
+its owner's quota of queued and running work, which its jobs share (one atomic step, as jobs
+are, `workers.store.job_index.QUEUE_FN`).
+
+Keys (prefix `cnnserve:`): `evaluation:{id}` the JSON of an `EvaluationRecord`; the sets
+`evaluations:queued` and `owner:{owner}:evaluations:active` (`workers.store.job_index`).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from workers.contracts import JobStatus
-from workers.store.job_index import PREFIX
-from workers.store.jobs import now_iso
+from workers.store import job_index
+from workers.store.job_index import EVALUATION_TTL_S, EVALUATIONS_QUEUED, PREFIX
+from workers.store.jobs import ActiveJobsLimitError, QueueFullError, Quota, now_iso
 
-RECORD_TTL_S = 7 * 86400
+log = logging.getLogger(__name__)
+
+RECORD_TTL_S = EVALUATION_TTL_S
+
+#: Lua: record a queued evaluation unless the queue is full or its owner past its quota.
+#: ARGV: prefix, now, max queued ('' for none), owner ('' for none), max active ('' for none),
+#: id, record JSON, ttl. Returns {1 if recorded else 0, the count that refused, which}.
+_CREATE = (
+    job_index.QUEUE_FN
+    + """
+local prefix, now, max, owner, max_active = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local queued = queued_work(prefix, now)
+if max ~= '' and queued + 1 > tonumber(max) then return {0, queued, 'queue'} end
+if owner ~= '' and max_active ~= '' then
+  local active = active_work(prefix, owner, now)
+  if active + 1 > tonumber(max_active) then return {0, active, 'active'} end
+end
+redis.call('SET', prefix .. 'evaluation:' .. ARGV[6], ARGV[7], 'EX', ARGV[8])
+redis.call('ZADD', prefix .. 'evaluations:queued', now, ARGV[6])
+if owner ~= '' then
+  redis.call('ZADD', prefix .. 'owner:' .. owner .. ':evaluations:active', now, ARGV[6])
+end
+return {1, queued, ''}
+"""
+)
 
 
 class EvaluationRecord(BaseModel):
@@ -75,8 +107,55 @@ class EvaluationStore:
     def _key(evaluation_id: str) -> str:
         return f"{PREFIX}evaluation:{evaluation_id}"
 
+    def create(
+        self, record: EvaluationRecord, *, max_queued: int | None = None, quota: Quota
+    ) -> None:
+        """Record a new queued evaluation, or refuse it: `QueueFullError` past `max_queued`
+        (jobs and evaluations queued), `ActiveJobsLimitError` past its owner's quota."""
+        if record.owner != quota.owner:
+            raise ValueError("an evaluation is recorded with its owner's quota")
+        done, before, refused_by = self.r.eval(
+            _CREATE,
+            0,
+            PREFIX,
+            repr(time.time()),
+            "" if max_queued is None else str(max_queued),
+            quota.owner or "",
+            "" if quota.max_active is None else str(quota.max_active),
+            record.id,
+            record.model_dump_json(),
+            RECORD_TTL_S,
+        )
+        if done:
+            return
+        if refused_by == "active":
+            assert quota.owner is not None and quota.max_active is not None
+            raise ActiveJobsLimitError(quota.owner, int(before), quota.max_active)
+        raise QueueFullError(int(before), int(max_queued or 0))
+
     def put(self, record: EvaluationRecord) -> None:
-        self.r.set(self._key(record.id), record.model_dump_json(), ex=RECORD_TTL_S)
+        """Write the record as it is now; one that has started leaves the queue, one that has
+        finished its owner's count too."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self._key(record.id), record.model_dump_json(), ex=RECORD_TTL_S)
+        if record.status is not JobStatus.queued:
+            pipe.zrem(EVALUATIONS_QUEUED, record.id)
+        if record.status.finished and record.owner:
+            pipe.zrem(job_index.owner_evaluations_key(record.owner), record.id)
+        pipe.execute()
+
+    def discard(self, record: EvaluationRecord) -> None:
+        """Remove an evaluation that was never sent (the broker refused it), and its places."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(self._key(record.id))
+        pipe.zrem(EVALUATIONS_QUEUED, record.id)
+        if record.owner:
+            pipe.zrem(job_index.owner_evaluations_key(record.owner), record.id)
+        pipe.execute()
+
+    def queued_before(self, cutoff: float) -> list[str]:
+        """The evaluations waiting on the queue since before `cutoff` (epoch s), oldest first."""
+        return list(self.r.zrangebyscore(EVALUATIONS_QUEUED, "-inf", cutoff))
 
     def get(self, evaluation_id: str) -> EvaluationRecord | None:
         raw = self.r.get(self._key(evaluation_id))

@@ -15,6 +15,11 @@ Keys (prefix `cnnserve:`):
                                       submitted (`JobRecord.owner`): a tenant's listing and
                                       its count of queued and running jobs (the quota)
 - `schema`                            `2` once the records of an earlier version are indexed
+- `evaluations:queued`                evaluations waiting on the training queue, and
+  `owner:{owner}:evaluations:active`  one principal's queued and running evaluations
+                                      (`workers.store.evaluations`): work on the same queue,
+                                      so they count with the jobs against the queue limit
+                                      and the owner's quota (`QUEUE_FN`)
 """
 
 from __future__ import annotations
@@ -41,6 +46,14 @@ MIGRATE_CHUNK = 500
 MIGRATE_LOCK_S = 60
 
 Cursor = tuple[float, str]
+EVALUATIONS_QUEUED = f"{PREFIX}evaluations:queued"
+#: An evaluation's record lasts this long; an entry of the sets older than that is stale.
+EVALUATION_TTL_S = 7 * 86400
+
+
+def owner_evaluations_key(owner: str) -> str:
+    """One owner's queued and running evaluations."""
+    return f"{PREFIX}owner:{owner}:evaluations:active"
 
 
 def record_key(job_id: str) -> str:
@@ -78,12 +91,37 @@ def listing_key(status: JobStatus | None, model: str | None, owner: str | None =
     return f"{base}jobs"
 
 
-def active_keys(owner: str) -> tuple[str, str]:
-    """One owner's queued and running indexes (what its job quota counts)."""
+def active_keys(owner: str) -> tuple[str, str, str]:
+    """One owner's queued and running jobs and its active evaluations (what its quota
+    counts)."""
     return (
         listing_key(JobStatus.queued, None, owner),
         listing_key(JobStatus.running, None, owner),
+        owner_evaluations_key(owner),
     )
+
+
+#: Lua: the work on the training queue, jobs and evaluations alike. `queued_work(prefix,
+#: now)` counts what waits (the queue limit), `active_work(prefix, owner, now)` what one owner
+#: has queued or running (its quota); evaluations whose records have expired are dropped
+#: from their sets first.
+QUEUE_FN = f"""
+local EVALUATION_TTL = {EVALUATION_TTL_S}
+local function evaluations_in(key, now)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (tonumber(now) - EVALUATION_TTL))
+  return redis.call('ZCARD', key)
+end
+local function queued_work(prefix, now)
+  return redis.call('ZCARD', prefix .. 'jobs:status:queued')
+    + evaluations_in(prefix .. 'evaluations:queued', now)
+end
+local function active_work(prefix, owner, now)
+  local base = prefix .. 'owner:' .. owner .. ':'
+  return redis.call('ZCARD', base .. 'jobs:status:queued')
+    + redis.call('ZCARD', base .. 'jobs:status:running')
+    + evaluations_in(base .. 'evaluations:active', now)
+end
+"""
 
 
 #: Lua: file one job under its status and model (and its owner's, when it has one), and
@@ -130,23 +168,23 @@ return 1
 )
 
 #: Lua: record new queued jobs (each record, its indexes and first event) unless they would
-#: take the queue past `max_queued`, or their owner's queued and running jobs past
-#: `max_active`; one atomic step, so concurrent submits (or a sweep's children), from any
-#: number of API processes, cannot overshoot either limit, and a sweep is recorded whole or
-#: not at all. ARGV: prefix, score, max queued ('' for none), event data, maxlen, owner ('' for
-#: none), max active ('' for none), then per job its id, model and record JSON.
-#: Returns {1 if created else 0, jobs queued (or the owner's active jobs) before, 'queue' or
-#: 'active': which limit refused}.
+#: take the queue past `max_queued`, or their owner's queued and running work past
+#: `max_active` (evaluations count too, `QUEUE_FN`); one atomic step, so concurrent submits
+#: (or a sweep's children), from any number of API processes, cannot overshoot either limit,
+#: and a sweep is recorded whole or not at all. ARGV: prefix, score, max queued ('' for
+#: none), event data, maxlen, owner ('' for none), max active ('' for none), then per job its
+#: id, model and record JSON. Returns {1 if created else 0, work queued (or the owner's
+#: active work) before, 'queue' or 'active': which limit refused}.
 CREATE = (
     _INDEX_FN
+    + QUEUE_FN
     + """
 local prefix, score, max, owner, max_active = ARGV[1], ARGV[2], ARGV[3], ARGV[6], ARGV[7]
-local queued = redis.call('ZCARD', prefix .. 'jobs:status:queued')
+local queued = queued_work(prefix, score)
 local count = (#ARGV - 7) / 3
 if max ~= '' and queued + count > tonumber(max) then return {0, queued, 'queue'} end
 if owner ~= '' and max_active ~= '' then
-  local base = prefix .. 'owner:' .. owner .. ':jobs:status:'
-  local active = redis.call('ZCARD', base .. 'queued') + redis.call('ZCARD', base .. 'running')
+  local active = active_work(prefix, owner, score)
   if active + count > tonumber(max_active) then return {0, active, 'active'} end
 end
 for i = 8, #ARGV, 3 do

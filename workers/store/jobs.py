@@ -31,13 +31,17 @@ __all__ = [
     "PREFIX",
     "Cursor",
     "EpochMetrics",
+    "JobEvent",
     "JobNotFoundError",
     "JobRecord",
     "JobStore",
     "Progress",
     "QueueFullError",
+    "advance",
+    "events_key",
     "new_job_id",
     "now_iso",
+    "parse_events",
 ]
 
 EVENTS_MAXLEN = 20_000
@@ -147,7 +151,7 @@ class QueueFullError(Exception):
         self.queued = queued
         self.limit = limit
         more = f" and this request adds {adding}" if adding > 1 else ""
-        super().__init__(f"{queued} jobs are queued{more}, the limit is {limit}")
+        super().__init__(f"{queued} jobs and evaluations are queued{more}, the limit is {limit}")
 
 
 class ActiveJobsLimitError(Exception):
@@ -159,7 +163,7 @@ class ActiveJobsLimitError(Exception):
         self.limit = limit
         more = f" and this request adds {adding}" if adding > 1 else ""
         super().__init__(
-            f"{owner} has {active} jobs queued or running{more}; its limit "
+            f"{owner} has {active} jobs and evaluations queued or running{more}; its limit "
             f"(max_active_jobs) is {limit}"
         )
 
@@ -186,6 +190,33 @@ def _model_and_owner(raw: str | None) -> tuple[str | None, str | None]:
 
 def new_job_id() -> str:
     return uuid.uuid4().hex[:16]
+
+
+#: One event of a job's stream: (job id, event id, kind, data).
+JobEvent = tuple[str, str, str, dict[str, Any]]
+
+
+def events_key(job_id: str) -> str:
+    """The key of a job's event stream (a Redis stream; its ids are the SSE event ids)."""
+    return f"{record_key(job_id)}:events"
+
+
+def parse_events(reply: Any) -> list[JobEvent]:
+    """An XREAD reply over job event streams, as `JobEvent`s in the order Redis gave them."""
+    out: list[JobEvent] = []
+    for name, entries in reply or []:
+        job_id = name.removeprefix(PREFIX + "job:").removesuffix(":events")
+        for eid, fields in entries:
+            out.append((job_id, eid, fields["event"], json.loads(fields["data"])))
+    return out
+
+
+def advance(cursors: dict[str, str], events: list[JobEvent]) -> dict[str, str]:
+    """The cursors moved past `events` (each job's to its last event among them)."""
+    moved = dict(cursors)
+    for job_id, eid, _kind, _data in events:
+        moved[job_id] = eid
+    return moved
 
 
 class JobStore:
@@ -273,7 +304,7 @@ class JobStore:
         raise QueueFullError(int(before), int(max_queued or 0), len(records))
 
     def count_active(self, owner: str) -> int:
-        """How many of `owner`'s jobs are queued or running (two ZCARDs)."""
+        """How many of `owner`'s jobs and evaluations are queued or running (three ZCARDs)."""
         pipe = self.r.pipeline(transaction=False)
         for key in index.active_keys(owner):
             pipe.zcard(key)
@@ -373,10 +404,15 @@ class JobStore:
         self.ensure_indexed()
         return index.ids_in(self.r, JobStatus.running)
 
+    def queued_before(self, cutoff: float) -> list[str]:
+        """The ids of the queued jobs recorded before `cutoff` (epoch seconds), oldest first."""
+        self.ensure_indexed()
+        return list(self.r.zrangebyscore(index.status_key(JobStatus.queued), "-inf", cutoff))
+
     # events
     def _queue_event(self, pipe: Any, job_id: str, kind: str, data: dict[str, Any]) -> None:
         pipe.xadd(
-            f"{self._key(job_id)}:events",
+            events_key(job_id),
             {"event": kind, "data": json.dumps(data)},
             maxlen=EVENTS_MAXLEN,
             approximate=True,
@@ -392,20 +428,14 @@ class JobStore:
         self, job_id: str, after: str | None = None, block_ms: int | None = None, count: int = 100
     ) -> list[tuple[str, str, dict[str, Any]]]:
         """Events after the id `after` (all when None): `(id, kind, data)`; may block."""
-        stream = f"{self._key(job_id)}:events"
-        start = after or "0-0"
-        res = self.r.xread({stream: start}, count=count, block=block_ms)
-        out: list[tuple[str, str, dict[str, Any]]] = []
-        for _name, entries in res or []:
-            for eid, fields in entries:
-                out.append((eid, fields["event"], json.loads(fields["data"])))
-        return out
+        res = self.r.xread({events_key(job_id): after or "0-0"}, count=count, block=block_ms)
+        return [(eid, kind, data) for _job, eid, kind, data in parse_events(res)]
 
     def stream_tails(self, job_ids: list[str]) -> dict[str, str]:
         """The id of each job's last event ("0-0" for none yet): where to follow them from."""
         pipe = self.r.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.xrevrange(f"{self._key(job_id)}:events", count=1)
+            pipe.xrevrange(events_key(job_id), count=1)
         return {
             job_id: (last[0][0] if last else "0-0")
             for job_id, last in zip(job_ids, pipe.execute(), strict=True)
@@ -413,19 +443,13 @@ class JobStore:
 
     def follow_events(
         self, cursors: dict[str, str], block_ms: int
-    ) -> tuple[dict[str, str], list[tuple[str, str, str, dict[str, Any]]]]:
+    ) -> tuple[dict[str, str], list[JobEvent]]:
         """Wait up to `block_ms` for these jobs' next events (one XREAD over all their
         streams): the cursors moved past what arrived, and it as (job, id, kind, data)."""
-        streams = {f"{self._key(job_id)}:events": after for job_id, after in cursors.items()}
+        streams = {events_key(job_id): after for job_id, after in cursors.items()}
         res = self.r.xread(streams, count=1000, block=block_ms) if streams else None
-        moved = dict(cursors)
-        events = []
-        for name, entries in res or []:
-            job_id = name.removeprefix(PREFIX + "job:").removesuffix(":events")
-            for eid, fields in entries:
-                events.append((job_id, eid, fields["event"], json.loads(fields["data"])))
-                moved[job_id] = eid
-        return moved, events
+        events = parse_events(res)
+        return advance(cursors, events), events
 
     # cancel
     def request_cancel(self, job_id: str) -> None:
@@ -473,6 +497,10 @@ class JobStore:
         """Claim the right to requeue an orphaned job; one caller gets it per `ttl_s`."""
         key = f"{self._key(job_id)}:requeue"
         return bool(self.r.set(key, "1", nx=True, ex=max(2, int(ttl_s))))
+
+    def claim_resend(self, object_id: str, ttl_s: float) -> bool:
+        """Claim the right to send a lost message again; one caller gets it per `ttl_s`."""
+        return bool(self.r.set(f"{PREFIX}resend:{object_id}", "1", nx=True, ex=max(2, int(ttl_s))))
 
     # idempotency
     @staticmethod

@@ -7,7 +7,9 @@ Durability, in brief: a job is trained only by the holder of its lease (renewed 
 heartbeat thread). A worker that dies stops renewing; `recover_orphans`, run by every live
 worker, finds `running` jobs without a lease and queues them again, and the next worker
 resumes from the job's `latest` checkpoint. Each start counts as an attempt; past
-`max_attempts` the job fails instead of killing workers in a loop.
+`max_attempts` the job fails instead of killing workers in a loop. `resend_lost` does the same
+for the queued: a job (or evaluation) recorded but whose message the broker no longer holds
+(a Redis that lost its last writes) is sent again, instead of waiting for ever.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import redis
 
-from workers.contracts import JobSpec, JobStatus
+from workers.contracts import EVALUATE_TASK, TRAIN_TASK, JobSpec, JobStatus
 from workers.errors import DeviceError, TrainingError
 from workers.settings import Settings
 from workers.store.checkpoints import (
@@ -32,6 +34,7 @@ from workers.store.checkpoints import (
     SavedCheckpoint,
     retry_unavailable,
 )
+from workers.store.evaluations import EvaluationStore
 from workers.store.jobs import EpochMetrics, JobNotFoundError, JobRecord, JobStore, Progress
 from workers.store.jobs import now_iso as _now
 from workers.training.data import load_fashion_mnist
@@ -461,3 +464,40 @@ def recover_orphans(
         if requeue(store, job_id, enqueue, reason, epoch=rec.progress.epoch):
             recovered.append(job_id)
     return recovered
+
+
+def resend_lost(
+    store: JobStore,
+    settings: Settings,
+    send: Callable[[str, str], Any],
+    in_broker: Callable[[], set[str] | None],
+) -> list[str]:
+    """Send again (`send(task, id)`) every job and evaluation queued for longer than
+    `lease_seconds` whose message the broker holds neither waiting nor delivered (`in_broker`:
+    the task ids it holds, None when too many to tell); returns their ids.
+
+    Reads the queued indexes, and the broker only when something has waited that long. A
+    message sent twice is harmless: a delivery of a job already leased or finished is dropped.
+    """
+    cutoff = time.time() - settings.lease_seconds
+    evaluations = EvaluationStore(store.r)
+    waiting = [(TRAIN_TASK, i) for i in store.queued_before(cutoff)]
+    waiting += [(EVALUATE_TASK, i) for i in evaluations.queued_before(cutoff)]
+    if not waiting:
+        return []
+    held = in_broker()
+    if held is None:
+        return []
+    resent = []
+    for task, object_id in waiting:
+        if object_id in held or not store.claim_resend(object_id, settings.lease_seconds):
+            continue
+        try:
+            record = store.get(object_id) if task == TRAIN_TASK else evaluations.get(object_id)
+        except JobNotFoundError:
+            record = None
+        if record is not None and record.status is JobStatus.queued:
+            send(task, object_id)
+            log.warning("%s was queued but its message was lost; sent again", object_id)
+            resent.append(object_id)
+    return resent

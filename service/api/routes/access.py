@@ -17,8 +17,10 @@ router = APIRouter(tags=["access"])
 class Limits(BaseModel):
     """The caller's quotas (null: no limit) and how much of the job quota is in use."""
 
-    max_active_jobs: int | None = Field(description="Queued + running jobs at most.")
-    active_jobs: int | None = Field(description="Its jobs queued or running now.")
+    max_active_jobs: int | None = Field(
+        description="Queued + running jobs at most (evaluations count as jobs)."
+    )
+    active_jobs: int | None = Field(description="Its jobs and evaluations queued or running now.")
     max_sweep_jobs: int = Field(description="Jobs in one sweep at most.")
     predict_rate: str | None = Field(
         description="Predict, explain and V2 infer calls, e.g. 20/second."

@@ -7,25 +7,22 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-import redis
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from kombu.exceptions import KombuError
 from pydantic import BaseModel, ConfigDict, Field
 
 from models import CLASSES
 from service.access.audit import audit_target
 from service.access.auth import Allow, CallerDep
-from service.api.deps import CeleryDep, CheckpointStoreDep, ResolvedManifest
+from service.api.deps import CeleryDep, CheckpointStoreDep, ResolvedManifest, SettingsDep
 from service.api.plots import PLOT_RESPONSE, PlotFormat, plot_response, render_confusion
 from service.api.problems import problem_responses
 from service.api.schemas import EXAMPLE_ID
 from service.errors import (
     ProblemError,
-    ServiceUnavailableError,
 )
-from workers.celery_app import enqueue
-from workers.contracts import EVALUATE_TASK, EVALUATION_ID_PATTERN
+from service.jobs import control as job_control
+from workers.contracts import EVALUATION_ID_PATTERN
 from workers.store.checkpoints import CheckpointStore, Manifest
 from workers.store.evaluations import (
     ClassScores,
@@ -203,16 +200,29 @@ EvaluationsDep = Annotated[EvaluationStore, Depends(_evaluations)]
     summary="Evaluate a checkpoint on the test set",
     description="Queues the evaluation on a training worker (it is GPU work) and answers 202 "
     "with it and its `Location`; poll that until `succeeded`, then "
-    "`GET /v1/checkpoints/{ref}/evaluation` answers from it. Needs the train scope.",
+    "`GET /v1/checkpoints/{ref}/evaluation` answers from it. Needs the train scope. It shares "
+    "the training queue with jobs, so it counts against the queue limit and the caller's "
+    "`max_active_jobs` (queued + running) like a job: a 429 with `Retry-After` past either.",
     response_model=EvaluationRecord,
     dependencies=[Allow("train", audit_as="checkpoint.evaluate")],
-    responses=problem_responses(401, 403, 404, 409, 422, 503),
+    responses=problem_responses(
+        401,
+        403,
+        404,
+        409,
+        422,
+        429,
+        503,
+        s429="alice has 2 jobs and evaluations queued or "
+        "running; its limit (max_active_jobs) is 2; retry in 30 s, when one has finished",
+    ),
 )
 def evaluate_checkpoint(
     request: Request,
     caller: CallerDep,
     manifest: ResolvedManifest,
     celery: CeleryDep,
+    settings: SettingsDep,
     evaluations: EvaluationsDep,
     body: EvaluateRequest | None = None,
 ) -> Response:
@@ -223,15 +233,7 @@ def evaluate_checkpoint(
         owner=caller.owner,
     )
     audit_target(request, record.id)
-    evaluations.put(record)
-    try:
-        enqueue(celery, EVALUATE_TASK, record.id)
-    except (KombuError, redis.RedisError, OSError) as exc:
-        logger.warning("could not enqueue evaluation %s: %s", record.id, exc)
-        raise ServiceUnavailableError(
-            "the broker (Redis) is not reachable; the evaluation was not queued; retry shortly",
-            headers={"Retry-After": "5"},
-        ) from None
+    job_control.queue_evaluation(evaluations, celery, settings, record, caller)
     return Response(
         record.model_dump_json(),
         status_code=202,

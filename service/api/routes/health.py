@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.access.auth import authorize, bearer_scheme
 from service.api.deps import CeleryDep, JobStoreDep, SettingsDep
 from service.api.problems import problem_responses
-from service.errors import ServiceUnavailableError
+from service.errors import ForbiddenError, ServiceUnavailableError, UnauthorizedError
 from service.metrics import refresh_job_gauges, render_latest
 from workers.celery_app import live_workers, worker_heartbeats
 from workers.store.checkpoints import CheckpointStore, StoreUnavailableError
@@ -62,7 +61,7 @@ class WorkerInfo(BaseModel):
 
 
 class Readiness(BaseModel):
-    """The service is ready: every check passed."""
+    """The service is ready: every check passed (what each found: for admins only)."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -81,9 +80,15 @@ class Readiness(BaseModel):
     )
 
     status: str = Field(description="`ready`.")
-    checks: dict[str, Check]
-    workers: list[WorkerInfo] = Field(
-        default_factory=list, description="The training workers seen lately and their devices."
+    checks: dict[str, Check] | None = Field(
+        None,
+        description="What each check found (paths, hosts, workers): only for a key with the "
+        "admin scope, or anyone on a server without keys.",
+    )
+    workers: list[WorkerInfo] | None = Field(
+        None,
+        description="The training workers seen lately and the device each trains on (`cpu`, "
+        "`cuda:N`): only for a key with the admin scope, or anyone on a server without keys.",
     )
 
 
@@ -113,18 +118,19 @@ def _redact(url: str) -> str:
 
 
 def _check_storage(path: Path) -> Check:
+    """The data directory is there (made once when missing) and writable: a stat and an
+    access check, never a file written per probe."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".ready-", dir=path)
-        try:
-            os.write(fd, b"ok")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(name)
+        fs = os.statvfs(path)
     except OSError as exc:
-        return Check(ok=False, detail=f"{path} is not writable: {exc.strerror or exc}")
-    return Check(ok=True, detail=f"{path} is writable")
+        return Check(ok=False, detail=f"{path} is not usable: {exc.strerror or exc}")
+    if fs.f_flag & os.ST_RDONLY:
+        return Check(ok=False, detail=f"{path} is on a read-only file system")
+    if not os.access(path, os.W_OK | os.X_OK):
+        return Check(ok=False, detail=f"{path} is not writable by this process")
+    free_gib = fs.f_bavail * fs.f_frsize / 2**30
+    return Check(ok=True, detail=f"{path} is writable ({free_gib:.1f} GiB free)")
 
 
 async def _check_checkpoints(store: CheckpointStore) -> Check:
@@ -195,21 +201,39 @@ async def healthz() -> Liveness:
     return Liveness(status="ok")
 
 
+def _sees_details(request: Request, credentials: HTTPAuthorizationCredentials | None) -> bool:
+    """Whether this caller may read what the checks found (the data path, Redis's host and
+    database, worker names): an admin's key, or anyone on a server without keys. A wrong key
+    counts as none here: the probe itself stays open."""
+    state = request.app.state
+    try:
+        return authorize(state.key_ring, state.settings, "any", credentials).principal.admin
+    except (UnauthorizedError, ForbiddenError):
+        return False
+
+
 @router.get(
     "/readyz",
     summary="Readiness",
     description="Redis answers a ping, the checkpoint store answers (the bucket of "
-    "CNNSERVE_CHECKPOINT_URL, else the data directory is writable) and at least one "
-    "training worker is alive (its heartbeat in Redis, or a Celery ping; cached a few "
-    "seconds). 503 naming what is wrong otherwise. Either way `workers` lists the workers "
-    "seen and the device each trains on (`cpu`, `cuda:N`).",
+    "CNNSERVE_CHECKPOINT_URL, else the data directory is there and writable: a stat, no write) "
+    "and at least one training worker is alive (its heartbeat in Redis, or a Celery ping; "
+    "cached a few seconds). 503 naming the failing checks otherwise. Open to all; what each "
+    "check found (paths, hosts) and the workers with their devices are shown to a key with the "
+    "admin scope only (to everyone on a server without keys).",
     response_model=Readiness,
+    response_model_exclude_none=True,
     responses=problem_responses(
         503, s503="not ready: workers: no worker answered a ping; start one with cnnserve worker"
     ),
+    openapi_extra={"security": [{}, {"ApiKey": ["admin"]}]},
 )
 async def readyz(
-    request: Request, settings: SettingsDep, store: JobStoreDep, celery: CeleryDep
+    request: Request,
+    settings: SettingsDep,
+    store: JobStoreDep,
+    celery: CeleryDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Readiness:
     checks: dict[str, Check] = {}
     try:
@@ -228,10 +252,18 @@ async def readyz(
     else:
         checks["workers"] = Check(ok=False, detail="not checked: the broker is not reachable")
     workers = request.app.state.worker_ping_cache.workers if checks["redis"].ok else []
-    failing = [f"{name}: {c.detail}" for name, c in checks.items() if not c.ok]
+    failing = [name for name, c in checks.items() if not c.ok]
+    if not _sees_details(request, credentials):
+        if failing:
+            raise ServiceUnavailableError(
+                f"not ready: {', '.join(failing)} (a key with the admin scope sees why)",
+                headers={"Retry-After": "5"},
+                checks={k: {"ok": v.ok} for k, v in checks.items()},
+            )
+        return Readiness(status="ready")
     if failing:
         raise ServiceUnavailableError(
-            "not ready: " + "; ".join(failing),
+            "not ready: " + "; ".join(f"{name}: {checks[name].detail}" for name in failing),
             headers={"Retry-After": "5"},
             checks={k: v.model_dump() for k, v in checks.items()},
             workers=[w.model_dump() for w in workers],

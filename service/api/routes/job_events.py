@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import AsyncIterator
-from functools import partial
 from typing import Annotated
 
-from anyio import to_thread
 from fastapi import APIRouter, Header, Query, Request, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 
-from service.access.auth import Allow
-from service.api.deps import JobStoreDep, ValidJob
+from service.access.auth import Allow, CallerDep
+from service.api import streams
+from service.api.deps import ValidJob
 from service.api.plots import PLOT_RESPONSE, PlotFormat, plot_response, render_curves
 from service.api.problems import problem_responses
+from service.api.streams import STREAMS_429, STREAMS_503
 from service.errors import BadRequestError
-from workers.contracts import JobStatus
-from workers.store.jobs import JobNotFoundError, JobStore
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-#: Blocking stream reads run in threads with their own limiter (`app.state.sse_threads`), so
-#: many SSE clients cannot starve the thread pool that sync routes share.
-SSE_THREADS = 64
-SSE_BLOCK_MS = 1000
 SSE_PING_S = 15
 EVENT_ID_RE = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
 
@@ -34,7 +26,8 @@ _EVENTS_DESCRIPTION = """Server-Sent Events of the job: `status` ({status, error
 (epoch, batch, images/s, ETA) and `epoch` (the epoch's metrics and its checkpoint id), each with
 its id. Replays from the start, or after the id in the `Last-Event-ID` header (or the
 `last_event_id` query parameter), then follows live, with keep-alive comments; the stream ends
-after the `status` event that finishes the job.
+after the `status` event that finishes the job. A principal may hold a bounded number of
+streams open at once (429 past it), and so may the server (503); both say when to retry.
 
 ```
 id: 1735733200000-0
@@ -82,14 +75,24 @@ SSE_EVENT_SCHEMA: dict[str, object] = {
                 }
             },
         },
-        **problem_responses(401, 403, 404, 422, s422="Last-Event-ID is not an event id like 1-0"),
+        **problem_responses(
+            401,
+            403,
+            404,
+            422,
+            429,
+            503,
+            s422="Last-Event-ID is not an event id like 1-0",
+            s429=STREAMS_429,
+            s503=STREAMS_503,
+        ),
     },
     dependencies=[Allow("read")],
 )
 async def job_events(
     request: Request,
     job: ValidJob,
-    store: JobStoreDep,
+    caller: CallerDep,
     last_event_id_header: Annotated[
         str | None, Header(alias="Last-Event-ID", description="Resume after this event id.")
     ] = None,
@@ -102,36 +105,8 @@ async def job_events(
     if after is not None and not EVENT_ID_RE.fullmatch(after):
         raise BadRequestError(f"Last-Event-ID {after!r} is not an event id like 1735733200000-0")
     # a missing (or another tenant's) job was a 404 before the stream started
-    return EventSourceResponse(_event_stream(request, store, job.id, after), ping=SSE_PING_S)
-
-
-async def _event_stream(
-    request: Request, store: JobStore, job_id: str, after: str | None
-) -> AsyncIterator[ServerSentEvent]:
-    cursor = after
-    while True:
-        batch = await to_thread.run_sync(
-            partial(store.events, job_id, after=cursor, block_ms=SSE_BLOCK_MS),
-            abandon_on_cancel=True,
-            limiter=request.app.state.sse_threads,
-        )
-        for event_id, kind, data in batch:
-            cursor = event_id
-            yield ServerSentEvent(data=json.dumps(data), event=kind, id=event_id)
-            if kind == "status" and data.get("status") in _FINISHED:
-                return
-        if not batch:
-            if await request.is_disconnected():
-                return
-            try:
-                record = await to_thread.run_sync(store.get, job_id)
-            except JobNotFoundError:
-                return  # deleted while we followed it
-            if record.status.finished:
-                return  # finished, and its final event was before `after`
-
-
-_FINISHED = {s.value for s in JobStatus if s.finished}
+    events = streams.job_events(streams.reader_of(request), job.id, after)
+    return streams.open_stream(request, caller, events, ping=SSE_PING_S)
 
 
 _CURVES_DESCRIPTION = (

@@ -6,24 +6,24 @@ Registered before `/v1/jobs/{job_id}`, so `compare` and `events` are never read 
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from anyio import to_thread
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 
 from service.access.auth import Allow, Caller, CallerDep
+from service.api import streams
 from service.api.deps import JobStoreDep, SweepStoreDep
 from service.api.plots import PLOT_RESPONSE, PlotFormat, plot_response, render_comparison
 from service.api.problems import problem_responses
+from service.api.streams import STREAMS_429, STREAMS_503
 from service.errors import (
     BadRequestError,
     SweepNotFoundError,
 )
-from workers.contracts import JOB_ID_RE, SWEEP_ID_PATTERN, JobSpec, JobStatus
+from workers.contracts import JOB_ID_RE, SWEEP_ID_PATTERN, JobSpec
 from workers.store.jobs import JobNotFoundError, JobRecord, JobStore
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -165,7 +165,6 @@ def compare_plot(format: PlotFormat, comparison: Compared) -> Response:
 
 
 FOLLOWED = 50
-_FINISHED = {s.value for s in JobStatus if s.finished}
 
 
 @router.get(
@@ -173,14 +172,15 @@ _FINISHED = {s.value for s in JobStatus if s.finished}
     summary="Follow several jobs",
     description="Server-Sent Events of up to 50 jobs in one stream, from now on: each job's "
     "`status`, `progress` and `epoch` events as `/v1/jobs/{id}/events` sends them, with the "
-    "job's id added to the data (`job`). Ends when every one of them has finished.",
+    "job's id added to the data (`job`). Ends when every one of them has finished. Counts "
+    "against the caller's bound of open streams (429 past it) and the server's (503).",
     response_class=EventSourceResponse,
     responses={
         200: {
             "description": "An event stream; each event's data has the job's id.",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
-        **problem_responses(401, 403, 422),
+        **problem_responses(401, 403, 422, 429, 503, s429=STREAMS_429, s503=STREAMS_503),
     },
     dependencies=[Allow("read")],
 )
@@ -208,21 +208,5 @@ async def follow_jobs(
     live = [
         r.id for r in records if r is not None and not r.status.finished and caller.sees(r.owner)
     ]
-    return EventSourceResponse(_follow(request, store, live), ping=15)
-
-
-async def _follow(
-    request: Request, store: JobStore, job_ids: list[str]
-) -> AsyncIterator[ServerSentEvent]:
-    cursors = await to_thread.run_sync(store.stream_tails, job_ids)
-    unfinished = set(job_ids)
-    while unfinished:
-        cursors, events = await to_thread.run_sync(
-            store.follow_events, cursors, 1000, abandon_on_cancel=True
-        )
-        for job_id, event_id, kind, data in events:
-            yield ServerSentEvent(data=json.dumps({"job": job_id, **data}), event=kind, id=event_id)
-            if kind == "status" and data.get("status") in _FINISHED:
-                unfinished.discard(job_id)
-        if not events and await request.is_disconnected():
-            return
+    events = streams.several_jobs_events(streams.reader_of(request), live)
+    return streams.open_stream(request, caller, events)

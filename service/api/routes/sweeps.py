@@ -15,6 +15,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.access.audit import audit_target
 from service.access.auth import Allow, Caller, CallerDep
+from service.api import streams
 from service.api.deps import (
     CeleryDep,
     CheckpointStoreDep,
@@ -24,6 +25,7 @@ from service.api.deps import (
 )
 from service.api.pages import decode_cursor, encode_cursor
 from service.api.problems import problem_responses
+from service.api.streams import STREAMS_429, STREAMS_503, EventReader
 from service.errors import (
     BadRequestError,
     SweepNotFoundError,
@@ -294,14 +296,15 @@ def cancel_sweep(
     summary="Follow a sweep",
     description="Server-Sent Events: a `sweep` event with the whole leaderboard at once, and "
     f"again whenever one of its jobs reports (at most every {SWEEP_EVENT_EVERY_S} s); the "
-    "stream ends after the event in which every job has finished.",
+    "stream ends after the event in which every job has finished. Counts against the caller's "
+    "bound of open streams (429 past it) and the server's (503).",
     response_class=EventSourceResponse,
     responses={
         200: {
             "description": "An event stream of `sweep` events (data: the Sweep, as JSON).",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
-        **problem_responses(401, 403, 404, 422),
+        **problem_responses(401, 403, 404, 422, 429, 503, s429=STREAMS_429, s503=STREAMS_503),
     },
     dependencies=[Allow("read")],
 )
@@ -314,11 +317,12 @@ async def sweep_events(
     sort: Sort = "best_val_acc",
 ) -> EventSourceResponse:
     await to_thread.run_sync(read_sweep, store, sweeps, sweep_id, caller)  # 404 first
-    return EventSourceResponse(_follow(request, store, sweeps, sweep_id, caller, sort), ping=15)
+    events = _follow(streams.reader_of(request), store, sweeps, sweep_id, caller, sort)
+    return streams.open_stream(request, caller, events)
 
 
 async def _follow(
-    request: Request,
+    reader: EventReader,
     store: JobStore,
     sweeps: SweepStore,
     sweep_id: str,
@@ -327,7 +331,7 @@ async def _follow(
 ) -> AsyncIterator[ServerSentEvent]:
     sweep, jobs = await to_thread.run_sync(read_sweep, store, sweeps, sweep_id, caller)
     # follow from what is there now: nothing that happens after the first view is missed
-    cursors = await to_thread.run_sync(store.stream_tails, sweep.job_ids)
+    cursors = await reader.tails(sweep.job_ids)
     while True:
         view = _view(sweep, jobs, sort)
         yield ServerSentEvent(data=view.model_dump_json(), event="sweep")
@@ -335,12 +339,8 @@ async def _follow(
             return
         started = time.monotonic()
         changed = False
-        while not changed:
-            if await request.is_disconnected():
-                return
-            cursors, events = await to_thread.run_sync(
-                store.follow_events, cursors, 1000, abandon_on_cancel=True
-            )
+        while not changed:  # waits on a socket, not a thread (service.api.streams)
+            cursors, events = await reader.follow(cursors, streams.BLOCK_MS)
             changed = bool(events)
         await asyncio.sleep(max(0.0, SWEEP_EVENT_EVERY_S - (time.monotonic() - started)))
         sweep, jobs = await to_thread.run_sync(read_sweep, store, sweeps, sweep_id, caller)

@@ -112,3 +112,19 @@ def test_docs_openapi_and_health_stay_open_with_keys(
     assert client.get("/healthz").status_code == 200
     assert client.get("/v2/health/live").status_code == 200
     assert client.get("/").status_code == 200  # the dashboard page itself (it asks for a key)
+
+
+def test_callers_without_a_key_do_not_share_a_rate_with_a_principal_named_anonymous(
+    make_client: Make, tmp_path: Path
+) -> None:
+    path = tmp_path / "keys.toml"
+    key = add_key(path, "anonymous", ["predict"], predict_rate="2/minute")[0]
+    client = make_client(api_keys_file=path, public_predict=True, predict_rate="2/minute")
+    url = "/v1/checkpoints/lenet:best/predict"  # none: a 404, counted all the same
+    body = {"pixels": [[0, 255], [255, 0]]}
+    for _ in range(2):
+        assert client.post(url, json=body).status_code == 404
+    spent = client.post(url, json=body)  # the keyless callers' budget is spent
+    assert spent.status_code == 429 and spent.json()["detail"].startswith("callers without a key")
+    # the principal anonymous has a budget of its own, untouched by theirs
+    assert client.post(url, json=body, headers=bearer(key)).status_code == 404

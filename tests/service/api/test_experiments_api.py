@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,11 +15,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from models import CLASSES
+from service.access.keys import add_key
 from tests.http_checks import assert_problem
 from tests.service.checkpoint_helpers import JOB_A, lenet, save
 from workers.contracts import QUEUE, JobStatus
 from workers.settings import Settings
 from workers.store.checkpoints import CheckpointStore
+from workers.store.evaluations import EvaluationStore
 from workers.store.jobs import EpochMetrics, JobRecord, JobStore
 
 BASE = {"model": "lenet", "epochs": 2, "train_limit": 500}
@@ -144,7 +147,9 @@ def test_a_sweep_past_the_queue_limit_is_a_429_and_queues_nothing(
     client = make_client(max_queued_jobs=5)
     client.post("/v1/jobs", json=BASE)
     r = client.post("/v1/sweeps", json={"base": BASE, "grid": {"seed": [1, 2, 3, 4, 5]}})
-    assert_problem(r, 429, "1 jobs are queued and this request adds 5, the limit is 5")
+    assert_problem(
+        r, 429, "1 jobs and evaluations are queued and this request adds 5, the limit is 5"
+    )
     assert r.headers["retry-after"]
     assert store.count_by_status()["queued"] == 1 and len(queued_tasks(store)) == 1
     assert client.get("/v1/sweeps").json()["sweeps"] == []
@@ -246,6 +251,55 @@ def test_a_checkpoint_without_a_matrix_says_how_to_get_one_and_evaluate_queues_i
     assert queued_tasks(store) == [("cnnserve.evaluate", evaluation["id"])]
     assert client.get(r.headers["location"]).json()["status"] == "queued"
     assert_problem(client.get("/v1/evaluations/eval-0000000000000000"), 404)
+
+
+def test_evaluations_count_against_the_owners_quota_and_the_queue_limit_as_jobs_do(
+    make_client: Callable[..., TestClient], settings: Settings, store: JobStore, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.toml"
+    alice = {"Authorization": f"Bearer {add_key(keys, 'alice', ['train'], max_active_jobs=2)[0]}"}
+    bob = {"Authorization": f"Bearer {add_key(keys, 'bob', ['train'])[0]}"}
+    ckpts = CheckpointStore.from_settings(settings)
+    mine = save(ckpts, lenet(), job_id=JOB_A, owner="alice").id
+    bobs = save(ckpts, lenet(), job_id="b" * 16, owner="bob").id
+    client = make_client(api_keys_file=keys, max_queued_jobs=4)
+    evaluate = f"/v1/checkpoints/{mine}/evaluate"
+
+    first = [client.post(evaluate, json={"limit": 100}, headers=alice) for _ in range(2)]
+    assert [r.status_code for r in first] == [202, 202]
+    refused = client.post(evaluate, json={"limit": 100}, headers=alice)
+    assert_problem(
+        refused, 429, "alice has 2 jobs and evaluations queued or running", "max_active_jobs"
+    )
+    assert refused.headers["retry-after"] and refused.json()["limit"] == "max_active_jobs"
+    # a job shares the quota with them
+    assert_problem(client.post("/v1/jobs", json=BASE, headers=alice), 429, "max_active_jobs")
+    assert client.get("/v1/whoami", headers=alice).json()["limits"]["active_jobs"] == 2
+
+    # the global queue limit counts them too: bob fills what is left of it
+    bob_evaluate = f"/v1/checkpoints/{bobs}/evaluate"
+    assert client.post(bob_evaluate, json={}, headers=bob).status_code == 202
+    bob_job = client.post("/v1/jobs", json=BASE, headers=bob)
+    assert bob_job.status_code == 202
+    assert_problem(
+        client.post(bob_evaluate, json={}, headers=bob), 429, "4 jobs and evaluations are queued"
+    )
+    assert len(queued_tasks(store)) == 4  # nothing refused was sent
+
+    # a worker starts one of alice's and finishes it: the queue has room again, then her quota
+    evaluations = EvaluationStore(store.r)
+    done = evaluations.get(first[0].json()["id"])
+    assert done is not None
+    done.status = JobStatus.running
+    evaluations.put(done)
+    assert client.post(bob_evaluate, json={}, headers=bob).status_code == 202
+    assert client.post(evaluate, json={}, headers=alice).status_code == 429
+    done.status = JobStatus.succeeded
+    evaluations.put(done)
+    assert_problem(client.post(evaluate, json={}, headers=alice), 429, "are queued")  # the queue
+    cancelled = client.post(f"/v1/jobs/{bob_job.json()['id']}/cancel", headers=bob)
+    assert cancelled.status_code == 202, cancelled.text
+    assert client.post(evaluate, json={}, headers=alice).status_code == 202
 
 
 def test_a_checkpoint_with_a_matrix_answers_per_class_scores_and_a_heatmap(

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
+from service.access.keys import add_key
 from workers.celery_app import write_heartbeat
+from workers.settings import Settings
 from workers.store.jobs import JobStore
 
 
@@ -101,7 +103,7 @@ def test_readyz_lists_each_worker_and_the_device_it_trains_on(
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["workers"] == [
-        {"name": "cpu-1@host-a", "device": "cpu", "gpu": None, "job": None},
+        {"name": "cpu-1@host-a", "device": "cpu"},  # what it does not know is left out
         {"name": "gpu-1@host-b", "device": "cuda:0", "gpu": "NVIDIA H100", "job": "j1"},
     ]
     assert (
@@ -114,3 +116,44 @@ def test_readyz_without_workers_lists_none(client: TestClient) -> None:
     r = client.get("/readyz")
     assert r.status_code == 503
     assert r.json()["workers"] == []
+
+
+def test_readyz_writes_nothing_to_the_data_directory(
+    client: TestClient, settings: Settings
+) -> None:
+    client.get("/readyz")  # made when missing, once
+    directory = settings.checkpoints_dir
+    before = (directory.stat().st_mtime_ns, sorted(directory.iterdir()))
+    for _ in range(5):
+        assert client.get("/readyz").json()["checks"]["storage"]["ok"] is True
+    assert (directory.stat().st_mtime_ns, sorted(directory.iterdir())) == before
+
+
+def test_readyz_tells_only_admins_what_it_found(
+    make_client: Callable[..., TestClient], store: JobStore, settings: Settings, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.toml"
+    admin = {"Authorization": f"Bearer {add_key(keys, 'root', ['admin'])[0]}"}
+    reader = {"Authorization": f"Bearer {add_key(keys, 'reader', ['read'])[0]}"}
+    wrong = {"Authorization": "Bearer cns_0123456789ab_" + "x" * 43}
+    client = make_client(api_keys_file=keys)
+    secrets = [str(settings.data_dir), "127.0.0.1", "trainer-1@gpu-host", "celery"]
+
+    for headers in ({}, reader, wrong):  # no worker yet: not ready, and which check says so
+        r = client.get("/readyz", headers=headers)
+        assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+        assert r.json()["detail"].startswith("not ready: workers (a key with the admin scope")
+        assert r.json()["checks"] == {"redis": {"ok": True}, "storage": {"ok": True},
+                                      "workers": {"ok": False}}  # fmt: skip
+        assert not [s for s in secrets if s in r.text], r.text
+    assert "start one with `cnnserve worker`" in client.get("/readyz", headers=admin).text
+
+    write_heartbeat(store.r, {"name": "trainer-1@gpu-host", "device": "cpu", "job": None})
+    client = make_client(api_keys_file=keys)  # the last answer about workers is cached
+    for headers in ({}, reader, wrong):
+        r = client.get("/readyz", headers=headers)
+        assert r.status_code == 200 and r.json() == {"status": "ready"}, r.text
+    found = client.get("/readyz", headers=admin).json()["checks"]
+    assert "trainer-1@gpu-host" in found["workers"]["detail"]
+    assert str(settings.checkpoints_dir) in found["storage"]["detail"]
+    assert "127.0.0.1" in found["redis"]["detail"]

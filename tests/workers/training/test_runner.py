@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from celery import Celery
 
 from tests.workers.helpers import lenet_spec, statuses
-from workers.contracts import JobStatus
+from workers.celery_app import UNACKED_KEY, enqueue, enqueue_job, task_ids_in_broker
+from workers.contracts import EVALUATE_TASK, QUEUE, TRAIN_TASK, JobStatus
 from workers.settings import Settings
 from workers.store.checkpoints import CheckpointStore
-from workers.store.jobs import JobStore, Progress
+from workers.store.evaluations import EvaluationRecord, EvaluationStore, new_evaluation_id
+from workers.store.jobs import JobStore, Progress, Quota
 from workers.training.data import load_fashion_mnist
 from workers.training.engine import train
-from workers.training.runner import recover_orphans, run_job
+from workers.training.runner import recover_orphans, resend_lost, run_job
 
 #: keep in-process training on one core (see tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -155,3 +160,50 @@ def test_running_jobs_without_a_live_lease_are_queued_again(
     assert statuses(store, orphan.id)[-1]["status"] == "queued"
     # a second scan (another worker) does not send it twice
     assert recover_orphans(store, settings, sent) == [] and sent.ids == [orphan.id]
+
+
+def test_queued_work_whose_message_the_broker_lost_is_sent_again(
+    settings: Settings, store: JobStore, celery_app: Celery
+) -> None:
+    def queued_job() -> str:
+        job_id = store.create(lenet_spec(epochs=1)).id
+        enqueue_job(celery_app, job_id)
+        return job_id
+
+    def queued_evaluation() -> str:
+        record = EvaluationRecord(id=new_evaluation_id(), checkpoint=f"{'a' * 16}-e001")
+        EvaluationStore(store.r).create(record, quota=Quota(None))
+        enqueue(celery_app, EVALUATE_TASK, record.id)
+        return record.id
+
+    def lose(object_id: str) -> None:
+        for raw in store.r.lrange(QUEUE, 0, -1):
+            if json.loads(raw)["headers"]["id"] == object_id:
+                store.r.lrem(QUEUE, 1, raw)
+
+    waiting, lost_job, lost_evaluation = queued_job(), queued_job(), queued_evaluation()
+    delivered = queued_job()  # a worker holds its message, not yet acknowledged
+    raw = store.r.lrange(QUEUE, 0, -1)[0]
+    assert json.loads(raw)["headers"]["id"] == delivered
+    store.r.lrem(QUEUE, 1, raw)
+    store.r.hset(UNACKED_KEY, "tag-1", json.dumps([json.loads(raw), "", QUEUE]))
+    lose(lost_job)
+    lose(lost_evaluation)
+    time.sleep(2.2)
+    quick = settings.model_copy(update={"lease_seconds": 2})
+    recent = store.create(lenet_spec(epochs=1)).id  # recorded, its message not sent yet
+    started = queued_job()
+    store.update(started, lambda r: setattr(r, "status", JobStatus.running))
+    lose(started)
+
+    sent: list[tuple[str, str]] = []
+    in_broker = lambda: task_ids_in_broker(store.r)  # noqa: E731
+    resent = resend_lost(store, quick, lambda task, i: sent.append((task, i)), in_broker)
+    assert sorted(resent) == sorted([lost_job, lost_evaluation])
+    assert sorted(sent) == sorted([(TRAIN_TASK, lost_job), (EVALUATE_TASK, lost_evaluation)])
+    assert waiting not in resent and delivered not in resent and recent not in resent
+    # another worker's scan right after does not send them twice
+    assert resend_lost(store, quick, lambda task, i: sent.append((task, i)), in_broker) == []
+    # a broker too full to read is not taken for one that lost everything
+    store.r.delete(f"cnnserve:resend:{lost_job}")
+    assert resend_lost(store, quick, lambda task, i: None, lambda: None) == []
