@@ -238,7 +238,9 @@ def test_the_default_stack_comes_up_and_a_lenet_job_trains_and_serves(compose: C
     port = docker_images.docker("port", compose.container("api"), "8000").stdout.split()
     assert port and all(p.startswith("127.0.0.1:") for p in port), port
 
-    ready = httpx.get(f"{compose.api}/readyz", timeout=30)
+    assert httpx.get(f"{compose.api}/readyz", timeout=30).json() == {"status": "ready"}
+    # what the checks found, workers and their devices included, is for a key's eyes
+    ready = httpx.get(f"{compose.api}/readyz", headers=compose.headers(), timeout=30)
     assert ready.status_code == 200, ready.text
     (worker,) = ready.json()["workers"]
     assert worker["device"] == "cpu"  # no GPU here: the default worker trains on the CPU
@@ -382,7 +384,8 @@ def test_flower_answers_with_its_login_on_loopback_only(compose: Compose) -> Non
 
 
 def _job_worker(compose: Compose) -> str:
-    (worker,) = httpx.get(f"{compose.api}/readyz", timeout=30).json()["workers"]
+    ready = httpx.get(f"{compose.api}/readyz", headers=compose.headers(), timeout=30)
+    (worker,) = ready.json()["workers"]
     return str(worker["name"])
 
 
