@@ -245,17 +245,19 @@ function progressCell(job) {
 
 const bestAcc = (job) => (job.metrics.length ? Math.max(...job.metrics.map((m) => m.val_acc)) : null);
 
-// The training workers /readyz sees and the device each trains on (open, no key needed).
+// The training workers /readyz sees and the device each trains on. /readyz names them to an
+// admin's key (or anyone on a server without keys); other keys see whether any is up.
 async function workersLine(el) {
-  let workers = [];
+  let body = {};
   try {
-    const r = await fetch(url("/readyz"));
-    workers = (await r.json()).workers || [];
+    body = await (await fetch(url("/readyz"), { headers: authHeaders() })).json();
   } catch { /* the line says no worker */ }
   const label = (w) => `${w.name} (${[w.device || "device unknown", w.gpu].filter(Boolean).join(", ")})`;
-  el.replaceChildren(
-    h("strong", { text: "Workers: " }),
-    workers.length ? workers.map(label).join(" · ") : "none running; jobs wait until one starts (cnnserve worker)");
+  const workers = body.workers || [];
+  let text = "none running; jobs wait until one starts (cnnserve worker)";
+  if (workers.length) text = workers.map(label).join(" · ");
+  else if (!body.workers && body.status === "ready") text = "up (an admin's key sees which and their devices)";
+  el.replaceChildren(h("strong", { text: "Workers: " }), text);
 }
 
 // --- views -------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from service.access.keys import add_key
 from tests.conftest import FASHION_MNIST_DIR
 from tests.service.conftest import Server
 from tests.workers.helpers import WorkerProcess
+from workers.celery_app import write_heartbeat
+from workers.store.jobs import JobStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -297,10 +299,15 @@ def test_a_server_with_keys_asks_for_one_and_the_key_is_kept_for_the_tab(
 
 
 def test_a_read_only_key_sees_what_it_may_not_do(
-    uvicorn_server: Callable[..., Server], browser: WebDriver, shots: Path, tmp_path: Path
+    uvicorn_server: Callable[..., Server],
+    browser: WebDriver,
+    shots: Path,
+    tmp_path: Path,
+    store: JobStore,
 ) -> None:
     keys_file = tmp_path / "keys.toml"
     key, _, _ = add_key(keys_file, "reader", ["read"])
+    write_heartbeat(store.r, {"name": "trainer-1@gpu-host", "device": "cpu", "job": None})
     server = uvicorn_server(CNNSERVE_API_KEYS_FILE=str(keys_file))
     browser.get(f"{server.url}/#/jobs")
     state = browser.find_element(By.ID, "keystate")
@@ -309,6 +316,13 @@ def test_a_read_only_key_sees_what_it_may_not_do(
     browser.find_element(By.CSS_SELECTOR, "#keyform button[type=submit]").click()
     wait(browser, "who the key is", lambda d: "reader" in state.text)
     assert "may read" in state.text and "sees its own work" in state.text
+
+    # a worker is up; which, and on what device, is for an admin's key
+    def line(d: WebDriver) -> str:
+        return " ".join(e.text for e in d.find_elements(By.ID, "workers"))
+
+    wait(browser, "the workers line", lambda d: "up (an admin's key" in line(d))
+    assert "trainer-1" not in line(browser)
     browser.get(f"{server.url}/#/train")
     wait(browser, "the form", lambda d: d.find_elements(By.ID, "spec-epochs"))
     note = browser.find_element(By.CSS_SELECTOR, "main [role=note]")
