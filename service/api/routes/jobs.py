@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 from typing import Annotated, Any
@@ -15,14 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.access.audit import audit_target
 from service.access.auth import Allow, CallerDep
 from service.api.deps import CeleryDep, CheckpointStoreDep, JobStoreDep, SettingsDep, ValidJob
+from service.api.pagination import decode_cursor, encode_cursor
 from service.api.problems import problem_responses
 from service.errors import (
-    BadRequestError,
     JobFinishedError,
 )
 from service.jobs import control as job_control
 from workers.contracts import JobSpec, JobStatus
-from workers.store.job_index import Cursor, format_cursor, parse_cursor
 from workers.store.jobs import JobNotFoundError, JobRecord
 
 logger = logging.getLogger(__name__)
@@ -122,20 +119,6 @@ def _json(
     return Response(
         body.model_dump_json(), status_code=status_code, headers=headers, media_type=JSON
     )
-
-
-def encode_cursor(cursor: Cursor) -> str:
-    return base64.urlsafe_b64encode(format_cursor(cursor).encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> Cursor:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        return parse_cursor(raw)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise BadRequestError(
-            "cursor is not one this API gave out; use next_cursor from the previous page"
-        ) from None
 
 
 @router.post(

@@ -16,8 +16,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from service.access.audit import audit_target
 from service.access.auth import Allow, Caller, CallerDep
 from service.api.deps import CeleryDep, CheckpointStoreDep, JobStoreDep, SettingsDep
+from service.api.pagination import decode_cursor, encode_cursor
 from service.api.problems import problem_responses
-from service.api.routes.jobs import decode_cursor, encode_cursor
 from service.errors import (
     BadRequestError,
     ProblemError,
