@@ -486,7 +486,7 @@ def goals_markdown(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench api", description=__doc__)
-    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
+    parser.add_argument("--sizes", help="comma-separated (default 10,1000,10000,100000 jobs)")
     parser.add_argument("--reps", type=int, default=100, help="requests per operation and size")
     parser.add_argument("--op-budget", type=float, default=20.0, help="seconds per operation")
     parser.add_argument("--scan-reps", type=int, default=20)
@@ -509,11 +509,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench import api_checkpoints
 
         args.out = args.out or Path("docs/bench-api-checkpoint-index.json")
-        if args.sizes == parser.get_default("sizes"):
-            args.sizes = ",".join(map(str, api_checkpoints.DEFAULT_SIZES))
+        args.sizes = args.sizes or ",".join(map(str, api_checkpoints.DEFAULT_SIZES))
         return api_checkpoints.run(args)
     args.out = args.out or Path("docs/bench-api.json")
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(DEFAULT_SIZES)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="cnnserve-bench-api-") as tmp:
         workdir = Path(tmp)

@@ -28,6 +28,7 @@ index it had it never been): neither may grow with the number of checkpoints.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import logging
 import os
@@ -108,8 +109,22 @@ class Side:
         self.api = ExitStack()
 
     def call(self, path: str) -> tuple[int, bytes, float]:
+        """GET `path` on its keep-alive connection, opened again (and the request sent again,
+        the failed try not counted) when the server closed it: uvicorn closes a connection
+        idle for 5 s, which a round over many APIs can leave this one."""
         assert self.client is not None
-        return self.client.call("GET", path)
+        try:
+            return self.client.call("GET", path)
+        except (http.client.RemoteDisconnected, ConnectionError):
+            self.client.close()
+            self.client = Client(self.url)
+        try:
+            return self.client.call("GET", path)
+        except (http.client.HTTPException, OSError) as exc:
+            logs = self.log_dir.glob(f"api-{self.label}-{self.n}-*.log")
+            log = max(logs, key=lambda path: path.stat().st_mtime)
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{self.label} API at {self.n} failed: {exc}\n{tail}") from exc
 
     def path(self, op: str, i: int) -> str:
         job = self.jobs[i % len(self.jobs)]
