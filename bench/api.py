@@ -19,6 +19,12 @@ sizes), and the scan gets `--scan-timeout`. With `--epoch` it also trains one Le
 real worker with no jobs and with 10,000 finished jobs on record.
 
     python -m bench api [--sizes 10,1000,10000,100000] [--reps 100] [--baseline-rev e772259]
+
+`--checkpoints` measures the checkpoint index alone instead (`bench/api_checkpoints.py`):
+`<model>:best`, listings and the API's start at 10 to 100,000 checkpoints, side by side with
+`--baseline-rev`.
+
+    python -m bench api --checkpoints [--sizes 10,10000,100000] [--baseline-rev bd83212]
 """
 
 from __future__ import annotations
@@ -480,7 +486,7 @@ def goals_markdown(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench api", description=__doc__)
-    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
+    parser.add_argument("--sizes", help="comma-separated (default 10,1000,10000,100000 jobs)")
     parser.add_argument("--reps", type=int, default=100, help="requests per operation and size")
     parser.add_argument("--op-budget", type=float, default=20.0, help="seconds per operation")
     parser.add_argument("--scan-reps", type=int, default=20)
@@ -488,10 +494,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--baseline-rev", help="also measure this git revision, side by side")
     parser.add_argument("--epoch", action="store_true", help="also time LeNet epochs on a worker")
     parser.add_argument("--epoch-runs", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("docs/bench-api.json"))
+    parser.add_argument(
+        "--checkpoints",
+        action="store_true",
+        help="the checkpoint index instead (bench/api_checkpoints.py): <model>:best, listings "
+        "and API start at --sizes checkpoints (default 10,10000,100000), side by side",
+    )
+    parser.add_argument("--rounds", type=int, default=60, help="--checkpoints: rounds per size")
+    parser.add_argument("--restarts", type=int, default=3, help="--checkpoints: timed restarts")
+    parser.add_argument("--out", type=Path, help="JSON results (default docs/bench-api*.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.checkpoints:
+        from bench import api_checkpoints
+
+        args.out = args.out or Path("docs/bench-api-checkpoint-index.json")
+        args.sizes = args.sizes or ",".join(map(str, api_checkpoints.DEFAULT_SIZES))
+        return api_checkpoints.run(args)
+    args.out = args.out or Path("docs/bench-api.json")
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(DEFAULT_SIZES)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="cnnserve-bench-api-") as tmp:
         workdir = Path(tmp)

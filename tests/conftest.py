@@ -12,14 +12,17 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
 import torch
 
-from tests.s3 import BUCKET, S3Server
 from workers.settings import Settings, get_settings
 from workers.store.checkpoints import CheckpointStore
+
+if TYPE_CHECKING:  # boto3 only where a test asks for the S3 server: the GPU window lacks it
+    from tests.s3 import S3Server
 
 REDIS_HOST = os.environ.get("CNNSERVE_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("CNNSERVE_TEST_REDIS_PORT", "6379"))
@@ -50,6 +53,8 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """moto's S3 server, started once per session, with the test bucket made."""
+    from tests.s3 import S3Server
+
     server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
     yield server
     server.stop()
@@ -58,6 +63,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 @pytest.fixture
 def s3_url(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
     """`CNNSERVE_CHECKPOINT_URL` (and the AWS variables) at a fresh prefix of the bucket."""
+    from tests.s3 import BUCKET
+
     url = f"s3://{BUCKET}/t-{uuid.uuid4().hex[:12]}"
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)

@@ -9,32 +9,32 @@ the command exits non-zero.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from urllib.parse import urlsplit, urlunsplit
 
-import redis
-
+from workers.local_redis import (
+    LocalRedisError,
+    die_with_parent,
+    plan_private_redis,
+    port_free,
+    redis_answers,
+    wait_until_answers,
+)
+from workers.local_redis import free_port as free_port  # where tests and benchmarks take it
 from workers.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
-LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0", ""})
-REDIS_START_SECONDS = 15.0
 API_START_SECONDS = 180.0
 #: Seconds each part gets to stop after SIGTERM before SIGKILL.
 STOP_TIMEOUTS = {"api": 10.0, "worker": 30.0, "redis": 10.0}
@@ -61,60 +61,6 @@ def run_stack(host: str, port: int, device: str) -> int:
     return LocalStack(host=host, port=port, device=device).run()
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A `preexec_fn` that makes Linux send SIGTERM to the child if this process dies."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
-def _port_free(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _redis_answers(url: str) -> bool:
-    """True when a Redis at `url` answers PING; a Redis that refuses us is a StackError."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0)
-    try:
-        return bool(client.ping())
-    except redis.AuthenticationError as exc:
-        raise StackError(f"Redis at {url} refused the credentials in the URL: {exc}") from exc
-    except (redis.ConnectionError, redis.TimeoutError):
-        return False
-    except redis.ResponseError as exc:
-        raise StackError(f"Redis at {url} answered PING with an error: {exc}") from exc
-    finally:
-        client.close()
-
-
 def _display_host(host: str) -> str:
     """The host to put in a URL a person clicks: a wildcard bind is reached on loopback."""
     if host in ("0.0.0.0", ""):
@@ -136,7 +82,7 @@ class LocalStack:
         self._stop = threading.Event()
         self._signals = 0
         self._signals_at_stop = 0
-        self._preexec = _die_with_parent()
+        self._preexec = die_with_parent()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -170,7 +116,7 @@ class LocalStack:
     def _start(self) -> None:
         data_dir = self.settings.data_dir.expanduser().resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
-        if not _port_free(self.host, self.port):
+        if not port_free(self.host, self.port):
             raise StackError(
                 f"Port {self.port} on {self.host} is already in use; stop what holds it or "
                 f"choose another with `cnnserve up --port N`."
@@ -231,61 +177,17 @@ class LocalStack:
     def _ensure_redis(self, data_dir: Path) -> tuple[str, bool]:
         """The Redis URL to use and whether we started that Redis ourselves."""
         url = self.settings.redis_url
-        if _redis_answers(url):
-            logger.info("using the Redis at %s", url)
-            return url, False
-        parts = urlsplit(url)
-        host = parts.hostname or "127.0.0.1"
-        if host not in LOCAL_HOSTS:
-            raise StackError(
-                f"No Redis answers at {url}. `cnnserve up` starts a private Redis only for a "
-                f"local URL; start that Redis, or unset CNNSERVE_REDIS_URL to use a local one."
-            )
-        server = shutil.which("redis-server")
-        if server is None:
-            raise StackError(
-                f"No Redis answers at {url}, and redis-server is not installed, so "
-                f"`cnnserve up` cannot start one. Install it (Debian/Ubuntu: "
-                f"`apt-get install redis-server`; `make up` does) or point CNNSERVE_REDIS_URL "
-                f"at a running Redis."
-            )
-        port = parts.port or 6379
-        if not _port_free("127.0.0.1", port):
-            port = free_port()
-        redis_dir = data_dir / "redis"
-        redis_dir.mkdir(parents=True, exist_ok=True)
-        argv = [
-            server,
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--dir", str(redis_dir),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--maxmemory-policy", "noeviction",
-            "--logfile", str(redis_dir / "redis.log"),
-            "--daemonize", "no",
-        ]  # fmt: skip
-        if parts.password:
-            argv += ["--requirepass", parts.password]
-        child = self._spawn("redis", argv, dict(os.environ))
-        netloc = f"127.0.0.1:{port}"
-        if parts.password is not None or parts.username is not None:
-            netloc = f"{parts.username or ''}:{parts.password or ''}@{netloc}"
-        private_url = urlunsplit((parts.scheme or "redis", netloc, parts.path or "/0", "", ""))
-        deadline = time.monotonic() + REDIS_START_SECONDS
-        while not _redis_answers(private_url):
-            if not child.alive:
-                raise StackError(
-                    f"redis-server exited with code {child.proc.returncode} at start-up; "
-                    f"see {redis_dir / 'redis.log'}."
-                )
-            if self._stop.is_set():
-                raise StackError("stopped while Redis was starting")
-            if time.monotonic() > deadline:
-                raise StackError(f"redis-server did not answer within {REDIS_START_SECONDS:.0f} s")
-            time.sleep(0.05)
-        logger.info("started a private Redis at %s (AOF in %s)", private_url, redis_dir)
-        return private_url, True
+        try:
+            if redis_answers(url):
+                logger.info("using the Redis at %s", url)
+                return url, False
+            plan = plan_private_redis(url, data_dir, "cnnserve up")
+            child = self._spawn("redis", plan.argv, dict(os.environ))
+            wait_until_answers(plan, child.proc, self._stop.is_set)
+        except LocalRedisError as exc:
+            raise StackError(str(exc)) from exc
+        logger.info("started a private Redis at %s (AOF in %s)", plan.url, plan.directory)
+        return plan.url, True
 
     def _wait_for_api(self, url: str) -> None:
         deadline = time.monotonic() + API_START_SECONDS

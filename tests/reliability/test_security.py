@@ -20,7 +20,7 @@ from tests.service.checkpoint_helpers import JOB_A, fashion_test_set, lenet, png
 from tests.workers.helpers import lenet_spec
 from workers.contracts import JobStatus
 from workers.settings import Settings
-from workers.store.checkpoint_upgrade import index_earlier_store
+from workers.store.checkpoint_index import record_key
 from workers.store.checkpoints import CheckpointStore
 from workers.store.jobs import JobStore
 from workers.training.data import load_fashion_mnist
@@ -145,14 +145,20 @@ def test_a_pickle_posing_as_weights_is_refused_when_served(
     marker = tmp_path / "pwned"
     (directory / "weights.safetensors").write_bytes(pickle.dumps(Payload(marker)))
     _rehash(directory / "manifest.json", "weights_sha256", directory / "weights.safetensors")
-    # an attacker who can also write the index: the manifest's own hash matches again, so what
-    # stops the pickle is the weights' format, not a hash
-    ckpts.index.unfile(f"{JOB_A}-e001", JOB_A)
-    ckpts.index.r.delete(ckpts.index.indexed_key(ckpts.location))
-    assert index_earlier_store(ckpts) == 1
 
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         files = {"files": ("a.png", png(fashion_test_set()[0][0]))}
+        # write access to the volume is not enough: the index in Redis recorded the manifest's
+        # sha256 when the checkpoint was saved
+        r = client.post(f"/v1/checkpoints/{JOB_A}:latest/predict", files=files)
+        assert r.status_code == 409, r.text
+        assert "its manifest does not match the sha256 recorded" in r.json()["detail"]
+        # with write access to Redis as well, the pickle reaches the loader, which refuses it
+        # unread
+        manifest = (directory / "manifest.json").read_bytes()
+        ckpts.index.r.hset(
+            record_key(f"{JOB_A}-e001"), "manifest_sha256", hashlib.sha256(manifest).hexdigest()
+        )
         r = client.post(f"/v1/checkpoints/{JOB_A}:latest/predict", files=files)
         assert r.status_code == 409, r.text
         assert r.headers["content-type"].startswith("application/problem+json")

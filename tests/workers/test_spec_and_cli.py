@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pydantic import ValidationError
 
 from models import list_models
 from workers.contracts import TRUSTED, JobSpec, network_fit
+from workers.local_redis import free_port, redis_answers, redis_for
 from workers.settings import Settings
 from workers.store.checkpoints import CheckpointStore
 from workers.training.cli import run_train
@@ -206,3 +208,58 @@ def test_the_train_command_runs(settings: Settings) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0].split()[0] == "epoch"
     assert "16/16" in proc.stderr
+
+
+def _train_command(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "service.cli", "--log-level", "WARNING", "train"),
+            *("--model", "lenet", "--epochs", "1", "--train-limit", "500", "--device", "cpu"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        check=False,
+    )
+
+
+@pytest.mark.integration
+def test_the_train_command_starts_a_private_redis_when_none_answers(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # a laptop without Redis: nothing listens at the URL (a local one)
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    assert not redis_answers(url)
+    data_dir = tmp_path / "laptop"
+
+    proc = _train_command({"CNNSERVE_REDIS_URL": url, "CNNSERVE_DATA_DIR": str(data_dir)})
+
+    assert proc.returncode == 0, proc.stderr
+    assert f"no Redis answers at {url}: started a private one" in proc.stderr
+    assert proc.stdout.splitlines()[1].split()[0] == "1"  # the metrics table's epoch 1
+    assert not redis_answers(url)  # stopped at the end: nothing left listening
+    # the index outlived it: the next private Redis on that data dir (`cnnserve up`'s) has it
+    with redis_for(url, data_dir.resolve(), "cnnserve up") as (again, private):
+        assert private
+        store = CheckpointStore.open(
+            settings.checkpoint_url or data_dir.resolve() / "checkpoints",
+            redis_url=again,
+            cache_dir=data_dir / "cache",
+        )
+        (ckpt,) = store.list()
+        assert ckpt.epoch == 1 and store.weights_path(ckpt.id).is_file()
+        store.close()
+    assert not redis_answers(url)
+
+
+def test_the_train_command_says_what_to_do_when_no_redis_can_be_started(
+    settings: Settings, tmp_path: Path
+) -> None:
+    proc = _train_command(
+        {"CNNSERVE_REDIS_URL": "redis://redis.invalid:6379/0", "CNNSERVE_DATA_DIR": str(tmp_path)}
+    )
+    assert proc.returncode == 1
+    assert "No Redis answers at redis://redis.invalid:6379/0" in proc.stderr
+    assert "starts a private Redis only for a local URL" in proc.stderr

@@ -94,7 +94,8 @@ class LocalBlobs:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.location = str(self.root)
+        # one spelling per directory: the upgrade's "indexed" mark is keyed by it
+        self.location = str(self.root.resolve())
 
     def _path(self, key: str) -> Path:
         # keys are made by the checkpoint store from validated ids, never from a client string

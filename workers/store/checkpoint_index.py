@@ -342,14 +342,14 @@ class CheckpointIndex:
         cursor: Cursor | None = None,
     ) -> tuple[list[dict[str, Any]], Cursor | None]:
         """Summaries newest first (of a job, a model, one owner's), `limit` at most after
-        `cursor`, and the cursor of the next page."""
+        `cursor` (no `limit`: all of them after it), and the cursor of the next page."""
         from workers.store.job_index import page
 
         key = job_key(job_id) if job_id is not None else listing_key(model, owner)
-        if limit is None:
+        if limit is None and cursor is None:
             ids, after = list(self.r.zrevrange(key, 0, -1)), None
         else:
-            ids, after = page(self.r, key, limit, cursor)
+            ids, after = page(self.r, key, limit or max(1, int(self.r.zcard(key))), cursor)
         pipe = self.r.pipeline(transaction=False)
         for ckpt_id in ids:
             pipe.hmget(record_key(ckpt_id), "summary", "owner")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 import uuid
 from typing import Any
@@ -288,13 +289,14 @@ def format_cursor(cursor: Cursor) -> str:
     return f"{score!r}:{job_id}"
 
 
-def parse_cursor(raw: str) -> Cursor:
-    """`score:id` as `format_cursor` writes it (a bare score, as version 1 gave out, too)."""
-    score, _, job_id = raw.partition(":")
+def parse_cursor(raw: str, member: re.Pattern[str] = JOB_ID_RE) -> Cursor:
+    """`score:id` as `format_cursor` writes it (a bare score, as version 1 gave out, too); the
+    id must match `member` (a job id, or another index's member such as a checkpoint id)."""
+    score, _, member_id = raw.partition(":")
     value = float(score)
-    if math.isnan(value) or (job_id and not JOB_ID_RE.fullmatch(job_id)):
+    if math.isnan(value) or (member_id and not member.fullmatch(member_id)):
         raise ValueError(f"not a cursor: {raw!r}")
-    return value, job_id
+    return value, member_id
 
 
 def page(r: Any, key: str, limit: int, cursor: Cursor | None) -> tuple[list[str], Cursor | None]:

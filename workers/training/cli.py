@@ -2,7 +2,10 @@
 
 No Celery and no job record: the job's checkpoints go to the usual checkpoint store
 (`CNNSERVE_CHECKPOINT_URL`, else under `CNNSERVE_DATA_DIR`) and its index in Redis, so the API
-can serve them afterwards.
+can serve them afterwards. With no Redis answering at a local `CNNSERVE_REDIS_URL` (a laptop),
+it starts a private one for the run as `cnnserve up` does (its append-only file in
+`data_dir/redis`, where `cnnserve up`'s private Redis finds the index again) and stops it at
+the end.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from tqdm import tqdm
 
 from workers.contracts import JobSpec
 from workers.errors import TrainingError
-from workers.settings import get_settings
+from workers.local_redis import LocalRedisError, redis_for
+from workers.settings import Settings, get_settings
 from workers.store.checkpoints import (
     STORE_UNAVAILABLE,
     CheckpointStore,
@@ -93,6 +97,22 @@ def run_train(fields: dict[str, Any]) -> int:
         sys.stderr.write(f"invalid job spec: {exc}\n")
         return 2
     settings = get_settings()
+    data_dir = settings.data_dir.expanduser().resolve()
+    try:
+        with redis_for(settings.redis_url, data_dir, "cnnserve train") as (redis_url, private):
+            if private:
+                sys.stderr.write(
+                    f"no Redis answers at {settings.redis_url}: started a private one at "
+                    f"{redis_url} for this run (its files in {data_dir / 'redis'})\n"
+                )
+            return _train(spec, settings.model_copy(update={"redis_url": redis_url}))
+    except LocalRedisError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+
+
+def _train(spec: JobSpec, settings: Settings) -> int:
+    """Train `spec` with the checkpoint index in the Redis `settings` name."""
     store = CheckpointStore.from_settings(settings)
     try:
         store.ensure_indexed()

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -191,17 +191,33 @@ def requeue(
     return changed
 
 
-def _resume_point(ckpts: CheckpointStore, job_id: str) -> tuple[str | None, list[EpochMetrics]]:
-    """The job's latest checkpoint and the metrics history it carries."""
-    latest = ckpts.aliases(job_id).get("latest")
+@dataclass(frozen=True)
+class ResumePoint:
+    """What the checkpoint index holds of a job: where it resumes, and what its record lists."""
+
+    latest: str | None = None
+    best: str | None = None
+    #: The job's checkpoint ids, oldest first (as `SavedCheckpoint.kept`).
+    checkpoints: list[str] = field(default_factory=list)
+    #: The metrics history the latest checkpoint carries (up to its epoch).
+    history: list[EpochMetrics] = field(default_factory=list)
+
+
+def _resume_point(ckpts: CheckpointStore, job_id: str) -> ResumePoint:
+    """The job's checkpoints as the index has them: the latest (to resume from), the best, all
+    of them, and the metrics history the latest carries."""
+    aliases = ckpts.aliases(job_id)
+    latest = aliases.get("latest")
     if latest is None:
-        return None, []
+        return ResumePoint()
+    kept = [c.id for c in reversed(ckpts.list(job_id=job_id))]
     try:
         manifest = ckpts.manifest(latest)
     except CheckpointError:
-        return latest, []  # the engine refuses it with a clear error
+        return ResumePoint(latest, aliases.get("best"), kept)  # the engine refuses it clearly
     history = [EpochMetrics.model_validate(h) for h in manifest.history]
-    return latest, [m for m in history if m.epoch <= manifest.epoch]
+    done = [m for m in history if m.epoch <= manifest.epoch]
+    return ResumePoint(latest, aliases.get("best"), kept, done)
 
 
 def run_job(
@@ -258,8 +274,11 @@ class Attempt:
     worker: str
     device: str
     device_error: DeviceError | None
-    resume_from: str | None
-    history: list[EpochMetrics]
+    found: ResumePoint
+
+    @property
+    def resume_from(self) -> str | None:
+        return self.found.latest
 
 
 def _start_attempt(
@@ -274,6 +293,13 @@ def _start_attempt(
         if rec.status.finished:
             decision = "finished"
             return
+        # the checkpoint store is the truth: no gaps, no duplicates, and nothing missing that
+        # a worker killed between publishing an epoch and recording it left out
+        found = attempt.found
+        rec.metrics = found.history if found.latest is not None else []
+        rec.checkpoints = found.checkpoints
+        rec.latest_checkpoint = found.latest
+        rec.best_checkpoint = found.best
         if rec.attempts >= max_attempts:
             decision = "gave_up"
             rec.status = JobStatus.failed
@@ -292,10 +318,8 @@ def _start_attempt(
         rec.worker = attempt.worker
         rec.device = attempt.device
         rec.error = None
-        done = attempt.history[-1].epoch if attempt.history else rec.epoch_offset
+        done = found.history[-1].epoch if found.history else rec.epoch_offset
         rec.progress = Progress(epoch=done, epochs=rec.epoch_offset + rec.spec.epochs)
-        # the checkpoint is the truth: no gaps, no duplicates
-        rec.metrics = attempt.history if attempt.resume_from is not None else []
 
     def status_event(rec: JobRecord) -> tuple[str, dict[str, Any]] | None:
         if decision == "gave_up":
@@ -323,16 +347,16 @@ def _prepare_attempt(
     lease: LeaseKeeper,
 ) -> Attempt:
     # the checkpoint store unreachable: wait for it (holding the lease) rather than start over
-    resume_from, history = retry_unavailable(
+    found = retry_unavailable(
         lambda: _resume_point(ckpts, job_id),
         stop=lambda: lease.lost.is_set() or shutdown_requested.is_set(),
         what=f"job {job_id}: finding its latest checkpoint",
     )
     device_request = requested_device(spec.device, settings.worker_device)
     try:
-        return Attempt(worker, str(resolve_device(device_request)), None, resume_from, history)
+        return Attempt(worker, str(resolve_device(device_request)), None, found)
     except DeviceError as exc:  # recorded as the attempt's failure
-        return Attempt(worker, device_request, exc, resume_from, history)
+        return Attempt(worker, device_request, exc, found)
 
 
 def _run_leased(

@@ -12,15 +12,20 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import FileResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from service.access.auth import Allow, CallerDep
 from service.api.deps import CheckpointStoreDep, InferenceDep, ResolvedManifest
+from service.api.pages import decode_cursor, encode_cursor
 from service.api.problems import problem_responses
 from workers.contracts import JOB_ID_PATTERN, MODEL_NAME_PATTERN
-from workers.store.checkpoints import CheckpointSummary, Manifest
+from workers.store.checkpoints import (
+    CHECKPOINT_ID_RE,
+    CheckpointSummary,
+    Manifest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +36,12 @@ router = APIRouter(prefix="/checkpoints", tags=["checkpoints"])
 
 
 class CheckpointList(BaseModel):
-    """Checkpoints matching the filters, newest first."""
+    """Checkpoints matching the filters, newest first (one page of them, with `limit`)."""
 
     checkpoints: list[CheckpointSummary]
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` for the next page; null on the last page."
+    )
 
 
 # --- routes --------------------------------------------------------------------------------
@@ -42,13 +50,17 @@ class CheckpointList(BaseModel):
 @router.get(
     "",
     summary="List checkpoints",
-    description="Every readable checkpoint, newest first, optionally only one job's or one "
-    "model's. Each entry is a summary of its manifest; `GET /v1/checkpoints/{ref}` has all. "
-    "A principal that is not an admin lists only its own jobs' checkpoints.",
+    description="Checkpoints newest first, optionally only one job's or one model's. Without "
+    "`limit`, every one; with it, a page at a time: pass `next_cursor` (also in the "
+    '`Link: <...>; rel="next"` header) as `cursor`. Each entry is a summary of its manifest; '
+    "`GET /v1/checkpoints/{ref}` has all. A principal that is not an admin lists only its own "
+    "jobs' checkpoints.",
     dependencies=[Allow("read")],
-    responses=problem_responses(401, 403, 422),
+    responses=problem_responses(401, 403, 422, s422="cursor is not one this API gave out"),
 )
 def list_checkpoints(
+    request: Request,
+    response: Response,
     caller: CallerDep,
     store: CheckpointStoreDep,
     job_id: Annotated[
@@ -60,11 +72,21 @@ def list_checkpoints(
         Query(pattern=MODEL_NAME_PATTERN, description="Only checkpoints of this model."),
     ] = None,
     limit: Annotated[
-        int | None, Query(ge=1, le=1000, description="At most this many, the newest.")
+        int | None, Query(ge=1, le=1000, description="Checkpoints per page (none: all).")
+    ] = None,
+    cursor: Annotated[
+        str | None, Query(description="`next_cursor` of the previous page.", max_length=96)
     ] = None,
 ) -> CheckpointList:
-    found = store.list(job_id=job_id, model=model, limit=limit, within=caller.within)
-    return CheckpointList(checkpoints=found)
+    after = decode_cursor(cursor, CHECKPOINT_ID_RE) if cursor else None
+    found, following = store.page(
+        job_id=job_id, model=model, limit=limit, within=caller.within, cursor=after
+    )
+    next_cursor = encode_cursor(following) if following else None
+    if next_cursor:
+        url = request.url.remove_query_params("cursor").include_query_params(cursor=next_cursor)
+        response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
+    return CheckpointList(checkpoints=found, next_cursor=next_cursor)
 
 
 @router.get(

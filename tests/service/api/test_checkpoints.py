@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -67,8 +69,89 @@ def test_list_all_and_filtered(client: TestClient, saved: dict[str, Manifest]) -
 
     only_b = client.get("/v1/checkpoints", params={"job_id": JOB_B}).json()["checkpoints"]
     assert [c["id"] for c in only_b] == [saved["b1"].id]
-    assert client.get("/v1/checkpoints", params={"model": "vgg"}).json() == {"checkpoints": []}
+    none = {"checkpoints": [], "next_cursor": None}
+    assert client.get("/v1/checkpoints", params={"model": "vgg"}).json() == none
     assert len(client.get("/v1/checkpoints", params={"model": "lenet"}).json()["checkpoints"]) == 4
+
+
+def _on_record(store: CheckpointStore, n: int) -> list[dict[str, Any]]:
+    """`n` checkpoints in the index (no files: a listing reads only the index), ten at each
+    creation time so that pages end inside a tie; their summaries newest first."""
+    rows = []
+    for i in range(n):
+        job = f"{i // 2:016x}"
+        summary = {
+            "id": f"{job}-e{i % 2 + 1:03d}",
+            "job_id": job,
+            "epoch": i % 2 + 1,
+            "model": "lenet" if i % 3 else "resnet18",
+            "arch": None,
+            "input_size": 28,
+            "metrics": {"val_acc": 0.5},
+            "weights_sha256": "0" * 64,
+            "created_at": f"2026-12-01T12:{i // 10 // 60 % 60:02d}:{i // 10 % 60:02d}+00:00",
+            "owner": None,
+        }
+        rows.append((summary, 0.5, "0" * 64))
+    store.index.publish_many(rows)
+    # newest first; within one creation time the larger id first (the index's order)
+    return sorted((r[0] for r in rows), key=lambda r: (r["created_at"], r["id"]), reverse=True)
+
+
+def test_listing_pages_through_thousands_of_checkpoints_with_next_cursor(
+    client: TestClient, store: CheckpointStore
+) -> None:
+    on_record = _on_record(store, 2_500)  # more than the largest page (1000)
+    newest_first = [c["id"] for c in on_record]
+
+    seen: list[str] = []
+    params: dict[str, str | int] = {"limit": 1000}
+    pages = 0
+    while True:
+        r = client.get("/v1/checkpoints", params=params)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        seen += [c["id"] for c in body["checkpoints"]]
+        pages += 1
+        if body["next_cursor"] is None:
+            assert "link" not in r.headers
+            break
+        assert len(body["checkpoints"]) == 1000
+        assert body["next_cursor"] in r.headers["link"] and 'rel="next"' in r.headers["link"]
+        params = {"limit": 1000, "cursor": body["next_cursor"]}
+    assert pages == 3
+    assert seen == newest_first  # every checkpoint once, none skipped at a tie, newest first
+
+    # filtered by model, and a cursor without a limit: the rest of the listing
+    lenet = [c["id"] for c in on_record if c["model"] == "lenet"]
+    first = client.get("/v1/checkpoints", params={"model": "lenet", "limit": 7}).json()
+    rest = client.get(
+        "/v1/checkpoints", params={"model": "lenet", "cursor": first["next_cursor"]}
+    ).json()
+    assert [c["id"] for c in first["checkpoints"] + rest["checkpoints"]] == lenet
+    assert rest["next_cursor"] is None
+
+    # one job's checkpoints page by epoch
+    job = newest_first[0][:16]
+    page = client.get("/v1/checkpoints", params={"job_id": job, "limit": 1}).json()
+    after = client.get(
+        "/v1/checkpoints", params={"job_id": job, "limit": 1, "cursor": page["next_cursor"]}
+    ).json()
+    assert [c["epoch"] for c in page["checkpoints"] + after["checkpoints"]] == [2, 1]
+    assert after["next_cursor"] is None
+
+
+def test_a_cursor_the_listing_did_not_give_out_is_a_422(
+    client: TestClient, store: CheckpointStore
+) -> None:
+    _on_record(store, 30)
+    a_jobs_cursor = base64.urlsafe_b64encode(f"1764590400.5:{JOB_A}".encode()).decode()
+    for bad in ("not-a-cursor!", "bm90IGEgY3Vyc29y", a_jobs_cursor):
+        assert_problem(
+            client.get("/v1/checkpoints", params={"limit": 5, "cursor": bad}),
+            422,
+            "cursor is not one this API gave out",
+        )
 
 
 def test_list_filters_are_validated(client: TestClient) -> None:

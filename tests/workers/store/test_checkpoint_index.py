@@ -258,3 +258,26 @@ def test_reading_a_store_that_does_not_exist_yet_creates_nothing(
         store.resolve("lenet:best")
     assert not (tmp_path / "nowhere").exists()
     store.close()
+
+
+def test_an_indexed_store_is_not_scanned_again_at_start_however_its_directory_is_spelled(
+    store: CheckpointStore, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if settings.checkpoint_url:
+        pytest.skip("a bucket has one spelling")
+    save(store, JOBS[0], 1, 0.6)
+    assert store.ensure_indexed() == 0  # indexed (and marked) when it was first used
+    # a manifest that reached the directory behind the index's back: a scan would file it
+    (stray,) = [k for k in store.blobs.list_keys() if k.endswith("manifest.json")]
+    raw = store.blobs.get_bytes(stray).replace(b"aaaaaaaaaaaaaaaa", b"dddddddddddddddd")
+    store.blobs.put_bytes(stray.replace("a" * 16, "d" * 16), raw)
+
+    # the next process to start, say the API started by hand from the data dir's parent
+    monkeypatch.chdir(settings.data_dir.parent)
+    again = CheckpointStore.open(
+        Path(settings.data_dir.name) / "checkpoints", redis_url=settings.redis_url
+    )
+
+    assert again.ensure_indexed() == 0  # the upgrade ran once: no scan at this start
+    assert [c.id for c in again.list()] == [f"{JOBS[0]}-e001"]
+    again.close()

@@ -29,10 +29,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 class Recorder:
     """Callbacks that remember what the engine said and can ask it to stop."""
 
-    def __init__(self, stop_after_epoch: int | None = None, stop: StopRequest = StopRequest.cancel):
+    def __init__(self, stop_in_epoch: int | None = None, stop: StopRequest = StopRequest.cancel):
         self.progress: list[Progress] = []
         self.epochs: list[EpochMetrics] = []
-        self.stop_after_epoch = stop_after_epoch
+        self.stop_in_epoch = stop_in_epoch
         self.stop = stop
 
     def on_progress(self, progress: Progress) -> None:
@@ -42,9 +42,11 @@ class Recorder:
         self.epochs.append(metrics)
 
     def stop_requested(self) -> StopRequest | None:
-        if self.stop_after_epoch is not None and len(self.epochs) >= self.stop_after_epoch:
-            return self.stop
-        return None
+        # at the first progress report of that epoch, however late the epoch before it is
+        # published (to a bucket, publishing runs beside training and may end after it)
+        if self.stop_in_epoch is None or not self.progress:
+            return None
+        return self.stop if self.progress[-1].epoch >= self.stop_in_epoch else None
 
 
 def test_seeded_cpu_runs_are_reproducible(
@@ -83,7 +85,7 @@ def test_resuming_from_a_checkpoint_equals_training_straight_through(
     straight = train(spec, job_id=new_job_id(), data=data, store=store, options=TrainOptions("cpu"))
 
     job = new_job_id()
-    stopped = train(spec, job_id=job, data=data, store=store, callbacks=Recorder(1))
+    stopped = train(spec, job_id=job, data=data, store=store, callbacks=Recorder(stop_in_epoch=2))
     assert stopped.outcome is Outcome.cancelled
     assert stopped.latest_checkpoint == f"{job}-e001"
     assert store.aliases(job)["latest"] == f"{job}-e001"  # the half-done epoch 2 left no trace
@@ -193,7 +195,7 @@ def test_a_wall_time_ceiling_stops_the_run_and_keeps_checkpoints(
 def test_an_interrupt_leaves_the_job_to_its_new_owner(
     data: FashionMNIST, checkpoint_store: CheckpointStore
 ) -> None:
-    rec = Recorder(stop_after_epoch=1, stop=StopRequest.interrupt)
+    rec = Recorder(stop_in_epoch=2, stop=StopRequest.interrupt)
     result = train(
         lenet_spec(epochs=3, train_limit=256),
         job_id=new_job_id(),

@@ -14,9 +14,9 @@ from tests.workers.helpers import lenet_spec, statuses
 from workers.celery_app import UNACKED_KEY, enqueue, enqueue_job, task_ids_in_broker
 from workers.contracts import EVALUATE_TASK, QUEUE, TRAIN_TASK, JobStatus
 from workers.settings import Settings
-from workers.store.checkpoints import CheckpointStore
+from workers.store.checkpoints import CheckpointStore, SavedCheckpoint
 from workers.store.evaluations import EvaluationRecord, EvaluationStore, new_evaluation_id
-from workers.store.jobs import JobStore, Progress, Quota
+from workers.store.jobs import EpochMetrics, JobRecord, JobStore, Progress, Quota
 from workers.training.data import load_fashion_mnist
 from workers.training.engine import train
 from workers.training.runner import recover_orphans, resend_lost, run_job
@@ -207,3 +207,71 @@ def test_queued_work_whose_message_the_broker_lost_is_sent_again(
     # a broker too full to read is not taken for one that lost everything
     store.r.delete(f"cnnserve:resend:{lost_job}")
     assert resend_lost(store, quick, lambda task, i: None, lambda: None) == []
+
+
+class RecordsUntilEpoch:
+    """A first attempt's callbacks that record epochs in the job record up to `last`, then
+    stop recording: the worker was killed after publishing the next epoch, before its record."""
+
+    def __init__(self, store: JobStore, job_id: str, last: int) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.last = last
+
+    def on_progress(self, progress: Progress) -> None:
+        pass
+
+    def on_epoch(self, metrics: EpochMetrics, saved: SavedCheckpoint) -> None:
+        if metrics.epoch > self.last:
+            return
+
+        def change(rec: JobRecord) -> None:
+            rec.metrics.append(metrics)
+            rec.checkpoints = saved.kept
+            rec.latest_checkpoint = saved.latest
+            rec.best_checkpoint = saved.best
+
+        self.store.update(self.job_id, change)
+
+    def stop_requested(self) -> None:
+        return None
+
+
+def test_a_worker_killed_between_publishing_its_last_epoch_and_recording_it(
+    settings: Settings, store: JobStore
+) -> None:
+    spec = lenet_spec(epochs=2, train_limit=256)
+    job = store.create(spec)
+    store.update(
+        job.id,
+        lambda r: (
+            setattr(r, "status", JobStatus.running),
+            setattr(r, "attempts", 1),
+            setattr(r, "worker", "gone@host"),
+        ),
+    )
+    ckpts = CheckpointStore.from_settings(settings)
+    first = train(  # both epochs published; only the first reached the record
+        spec,
+        job_id=job.id,
+        data=load_fashion_mnist(settings),
+        store=ckpts,
+        callbacks=RecordsUntilEpoch(store, job.id, last=1),
+    )
+    e001, e002 = f"{job.id}-e001", f"{job.id}-e002"
+    stale = store.get(job.id)
+    assert (stale.checkpoints, stale.latest_checkpoint) == ([e001], e001)
+    sent = Sent()
+    assert recover_orphans(store, settings, sent) == [job.id]  # its lease is gone
+
+    assert run(job.id, settings, sent) == "succeeded"  # nothing left to train
+
+    record = store.get(job.id)
+    assert record.status is JobStatus.succeeded and record.attempts == 2
+    assert record.checkpoints == [e001, e002]
+    assert record.latest_checkpoint == e002 == ckpts.aliases(job.id)["latest"]
+    assert record.best_checkpoint == ckpts.aliases(job.id)["best"]
+    assert [m.epoch for m in record.metrics] == [1, 2]
+    assert [m.val_acc for m in record.metrics] == [m.val_acc for m in first.history]
+    assert record.progress.epoch == 2
+    assert statuses(store, job.id)[-2]["resumed_from"] == e002
