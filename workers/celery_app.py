@@ -37,6 +37,8 @@ MAX_SCANNED_MESSAGES = 100_000
 #: Workers refresh `cnnserve:worker:<name>` this often; the key expires after 3 misses.
 WORKER_HEARTBEAT_S = 5.0
 WORKER_KEY = f"{PREFIX}worker:"
+#: The names of the workers that keep a heartbeat key (so that no reader scans for them).
+WORKERS_KEY = f"{PREFIX}workers"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -157,25 +159,43 @@ def worker_heartbeats(redis_url: str) -> list[dict[str, Any]]:
     """The workers that refreshed their heartbeat key recently (no broadcast, no waiting).
 
     Each entry: `name`, `device`, `pid`, `host`, `job` (the job it trains or None), `seen_at`
-    (epoch seconds).
+    (epoch seconds). Read from the set of workers' names and their keys: as many reads as there
+    are workers, whatever else Redis holds (never a scan of the keyspace).
     """
     client: Any = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        keys = sorted(client.scan_iter(match=f"{WORKER_KEY}*", count=100))
-        out = []
-        for raw in client.mget(keys) if keys else []:
-            if raw:
-                out.append(json.loads(raw))
-        return out
+        return beating(client)
     finally:
         client.close()
+
+
+def beating(client: Any) -> list[dict[str, Any]]:
+    """The heartbeats of `WORKERS_KEY`'s workers whose keys are fresh; forgets the others."""
+    names = sorted(client.smembers(WORKERS_KEY))
+    if not names:
+        return []
+    out, gone = [], []
+    for name, raw in zip(names, client.mget([f"{WORKER_KEY}{n}" for n in names]), strict=True):
+        if raw:
+            out.append(json.loads(raw))
+        else:
+            gone.append(name)
+    if gone:  # expired: a worker that stopped without clearing its heartbeat
+        client.srem(WORKERS_KEY, *gone)
+    return out
 
 
 def write_heartbeat(client: Any, info: dict[str, Any]) -> None:
     """Record that a worker is alive (called by the worker every `WORKER_HEARTBEAT_S`)."""
     info = {**info, "seen_at": time.time()}
-    client.set(f"{WORKER_KEY}{info['name']}", json.dumps(info), ex=int(3 * WORKER_HEARTBEAT_S))
+    pipe = client.pipeline(transaction=False)
+    pipe.set(f"{WORKER_KEY}{info['name']}", json.dumps(info), ex=int(3 * WORKER_HEARTBEAT_S))
+    pipe.sadd(WORKERS_KEY, info["name"])
+    pipe.execute()
 
 
 def clear_heartbeat(client: Any, name: str) -> None:
-    client.delete(f"{WORKER_KEY}{name}")
+    pipe = client.pipeline(transaction=False)
+    pipe.delete(f"{WORKER_KEY}{name}")
+    pipe.srem(WORKERS_KEY, name)
+    pipe.execute()

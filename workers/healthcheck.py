@@ -1,8 +1,9 @@
 """`cnnserve worker --check`: is a training worker on this host alive? For container checks.
 
 A worker keeps a heartbeat key in Redis (`workers.worker.Heartbeat`, every few seconds, also
-while a job trains); this reads those keys and looks for one from this host name. It imports
-neither Celery nor torch, so a health check every few seconds costs a fraction of a second.
+while a job trains); this reads those keys (named by the set of workers' names) and looks for
+one from this host name. It imports neither Celery nor torch, so a health check every few
+seconds costs a fraction of a second.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import redis
 
 #: The heartbeat keys' prefix (`workers.celery_app.WORKER_KEY`; a test keeps the two equal).
 HEARTBEAT_PREFIX = "cnnserve:worker:"
+#: The set of the workers' names (`workers.celery_app.WORKERS_KEY`; the same test).
+HEARTBEAT_NAMES = "cnnserve:workers"
 
 
 def beating_here(redis_url: str, host: str | None = None) -> list[str]:
@@ -23,7 +26,7 @@ def beating_here(redis_url: str, host: str | None = None) -> list[str]:
         redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5
     )
     try:
-        keys = list(client.scan_iter(match=f"{HEARTBEAT_PREFIX}*", count=100))
+        keys = [f"{HEARTBEAT_PREFIX}{n}" for n in sorted(client.smembers(HEARTBEAT_NAMES))]
         values = client.mget(keys) if keys else []
     finally:
         client.close()

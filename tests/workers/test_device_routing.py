@@ -16,9 +16,16 @@ from celery import Celery
 
 from service.jobs.control import waiting_note
 from tests.workers.helpers import WorkerProcess, lenet_spec, wait_finished, wait_for
-from workers.celery_app import WORKER_KEY, enqueue_job, worker_heartbeats, write_heartbeat
+from workers.celery_app import (
+    WORKER_KEY,
+    WORKERS_KEY,
+    clear_heartbeat,
+    enqueue_job,
+    worker_heartbeats,
+    write_heartbeat,
+)
 from workers.contracts import CUDA_QUEUE, QUEUE, JobStatus, queue_for, queues_for_worker
-from workers.healthcheck import HEARTBEAT_PREFIX, check_worker
+from workers.healthcheck import HEARTBEAT_NAMES, HEARTBEAT_PREFIX, check_worker
 from workers.settings import Settings
 from workers.store.jobs import JobStore
 from workers.training.cuda_check import Driver, cuda_problem
@@ -35,7 +42,8 @@ def test_jobs_that_ask_for_a_gpu_have_a_queue_only_gpu_workers_read() -> None:
     ]
     assert queues_for_worker("cpu") == [QUEUE]
     assert queues_for_worker("cuda:0") == [QUEUE, CUDA_QUEUE]
-    assert HEARTBEAT_PREFIX == WORKER_KEY  # the health check reads the keys workers write
+    # the health check reads the keys workers write
+    assert (HEARTBEAT_PREFIX, HEARTBEAT_NAMES) == (WORKER_KEY, WORKERS_KEY)
 
 
 @pytest.mark.integration
@@ -87,6 +95,27 @@ def test_the_health_check_fails_without_a_worker_on_this_host(settings: Settings
     assert not healthy and "no worker on" in line
     down, why = check_worker("redis://127.0.0.1:1/0")
     assert not down and "Redis is not reachable" in why
+
+
+def test_heartbeats_are_read_without_scanning_redis_and_forget_workers_gone(
+    settings: Settings,
+) -> None:
+    """`/readyz`, a queued `cuda` job's status and the container health check read the
+    workers' heartbeats: that costs as many reads as there are workers, however many jobs and
+    checkpoints Redis holds (it scanned the whole keyspace before)."""
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    client.mset({f"cnnserve:ckpt:{i:016x}-e001": "x" for i in range(2000)})
+    for name in ("a@h1", "b@h2", "gone@h3"):
+        write_heartbeat(client, {"name": name, "device": "cpu", "host": name[-2:]})
+    client.delete(f"{WORKER_KEY}gone@h3")  # its key expired: the worker died without a word
+    clear_heartbeat(client, "b@h2")  # stopped cleanly
+    before = int(client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
+    assert [b["name"] for b in worker_heartbeats(settings.redis_url)] == ["a@h1"]
+    assert client.smembers(WORKERS_KEY) == {"a@h1"}  # the dead one is forgotten
+    assert not check_worker(settings.redis_url)[0]  # none on this host
+    after = int(client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
+    assert after == before
+    client.close()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a usable GPU")

@@ -151,7 +151,8 @@ async def _check_checkpoints(store: CheckpointStore) -> Check:
 
 def _find_workers(celery: Celery, redis_url: str) -> list[WorkerInfo]:
     """Workers seen lately: their heartbeat keys (instant), else a Celery ping."""
-    # a solo-pool worker busy training cannot answer a ping, but keeps its heartbeat
+    # a worker busy training may answer a ping late (its one thread is the job's); its heartbeat
+    # thread beats regardless
     beating = {
         str(b["name"]): WorkerInfo(
             name=str(b["name"]), device=b.get("device"), gpu=b.get("gpu"), job=b.get("job")
