@@ -15,13 +15,19 @@ import os
 import re
 import socket
 import threading
+from typing import TYPE_CHECKING
 
 import redis
 
 from workers.contracts import TRAIN_TASK, queues_for_worker
 from workers.settings import DEVICE_PATTERN, Settings, get_settings
 
+if TYPE_CHECKING:
+    from workers.store.jobs import JobStore
+
 log = logging.getLogger(__name__)
+#: Held by the worker that sweeps the broker for lost messages this period (see `_my_turn`).
+MAINTENANCE_KEY = "cnnserve:maintenance:turn"
 
 
 class Heartbeat(threading.Thread):
@@ -70,10 +76,11 @@ class Maintenance(threading.Thread):
     first scan.
     """
 
-    def __init__(self, settings: Settings, halt: threading.Event) -> None:
+    def __init__(self, settings: Settings, halt: threading.Event, worker: str = "") -> None:
         super().__init__(name="cnnserve-maintenance", daemon=True)
         self.settings = settings
         self.halt = halt
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self) -> None:
         from workers.celery_app import app, enqueue, enqueue_job, task_ids_in_broker
@@ -101,14 +108,15 @@ class Maintenance(threading.Thread):
                     store.ensure_indexed()
                     checkpoints.ensure_indexed()
                     recover_orphans(store, self.settings, lambda jid: requeue_job(store, jid))
-                    resend_lost(
-                        store,
-                        self.settings,
-                        lambda task, oid: resend(store, task, oid),
-                        lambda: task_ids_in_broker(store.r),
-                    )
-                    if retention is not None:
-                        store.purge_finished(retention.total_seconds())
+                    if self._my_turn(store):  # the broker's read and the purge: one worker's
+                        resend_lost(
+                            store,
+                            self.settings,
+                            lambda task, oid: resend(store, task, oid),
+                            lambda: task_ids_in_broker(store.r),
+                        )
+                        if retention is not None:
+                            store.purge_finished(retention.total_seconds())
                 except (redis.RedisError, StoreUnavailableError) as exc:
                     log.warning("worker maintenance: %s", exc)
                 except Exception:
@@ -118,13 +126,25 @@ class Maintenance(threading.Thread):
         finally:
             store.r.close()
 
+    def _my_turn(self, store: JobStore) -> bool:
+        """Whether this worker does this period's sweep of the broker: the first of all the
+        workers to ask in each period (a key that lives a little less than one), so that the
+        broker is read once a period, not once per worker."""
+        period_ms = int(self.settings.lease_seconds * 1000)
+        return bool(
+            store.r.set(MAINTENANCE_KEY, self.worker, nx=True, px=max(1, period_ms * 4 // 5))
+        )
+
 
 class WorkerMonitor:
     """The worker's background threads: its heartbeat, and maintenance beside it."""
 
     def __init__(self, name: str, settings: Settings) -> None:
         self.halt = threading.Event()
-        self.threads = [Heartbeat(name, settings, self.halt), Maintenance(settings, self.halt)]
+        self.threads = [
+            Heartbeat(name, settings, self.halt),
+            Maintenance(settings, self.halt, name),
+        ]
 
     def start(self) -> None:
         for thread in self.threads:

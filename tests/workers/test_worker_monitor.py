@@ -64,3 +64,26 @@ def test_a_recovered_job_is_sent_as_the_api_sends_it(
     (raw,) = store.r.lrange(QUEUE, 0, -1)
     headers = json.loads(raw)["headers"]
     assert (headers["task"], headers["id"]) == (TRAIN_TASK, job.id)
+
+
+def test_one_worker_a_period_reads_the_broker_for_lost_messages(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every worker's maintenance looks for lost messages; reading the broker (up to every
+    queued message) is done by one of them per period, not by each."""
+    sweeps: list[str] = []
+
+    def counting(*_: Any) -> list[str]:
+        sweeps.append(threading.current_thread().name)
+        return []
+
+    monkeypatch.setattr(runner, "resend_lost", counting)
+    quick = settings.model_copy(update={"lease_seconds": 1})
+    monitors = [WorkerMonitor(f"w{i}@host", quick) for i in range(3)]
+    for monitor in monitors:
+        monitor.start()
+    time.sleep(3.5)  # three periods and a half
+    for monitor in monitors:
+        monitor.stop()
+    # three workers, about four periods: once a period, never three times
+    assert 2 <= len(sweeps) <= 5, sweeps
