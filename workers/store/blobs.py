@@ -111,7 +111,10 @@ class LocalBlobs:
     def put_file(self, key: str, path: Path) -> None:
         final = self._path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{final.name}.{os.getpid()}.tmp"
+        # a name of its own: two threads of one process may put the same key at once
+        fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.")
+        os.close(fd)
+        tmp = Path(name)
         try:
             shutil.move(path, tmp)  # a rename when staged on the same file system
             self._replace(tmp, key)
