@@ -645,9 +645,9 @@ async function jobView(el, signal, jobId) {
 
 async function classifyView(el) {
   const params = new URLSearchParams(location.hash.split("?")[1] || "");
-  const { checkpoints } = await getJSON("/v1/checkpoints");
+  const { checkpoints } = await getJSON("/v1/checkpoints?limit=100");
   const refSel = h("select", { id: "c-ref" },
-    checkpoints.slice(0, 100).map((c) => h("option", { value: c.id, text: `${c.id} · ${c.model} · val acc ${pct(c.metrics.val_acc)}`, selected: params.get("ref") === c.id })));
+    checkpoints.map((c) => h("option", { value: c.id, text: `${c.id} · ${c.model} · val acc ${pct(c.metrics.val_acc)}`, selected: params.get("ref") === c.id })));
   const topk = h("select", { id: "c-topk" }, [1, 3, 5, 10].map((k) => h("option", { value: k, text: k, selected: k === 3 })));
   const files = h("input", { id: "c-files", type: "file", accept: "image/png,image/jpeg,image/webp,image/bmp", multiple: true });
   const drop = h("div", { class: "drop" }, h("label", { for: "c-files", text: "Choose images, or drop them here" }), files);
