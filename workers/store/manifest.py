@@ -9,6 +9,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from models import CLASSES
+from workers.contracts import CHECKPOINT_ID_RE, JOB_ID_PATTERN, MODEL_NAME_PATTERN
+
+#: A sha256 as the store records it; it names files in the local cache, so it is checked.
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
 #: An arch as a manifest records it: [count, channels] pairs, the book's parameters of a
 #: DenseNet or AnyNet as an object, a name, or none.
@@ -63,12 +67,16 @@ class OnnxExport(BaseModel):
 
 
 class Manifest(BaseModel):
-    """What a checkpoint is: the role torchvision's `Weights.meta` plays."""
+    """What a checkpoint is: the role torchvision's `Weights.meta` plays.
 
-    id: str
-    job_id: str
+    The ids, the model's name and the hashes name keys in the store and files in the local
+    cache, so a manifest whose fields are not of their shapes does not load (a bucket is read
+    by the upgrade and by every process; what it holds is checked, never trusted)."""
+
+    id: str = Field(pattern=CHECKPOINT_ID_RE.pattern)
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
     epoch: int
-    model: str
+    model: str = Field(pattern=MODEL_NAME_PATTERN)
     arch: ManifestArch = None
     input_size: int
     in_channels: int = 1
@@ -79,8 +87,8 @@ class Manifest(BaseModel):
     history: list[dict[str, Any]] = Field(default_factory=list)
     spec: dict[str, Any] = Field(default_factory=dict)
     dataset: dict[str, Any] = Field(default_factory=dict)
-    weights_sha256: str
-    state_sha256: str | None = None
+    weights_sha256: str = Field(pattern=SHA256_PATTERN)
+    state_sha256: str | None = Field(None, pattern=SHA256_PATTERN)
     versions: dict[str, str] = Field(default_factory=dict)
     onnx: OnnxExport = Field(default_factory=OnnxExport)
     confusion_matrix: list[list[int]] | None = Field(

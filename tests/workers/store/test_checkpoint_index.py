@@ -281,3 +281,30 @@ def test_an_indexed_store_is_not_scanned_again_at_start_however_its_directory_is
     assert again.ensure_indexed() == 0  # the upgrade ran once: no scan at this start
     assert [c.id for c in again.list()] == [f"{JOBS[0]}-e001"]
     again.close()
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        {"weights_sha256": "../../../../tmp/owned"},
+        {"model": "../lenet"},
+        {"state_sha256": "x" * 64},
+    ],
+)
+def test_a_manifest_whose_names_are_not_of_their_shapes_is_never_indexed(
+    store: CheckpointStore, forged: dict[str, str]
+) -> None:
+    """What a bucket holds is read by every process (and the upgrade files all of it): a
+    manifest whose hash or model name would name a file outside the local cache is refused."""
+    good = save(store, JOBS[0], 1, 0.5)
+    raw = json.loads(store.blobs.get_bytes(f"{JOBS[0]}/e001/manifest.json"))
+    raw.update(id=f"{JOBS[1]}-e001", job_id=JOBS[1], **forged)
+    store.blobs.put_bytes(f"{JOBS[1]}/e001/manifest.json", json.dumps(raw).encode())
+    store.index.r.flushdb()  # as a store written by an earlier version: indexed afresh
+
+    from workers.store.checkpoint_upgrade import index_earlier_store
+
+    assert index_earlier_store(store) == 1
+    assert [c.id for c in store.list()] == [good.manifest.id]
+    with pytest.raises(CheckpointNotFoundError):
+        store.resolve(f"{JOBS[1]}-e001")
