@@ -209,10 +209,10 @@ class EventReader:
         return {j: (last[0][0] if last else "0-0") for j, last in zip(job_ids, lasts, strict=True)}
 
     async def follow(
-        self, cursors: dict[str, str], block_ms: int
+        self, cursors: dict[str, str], block_ms: int | None
     ) -> tuple[dict[str, str], list[JobEvent]]:
-        """Wait up to `block_ms` for these jobs' next events (one read over all of them): the
-        cursors moved past what arrived, and it."""
+        """Wait up to `block_ms` (None: not at all) for these jobs' next events (one read over
+        all of them): the cursors moved past what arrived, and it."""
         if not cursors:
             return cursors, []
         streams = {events_key(job_id): after for job_id, after in cursors.items()}
@@ -223,6 +223,15 @@ class EventReader:
         """The job's status now (None: no such job any more)."""
         raw = await self.r.get(record_key(job_id))
         return JobStatus(json.loads(raw)["status"]) if raw is not None else None
+
+    async def finished(self, job_ids: list[str]) -> set[str]:
+        """Which of these jobs have finished (or whose records are gone), in one read."""
+        raws = await self.r.mget([record_key(j) for j in job_ids])
+        return {
+            job_id
+            for job_id, raw in zip(job_ids, raws, strict=True)
+            if raw is None or JobStatus(json.loads(raw)["status"]).finished
+        }
 
     async def aclose(self) -> None:
         await self.r.aclose()
@@ -256,19 +265,37 @@ async def job_events(
         logger.warning("event stream of job %s ended: Redis unavailable (%s)", job_id, exc)
 
 
+def _tagged(event: JobEvent) -> ServerSentEvent:
+    """One of several jobs' events, with its job's id in its data."""
+    job_id, event_id, kind, data = event
+    return ServerSentEvent(data=json.dumps({"job": job_id, **data}), event=kind, id=event_id)
+
+
 async def several_jobs_events(
     reader: EventReader, job_ids: list[str]
 ) -> AsyncIterator[ServerSentEvent]:
-    """These jobs' events from now on, each with its job's id, until all have finished."""
+    """These jobs' events from now on, each with its job's id, until all have finished.
+
+    A job that finished before the stream's first read (after the route read its record)
+    sent its last event before the stream began: a quiet second looks at the records, so such
+    a job (or one deleted meanwhile) is not waited for without end."""
     try:
         cursors = await reader.tails(job_ids)
         unfinished = set(job_ids)
         while unfinished:
-            cursors, events = await reader.follow(cursors, BLOCK_MS)
-            for job_id, event_id, kind, data in events:
-                payload = json.dumps({"job": job_id, **data})
-                yield ServerSentEvent(data=payload, event=kind, id=event_id)
-                if finishes(kind, data):
-                    unfinished.discard(job_id)
+            cursors, events = await reader.follow(
+                {j: c for j, c in cursors.items() if j in unfinished}, BLOCK_MS
+            )
+            for event in events:
+                yield _tagged(event)
+                if finishes(event[2], event[3]):
+                    unfinished.discard(event[0])
+            if not events:
+                done = await reader.finished(sorted(unfinished))
+                if done:  # what they sent since the read above (status and event are one step)
+                    _, late = await reader.follow({j: cursors[j] for j in done}, None)
+                    for event in late:
+                        yield _tagged(event)
+                    unfinished -= done
     except redis.RedisError as exc:
         logger.warning("event stream of %d jobs ended: Redis unavailable (%s)", len(job_ids), exc)

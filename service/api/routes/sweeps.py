@@ -316,8 +316,8 @@ async def sweep_events(
     sweeps: SweepStoreDep,
     sort: Sort = "best_val_acc",
 ) -> EventSourceResponse:
-    await to_thread.run_sync(read_sweep, store, sweeps, sweep_id, caller)  # 404 first
-    events = _follow(streams.reader_of(request), store, sweeps, sweep_id, caller, sort)
+    sweep, _ = await to_thread.run_sync(read_sweep, store, sweeps, sweep_id, caller)  # 404 first
+    events = _follow(streams.reader_of(request), store, sweeps, sweep, caller, sort)
     return streams.open_stream(request, caller, events)
 
 
@@ -325,13 +325,15 @@ async def _follow(
     reader: EventReader,
     store: JobStore,
     sweeps: SweepStore,
-    sweep_id: str,
+    sweep: SweepRecord,
     caller: Caller,
     sort: SortKey,
 ) -> AsyncIterator[ServerSentEvent]:
-    sweep, jobs = await to_thread.run_sync(read_sweep, store, sweeps, sweep_id, caller)
-    # follow from what is there now: nothing that happens after the first view is missed
+    # where each job's events are now, then the first view: whatever happens after the tails
+    # are read is an event past them (a job that finished before is finished in the view)
+    sweep_id = sweep.id
     cursors = await reader.tails(sweep.job_ids)
+    sweep, jobs = await to_thread.run_sync(read_sweep, store, sweeps, sweep_id, caller)
     while True:
         view = _view(sweep, jobs, sort)
         yield ServerSentEvent(data=view.model_dump_json(), event="sweep")

@@ -93,3 +93,42 @@ def test_the_reader_replays_then_follows_a_job_until_it_finishes(settings: Setti
     finally:
         store.r.close()
     assert events == [("status", {"status": "queued"}), ("status", {"status": "cancelled"})]
+
+
+def test_following_several_jobs_ends_when_one_finished_before_the_stream_began(
+    settings: Settings,
+) -> None:
+    """`GET /v1/jobs/events?ids=` reads the records, then starts the stream: a job that
+    finishes in between sent its last event before the stream's first read. The stream must
+    still end once the others finish (it waited for that job for ever, holding a place)."""
+    from service.api.streams import several_jobs_events
+    from workers.contracts import JobStatus
+
+    store = JobStore.from_url(settings.redis_url)
+    early, late = (store.create(JobSpec(model="lenet", epochs=1)) for _ in range(2))
+
+    def cancel(job_id: str) -> None:
+        store.update(
+            job_id,
+            lambda r: setattr(r, "status", JobStatus.cancelled),
+            event=lambda r: ("status", {"status": "cancelled"}),
+        )
+
+    cancel(early.id)  # between the route's read and the stream
+
+    async def follow() -> list[dict[str, object]]:
+        reader = EventReader(settings.redis_url, max_streams=4)
+        try:
+            seen = []
+            asyncio.get_running_loop().call_later(0.3, cancel, late.id)
+            async for event in several_jobs_events(reader, [early.id, late.id]):
+                seen.append(json.loads(str(event.data)))
+            return seen
+        finally:
+            await reader.aclose()
+
+    try:
+        events = asyncio.run(asyncio.wait_for(follow(), timeout=15))
+    finally:
+        store.r.close()
+    assert events == [{"job": late.id, "status": "cancelled"}]
