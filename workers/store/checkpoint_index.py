@@ -192,6 +192,17 @@ return 1
 """
 
 
+#: Lua: the upgrade's lock, renewed / released only by the process holding it (its token).
+RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('EXPIRE', KEYS[1], ARGV[2])
+"""
+UNLOCK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
+
 @dataclass(frozen=True)
 class Filed:
     """What publishing a checkpoint left: the job's aliases, what it kept and pruned."""
@@ -223,6 +234,8 @@ class CheckpointIndex:
         self._publish = client.register_script(PUBLISH)
         self._unfile = client.register_script(UNFILE)
         self._annotate = client.register_script(ANNOTATE)
+        self._renew = client.register_script(RENEW)
+        self._unlock = client.register_script(UNLOCK)
 
     # writing
     def publish(
@@ -394,16 +407,17 @@ class CheckpointIndex:
             return None
         return token
 
-    def renew(self, location: str) -> None:
-        self.r.expire(f"{self.indexed_key(location)}:lock", INDEX_LOCK_S)
+    def renew(self, location: str, token: str) -> bool:
+        """Keep the upgrade's lock another `INDEX_LOCK_S` (False: it is no longer ours)."""
+        key = f"{self.indexed_key(location)}:lock"
+        return bool(self._renew(keys=[key], args=[token, INDEX_LOCK_S]))
 
     def mark_indexed(self, location: str) -> None:
         self.r.set(self.indexed_key(location), location)
 
     def unlock(self, location: str, token: str) -> None:
-        key = f"{self.indexed_key(location)}:lock"
-        if self.r.get(key) == token:
-            self.r.delete(key)
+        """Give the lock back, if it is still ours (one step: never another's)."""
+        self._unlock(keys=[f"{self.indexed_key(location)}:lock"], args=[token])
 
 
 def _list(value: Any) -> list[str]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -34,6 +34,8 @@ MANIFEST_KEY = re.compile(r"^(?P<job>[0-9a-f]{16})/e(?P<epoch>[0-9]{3})/manifest
 #: What an earlier version kept beside the checkpoints; removed once they are indexed.
 RETIRED = re.compile(r"^(index\.sqlite3(-journal|-wal|-shm)?|[0-9a-f]{16}/aliases\.json)$")
 CHUNK = 500
+#: Keys listed between two renewals of the lock (a bucket lists 1,000 a request).
+LIST_RENEW_EVERY = 5000
 
 Entry = tuple[dict[str, Any], float | None, str]
 
@@ -51,11 +53,16 @@ def index_earlier_store(store: CheckpointStore, wait_s: float = 600.0) -> int:
         evaluations: list[tuple[str, str]] = []
         total = 0
         batch: list[Entry] = []
-        for entry in _scan(store, retired, evaluations):
+
+        def renew() -> None:
+            if not index.renew(where, token):
+                log.warning("upgrade of %s: another process took the lock over", where)
+
+        for entry in _scan(store, retired, evaluations, renew):
             batch.append(entry)
             if len(batch) == CHUNK:
                 total += index.publish_many(batch)
-                index.renew(where)
+                renew()
                 batch = []
         total += index.publish_many(batch)
         for ckpt_id, sha in evaluations:
@@ -73,11 +80,20 @@ def index_earlier_store(store: CheckpointStore, wait_s: float = 600.0) -> int:
 
 
 def _scan(
-    store: CheckpointStore, retired: list[str], evaluations: list[tuple[str, str]]
+    store: CheckpointStore,
+    retired: list[str],
+    evaluations: list[tuple[str, str]],
+    renew: Callable[[], None],
 ) -> Iterator[Entry]:
     """Every readable manifest in the store as the index files it; notes the earlier version's
-    files (`retired`) and the evaluations kept beside checkpoints."""
-    keys = sorted(store.blobs.list_keys())
+    files (`retired`) and the evaluations kept beside checkpoints. `renew` keeps the lock while
+    the store is listed (a bucket of 100,000 checkpoints lists for longer than the lock lasts)."""
+    keys = []
+    for n, listed in enumerate(store.blobs.list_keys(), 1):
+        keys.append(listed)
+        if n % LIST_RENEW_EVERY == 0:
+            renew()
+    keys.sort()
     present = set(keys)
     for key in keys:
         if RETIRED.match(key):

@@ -308,3 +308,32 @@ def test_a_manifest_whose_names_are_not_of_their_shapes_is_never_indexed(
     assert [c.id for c in store.list()] == [good.manifest.id]
     with pytest.raises(CheckpointNotFoundError):
         store.resolve(f"{JOBS[1]}-e001")
+
+
+def test_the_upgrade_lock_is_kept_while_listing_and_only_its_holder_renews_or_frees_it(
+    store: CheckpointStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers.store import checkpoint_upgrade
+
+    for epoch in (1, 2, 3):
+        save(store, JOBS[0], epoch, 0.5, keep=3)
+    where, index = store.location, store.index
+    lock_key = f"{index.indexed_key(where)}:lock"
+    index.r.delete(index.indexed_key(where))  # as before the upgrade
+    token = index.lock(where, wait_s=1)
+    assert token is not None
+    assert index.renew(where, token) and not index.renew(where, "another process")
+    index.unlock(where, "another process")
+    assert index.r.get(lock_key) == token  # not freed by another
+    index.unlock(where, token)
+    assert not index.r.exists(lock_key)
+
+    # a long listing renews the lock as it goes (it lasted 60 s from before the listing)
+    renewals: list[int] = []
+    monkeypatch.setattr(checkpoint_upgrade, "LIST_RENEW_EVERY", 2)
+    monkeypatch.setattr(
+        type(index), "renew", lambda self, w, t: renewals.append(int(self.r.ttl(lock_key))) or True
+    )
+    index.r.flushdb()
+    assert checkpoint_upgrade.index_earlier_store(store) == 3
+    assert len(renewals) >= 3  # each checkpoint is two or three objects: renewed every 2
