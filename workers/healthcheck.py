@@ -26,7 +26,8 @@ def beating_here(redis_url: str, host: str | None = None) -> list[str]:
         redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5
     )
     try:
-        keys = [f"{HEARTBEAT_PREFIX}{n}" for n in sorted(client.smembers(HEARTBEAT_NAMES))]
+        beating: set[str] = client.smembers(HEARTBEAT_NAMES)  # type: ignore[assignment]
+        keys = [f"{HEARTBEAT_PREFIX}{n}" for n in sorted(beating)]
         values = client.mget(keys) if keys else []
     finally:
         client.close()

@@ -14,8 +14,10 @@ checkpoints.
 
 Keys (prefix `cnnserve:`):
 - `ckpt:{id}`                         hash: job, model, owner, epoch, created, rank, summary
-                                      (the listing's JSON), manifest_sha256, evaluation_sha256,
-                                      `onnx:{name}` (the sha256 of each exported graph)
+                                      (the listing's JSON), manifest_sha256, store (the
+                                      location of the store that published it),
+                                      evaluation_sha256, `onnx:{name}` (the sha256 of each
+                                      exported graph)
 - `ckpts`, `ckpts:model:{model}`      every checkpoint (of a model), scored by creation (ms):
                                       listings newest first, `<model>:latest`
 - `ckpts:model:{model}:best`          the same by rank (score 0, member `rank`): `<model>:best`
@@ -133,19 +135,33 @@ local function aliases(job)
 end
 """
 
-#: Lua: file one checkpoint (replacing an earlier filing of the same id), then, with a `keep`,
+#: Lua: file one checkpoint (replacing an earlier filing of the same id: the same manifest
+#: keeps what was recorded of it, its evaluation's and graphs' hashes), then, with a `keep`,
 #: prune the job's epochs that are neither among its last `keep`, nor its best or latest.
 #: ARGV: prefix, id, job, model, owner ('' none), epoch, created ms, rank, summary JSON,
-#: manifest sha256, keep ('' for no pruning). Returns JSON {latest, best, kept, pruned}.
+#: manifest sha256, keep ('' for no pruning), the store's location. Returns JSON
+#: {latest, best, kept, pruned}.
 PUBLISH = (
     _COMMON
     + """
 local id, job, model, owner = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local epoch, created, rank, keep = ARGV[6], ARGV[7], ARGV[8], ARGV[11]
+local rec = P .. 'ckpt:' .. id
+local carried = {}
+if redis.call('HGET', rec, 'manifest_sha256') == ARGV[10] then
+  local was = redis.call('HGETALL', rec)
+  for i = 1, #was, 2 do
+    if was[i] == 'evaluation_sha256' or string.sub(was[i], 1, 5) == 'onnx:' then
+      table.insert(carried, was[i])
+      table.insert(carried, was[i + 1])
+    end
+  end
+end
 unfile(id)
-redis.call('HSET', P .. 'ckpt:' .. id, 'job', job, 'model', model, 'owner', owner,
+redis.call('HSET', rec, 'job', job, 'model', model, 'owner', owner,
            'epoch', epoch, 'created', created, 'rank', rank, 'summary', ARGV[9],
-           'manifest_sha256', ARGV[10])
+           'manifest_sha256', ARGV[10], 'store', ARGV[12])
+if #carried > 0 then redis.call('HSET', rec, unpack(carried)) end
 for _, b in ipairs(bases(owner)) do
   redis.call('ZADD', b .. 'ckpts', created, id)
   redis.call('ZADD', b .. 'ckpts:model:' .. model, created, id)
@@ -239,9 +255,15 @@ class CheckpointIndex:
 
     # writing
     def publish(
-        self, summary: dict[str, Any], val_acc: float | None, manifest_sha256: str, keep: int | None
+        self,
+        summary: dict[str, Any],
+        val_acc: float | None,
+        manifest_sha256: str,
+        keep: int | None,
+        store: str,
     ) -> Filed:
-        """File a checkpoint (its files already complete in the store) and prune its job."""
+        """File a checkpoint (its files already complete in the store at `store`) and prune
+        its job."""
         ckpt_id = summary["id"]
         created = created_ms(summary["created_at"])
         raw = self._publish(
@@ -257,13 +279,17 @@ class CheckpointIndex:
                 json.dumps(summary),
                 manifest_sha256,
                 "" if keep is None else keep,
+                store,
             ]
         )
         out = json.loads(raw)
         return Filed(out["latest"], out["best"], _list(out["kept"]), _list(out["pruned"]))
 
-    def publish_many(self, entries: Iterable[tuple[dict[str, Any], float | None, str]]) -> int:
-        """File many checkpoints without pruning (an upgrade), one round trip per 500."""
+    def publish_many(
+        self, entries: Iterable[tuple[dict[str, Any], float | None, str]], store: str
+    ) -> int:
+        """File many checkpoints of `store` without pruning (an upgrade), one round trip per
+        500."""
         pipe = self.r.pipeline(transaction=False)
         n = 0
         for summary, val_acc, sha in entries:
@@ -281,6 +307,7 @@ class CheckpointIndex:
                     json.dumps(summary),
                     sha,
                     "",
+                    store,
                 ],
                 client=pipe,
             )

@@ -61,10 +61,10 @@ def index_earlier_store(store: CheckpointStore, wait_s: float = 600.0) -> int:
         for entry in _scan(store, retired, evaluations, renew):
             batch.append(entry)
             if len(batch) == CHUNK:
-                total += index.publish_many(batch)
+                total += index.publish_many(batch, where)
                 renew()
                 batch = []
-        total += index.publish_many(batch)
+        total += index.publish_many(batch, where)
         for ckpt_id, sha in evaluations:
             index.annotate(ckpt_id, "evaluation_sha256", sha)
         for key in retired:

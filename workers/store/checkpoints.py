@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 import torch
@@ -223,7 +223,9 @@ class CheckpointStore:
         self.files.put_staged(staged)
         self._ready()
         summary = m.model_dump(mode="json", include=set(SUMMARY_FIELDS))
-        filed = self.index.publish(summary, m.metrics.get("val_acc"), staged.manifest_sha256, keep)
+        filed = self.index.publish(
+            summary, m.metrics.get("val_acc"), staged.manifest_sha256, keep, self.location
+        )
         self._forget_manifest(m.id)
         self.files.keep_staged_weights(staged)
         self.discard(staged)
@@ -268,6 +270,29 @@ class CheckpointStore:
         self._ready()
         return self.index.aliases(job_id)
 
+    def _files_gone(self, ckpt_id: str) -> NoReturn:
+        """A filed checkpoint whose manifest is not in this store. Removed behind the store's
+        back: forget it, so aliases move on. But a process given another store than the one
+        that published it (another `CNNSERVE_CHECKPOINT_URL` on the same Redis) must not
+        forget everyone's checkpoints: it is refused, saying so, and the index stays."""
+        _, published_in = self.index.field(ckpt_id, "store")
+        if published_in and published_in != self.location:
+            log.error(
+                "checkpoint %s was published in %s, but this process reads %s",
+                ckpt_id,
+                published_in,
+                self.location,
+            )
+            raise StoreUnavailableError(
+                f"checkpoint {ckpt_id} is kept in {published_in}, but this process reads the "
+                f"checkpoint store {self.location}: give every API process and worker on this "
+                "Redis the same CNNSERVE_CHECKPOINT_URL"
+            )
+        self.index.unfile(ckpt_id, parts(ckpt_id)[0])
+        raise CheckpointNotFoundError(
+            ckpt_id, f"checkpoint {ckpt_id}'s files are gone from the store"
+        )
+
     def manifest(self, ckpt_id: str) -> Manifest:
         """The manifest of a checkpoint id (not an alias), checked against the index's sha256."""
         file_key = key(ckpt_id, MANIFEST)
@@ -284,11 +309,7 @@ class CheckpointStore:
         try:
             raw = self.blobs.get_bytes(file_key)
         except BlobNotFoundError:
-            # its files were removed behind the store's back: forget it, so aliases move on
-            self.index.unfile(ckpt_id, parts(ckpt_id)[0])
-            raise CheckpointNotFoundError(
-                ckpt_id, f"checkpoint {ckpt_id}'s files are gone from the store"
-            ) from None
+            self._files_gone(ckpt_id)
         if sha and hashlib.sha256(raw).hexdigest() != sha:
             raise CheckpointCorruptError(
                 f"checkpoint {ckpt_id}: its manifest does not match the sha256 recorded when "

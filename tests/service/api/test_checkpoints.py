@@ -93,7 +93,7 @@ def _on_record(store: CheckpointStore, n: int) -> list[dict[str, Any]]:
             "owner": None,
         }
         rows.append((summary, 0.5, "0" * 64))
-    store.index.publish_many(rows)
+    store.index.publish_many(rows, store.location)
     # newest first; within one creation time the larger id first (the index's order)
     return sorted((r[0] for r in rows), key=lambda r: (r["created_at"], r["id"]), reverse=True)
 

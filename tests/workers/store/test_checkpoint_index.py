@@ -331,9 +331,58 @@ def test_the_upgrade_lock_is_kept_while_listing_and_only_its_holder_renews_or_fr
     # a long listing renews the lock as it goes (it lasted 60 s from before the listing)
     renewals: list[int] = []
     monkeypatch.setattr(checkpoint_upgrade, "LIST_RENEW_EVERY", 2)
-    monkeypatch.setattr(
-        type(index), "renew", lambda self, w, t: renewals.append(int(self.r.ttl(lock_key))) or True
-    )
+
+    def renew(self: object, where: str, token: str) -> bool:
+        renewals.append(int(index.r.ttl(lock_key)))
+        return True
+
+    monkeypatch.setattr(type(index), "renew", renew)
     index.r.flushdb()
     assert checkpoint_upgrade.index_earlier_store(store) == 3
     assert len(renewals) >= 3  # each checkpoint is two or three objects: renewed every 2
+
+
+def test_a_process_given_another_store_on_the_same_redis_forgets_nothing(
+    store: CheckpointStore, settings: Settings, tmp_path: Path
+) -> None:
+    """One API process started without the workers' CNNSERVE_CHECKPOINT_URL (or with another
+    directory) finds none of the files the index names. Reading must not unfile them (it
+    did: a few `lenet:best` calls emptied everyone's index); it is refused, naming both."""
+    from workers.store.checkpoints import StoreUnavailableError
+
+    best = save(store, JOBS[0], 1, 0.9).manifest.id
+    elsewhere = CheckpointStore.open(tmp_path / "elsewhere", redis_url=settings.redis_url)
+    try:
+        reads = [lambda: elsewhere.resolve("lenet:best"), lambda: elsewhere.manifest(best)]
+        reads.append(lambda: elsewhere.resolve(f"{JOBS[0]}:best"))
+        for read in reads:
+            with pytest.raises(StoreUnavailableError, match="CNNSERVE_CHECKPOINT_URL") as refused:
+                read()
+            assert store.location in str(refused.value) and "elsewhere" in str(refused.value)
+    finally:
+        elsewhere.close()
+    assert store.resolve("lenet:best") == best  # still filed, still served
+
+    if store.remote:
+        return  # a bucket's manifests are kept in memory by their hash: nothing is read again
+    # files removed behind the store's back are still forgotten by the store they were in
+    store.blobs.delete_prefix(f"{JOBS[0]}/e001/")
+    with pytest.raises(CheckpointNotFoundError):
+        store.resolve("lenet:best")
+    assert store.list() == []
+
+
+def test_filing_the_same_manifest_again_keeps_its_evaluation_and_graphs(
+    store: CheckpointStore,
+) -> None:
+    ckpt = save(store, JOBS[0], 1, 0.9).manifest.id
+    store.index.annotate(ckpt, "evaluation_sha256", "e" * 64)
+    store.index.annotate(ckpt, "onnx:model.onnx", "f" * 64)
+    entry = store.index.entry(ckpt)
+    assert entry is not None
+    again = (entry.summary, 0.9, entry.manifest_sha256)
+    store.index.publish_many([again], store.location)  # an upgrade run twice, say
+    fields = store.index.entry(ckpt).fields  # type: ignore[union-attr]
+    assert fields["evaluation_sha256"] == "e" * 64 and fields["onnx:model.onnx"] == "f" * 64
+    store.index.publish_many([(entry.summary, 0.9, "0" * 64)], store.location)  # another one
+    assert "evaluation_sha256" not in store.index.entry(ckpt).fields  # type: ignore[union-attr]
