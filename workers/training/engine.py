@@ -73,8 +73,11 @@ class StopRequest(StrEnum):
     """Why the caller wants the run to stop early."""
 
     cancel = "cancel"
-    #: Someone else owns the job now (e.g. its lease was lost): stop, record nothing.
+    #: The worker is going away (shutting down): stop, record nothing; what is staged is
+    #: still published (the job is still this worker's).
     interrupt = "interrupt"
+    #: Someone else owns the job now (its lease was lost): stop, record and publish nothing.
+    lost = "lost"
 
 
 class Outcome(StrEnum):
@@ -244,12 +247,20 @@ class _Run:
         self.rate: float | None = None
         #: Checkpoints go up beside training (a bucket) or at once (the local directory).
         self.publisher = Publisher(
-            store, options.keep_checkpoints, self._published, stop=self._interrupted
+            store,
+            options.keep_checkpoints,
+            self._published,
+            stop=self._interrupted,
+            lost=self._lost,
         )
 
     def _interrupted(self) -> bool:
         """This worker no longer owns the job (lease lost, or shutting down)."""
-        return self.callbacks.stop_requested() is StopRequest.interrupt
+        return self.callbacks.stop_requested() in (StopRequest.interrupt, StopRequest.lost)
+
+    def _lost(self) -> bool:
+        """Another worker owns the job now: nothing of this attempt may be published."""
+        return self.callbacks.stop_requested() is StopRequest.lost
 
     def read_store(self, op: Callable[[], T], what: str) -> T:
         """A read of the checkpoint store, riding out its outage while the job is ours."""
@@ -407,7 +418,7 @@ class _Run:
         request = self.callbacks.stop_requested()
         if request is StopRequest.cancel:
             return Outcome.cancelled
-        if request is StopRequest.interrupt:
+        if request in (StopRequest.interrupt, StopRequest.lost):
             return Outcome.interrupted
         limit = self.options.max_seconds
         if limit is not None and now - self.started > limit:

@@ -6,7 +6,9 @@ publishes the checkpoints in the order they came while the next epoch trains, th
 to the callbacks; for the local directory, where publishing is a rename, it happens at once.
 While the store cannot be reached, a publication waits and tries again (the staged files stay
 on disk) until it succeeds or `stop()` says this worker no longer owns the job; `drain` waits
-for what is pending, so an attempt ends only once its checkpoints are visible.
+for what is pending, so an attempt ends only once its checkpoints are visible. A checkpoint
+whose turn comes after `lost()` (another worker resumed the job: this one's lease lapsed) is
+dropped, not published over the other worker's.
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ class Publisher:
         keep: int,
         on_published: Published,
         stop: Callable[[], bool],
+        lost: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store = store
         self.keep = keep
         self.on_published = on_published
         self.stop = stop
+        self.lost = lost
         self._pool = (
             ThreadPoolExecutor(1, thread_name_prefix="cnnserve-publish") if store.remote else None
         )
@@ -60,6 +64,15 @@ class Publisher:
             self._pending.append(self._pool.submit(self._publish, staged, metrics))
 
     def _publish(self, staged: StagedCheckpoint, metrics: EpochMetrics) -> None:
+        if self.lost():
+            # another worker resumed the job (this one's lease lapsed): its files are the
+            # checkpoint's now, and this attempt's must not overwrite them
+            log.warning(
+                "checkpoint %s not published: the job is another worker's now",
+                staged.manifest.id,
+            )
+            self.store.discard(staged)
+            return
         try:
             saved = retry_unavailable(
                 lambda: self.store.publish(staged, keep=self.keep),

@@ -129,7 +129,9 @@ class JobCallbacks:
                 delay = min(delay * 2, 2.0)
 
     def stop_requested(self) -> StopRequest | None:
-        if self.lease.lost.is_set() or shutdown_requested.is_set():
+        if self.lease.lost.is_set():
+            return StopRequest.lost
+        if shutdown_requested.is_set():
             return StopRequest.interrupt
         try:
             cancel = self.store.cancel_requested(self.job_id)
