@@ -32,7 +32,6 @@ from service.inference.backends import LoadedModel
 from service.inference.batcher import InferenceService
 from service.inference.decode import (
     PIXEL_TYPES,
-    Inputs,
     body_kind,
     declared_files,
     decoded_files,
@@ -155,11 +154,15 @@ def decodes_inline(blobs: list[bytes], declared: list[int | None]) -> bool:
     )
 
 
+def _decoded_native(blobs: list[bytes], settings: Settings, how: Preparation) -> np.ndarray:
+    return how.native(decoded_files(blobs, settings))
+
+
 def _native_files(blobs: list[bytes], settings: Settings, how: Preparation) -> np.ndarray:
     """Encoded images as the 28×28 images the network sees, within the request's pixel budget
     (from their headers, before any is decoded), decoded one at a time."""
     declared_files(blobs, settings)
-    return how.native(decoded_files(blobs, settings))
+    return _decoded_native(blobs, settings, how)
 
 
 def count_images(count: int, settings: Settings, explain: bool = False) -> None:
@@ -179,13 +182,13 @@ async def files_native(
     count_images(len(blobs), settings, explain)
     declared = declared_files(blobs, settings)
     if decodes_inline(blobs, declared):
-        return how.native(decoded_files(blobs, settings))
+        return _decoded_native(blobs, settings, how)
     # decoding and resizing bigger images is CPU work: off the event loop
-    return await run_in_threadpool(_native_files, blobs, settings, how)
+    return await run_in_threadpool(_decoded_native, blobs, settings, how)
 
 
 def _native_json(body: bytes, settings: Settings, how: Preparation, explain: bool) -> np.ndarray:
-    inputs: Inputs = json_inputs(body, settings)
+    inputs = json_inputs(body, settings)
     count_images(len(inputs), settings, explain)
     if inputs.pixels:
         return how.native(inputs.pixels)
