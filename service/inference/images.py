@@ -37,6 +37,8 @@ PngImagePlugin.MAX_TEXT_CHUNK = min(PngImagePlugin.MAX_TEXT_CHUNK, MAX_PNG_TEXT_
 PngImagePlugin.MAX_TEXT_MEMORY = min(PngImagePlugin.MAX_TEXT_MEMORY, MAX_PNG_TEXT_BYTES)
 #: Modes Pillow's `reduce` takes; the others are widened to one of these first.
 REDUCIBLE_MODES = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "CMYK", "I", "F"})
+#: Output rows reduced at a time, so that the reduction's copies are a strip's, not an image's.
+REDUCE_STRIP_ROWS = 16
 
 
 class ImageInputError(ProblemError):
@@ -191,9 +193,10 @@ def _unreadable(detail: str, fmt: str, exc: Exception, index: int | None) -> Ima
     return ImageInputError(detail, index=index)
 
 
-def _reduced(im: Image.Image, edge: int | None) -> Image.Image:
+def reduced_image(im: Image.Image, edge: int | None) -> Image.Image:
     """A loaded image reduced by the largest whole factor that keeps its longest edge at least
-    `edge` (box averages, in its own 8- or 32-bit mode), or the image itself."""
+    `edge` (box averages, in its own 8- or 32-bit mode, a strip at a time), or the image
+    itself."""
     factor = max(im.size) // edge if edge else 1
     if factor < 2:
         return im
@@ -203,14 +206,21 @@ def _reduced(im: Image.Image, edge: int | None) -> Image.Image:
         else:
             wide = {"1": "L", "PA": "RGBA"}.get(im.mode, "I" if im.mode.startswith("I") else "RGB")
         im = im.convert(wide)
-    return im.reduce(factor)
+    # in strips of whole boxes: Pillow's reduce copies an RGBA image whole (premultiplied)
+    width, height = im.size
+    reduced = Image.new(im.mode, (-(-width // factor), -(-height // factor)))
+    rows = REDUCE_STRIP_ROWS * factor
+    for top in range(0, height, rows):
+        strip = im.crop((0, top, width, min(height, top + rows))).reduce(factor)
+        reduced.paste(strip, (0, top // factor))
+    return reduced
 
 
 def _to_array(im: Image.Image, reduce_to: int | None = None) -> np.ndarray:
     """The pixels of a loaded image, upright, transparency on white: gray H×W or RGB H×W×3,
-    reduced first (`_reduced`) when `reduce_to` allows."""
+    reduced first (`reduced_image`) when `reduce_to` allows."""
     sixteen_bit = im.mode.startswith("I;16")
-    im = _reduced(im, reduce_to)
+    im = reduced_image(im, reduce_to)
     im = ImageOps.exif_transpose(im) or im
     if im.mode.startswith("I"):
         arr = np.asarray(im, dtype=np.float32)

@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,12 @@ import pytest
 from PIL import Image
 
 from service.inference.decode import decoded_files
-from service.inference.images import MAX_PNG_TEXT_BYTES, ImageInputError, decode_image
+from service.inference.images import (
+    MAX_PNG_TEXT_BYTES,
+    ImageInputError,
+    decode_image,
+    reduced_image,
+)
 from service.inference.pipeline import decodes_inline
 from tests.service.checkpoint_helpers import flat_png, png, text_bomb_png
 from workers.preprocessing import DECODE_EDGE, Transform
@@ -54,14 +60,32 @@ print(json.dumps({"growth_mib": (peak - before) / 1024, "shape": list(native.sha
 """
 
 
-def test_four_flat_2048_pixel_photos_cost_a_fraction_of_their_full_resolution(
-    tmp_path: Path,
+def rgba_png(side: int) -> bytes:
+    """A side×side RGBA PNG, flat but for a half-transparent square (compresses to little)."""
+    pixels = np.empty((side, side, 4), np.uint8)
+    pixels[...] = (200, 40, 30, 255)
+    pixels[side // 4 : 3 * side // 4, side // 4 : 3 * side // 4, 3] = 128
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("files", "bound_mib"),
+    [
+        # the review's request: 4 flat 2048² RGB PNGs (68 KB) raised the API's peak by 306 MB
+        pytest.param(lambda: [flat_png(2048, (200, 40 + i, 30)) for i in range(4)], 64, id="rgb"),
+        # the default budget's worst: 4 × 4096² RGBA (64 MiB each at full resolution)
+        pytest.param(lambda: [rgba_png(4096)] * 4, 128, id="rgba-4096"),
+    ],
+)
+def test_large_photos_cost_a_fraction_of_their_full_resolution(
+    tmp_path: Path, files: Callable[[], list[bytes]], bound_mib: int
 ) -> None:
-    # the review's request: 4 flat 2048² RGB PNGs (68 KB) raised the API's peak by 306 MB
     paths = []
-    for i in range(4):
+    for i, blob in enumerate(files()):
         path = tmp_path / f"{i}.png"
-        path.write_bytes(flat_png(2048, (200, 40 + i, 30)))
+        path.write_bytes(blob)
         paths.append(str(path))
     out = subprocess.run(
         [sys.executable, "-c", MEASURE, *paths],
@@ -74,8 +98,18 @@ def test_four_flat_2048_pixel_photos_cost_a_fraction_of_their_full_resolution(
     assert out.returncode == 0, out.stderr[-3000:]
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     assert measured["shape"] == [4, 28, 28]
-    # one 2048² RGB image is 12 MiB at full resolution: a few of those at most, never floats
-    assert measured["growth_mib"] < 64, measured
+    # one image at full resolution while its decoder runs, a strip of it reduced; never floats
+    assert measured["growth_mib"] < bound_mib, measured
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "RGB", "L"])
+def test_reducing_in_strips_equals_pillows_reduce(mode: str) -> None:
+    rng = np.random.default_rng(0)
+    channels = {"RGBA": (4,), "RGB": (3,), "L": ()}[mode]
+    im = Image.fromarray(rng.integers(0, 256, (1001, 777, *channels), dtype=np.uint8))
+    for factor in (2, 3, 7):
+        ours = reduced_image(im, max(im.size) // factor)
+        assert np.array_equal(np.asarray(ours), np.asarray(im.reduce(factor))), factor
 
 
 def test_images_are_decoded_one_at_a_time_and_reduced(settings: Settings) -> None:
