@@ -12,9 +12,9 @@ on a busy 2-core machine and to fail on the starvation they guard against.
 
 Attacks here: many idle event streams of every kind, from one key and from many keys;
 connect/disconnect churn on streams; control characters and very long values in every path
-and header that reaches a log, in the text and JSON log formats. The request-path attacks
-(slow and lying bodies, `Expect: 100-continue`, decompression and pixel bombs, deep JSON)
-belong here too: `attack_window` and `Watch` are what they need.
+and header that reaches a log, in the text and JSON log formats; pixel, decompression and PNG
+text bombs. The other request-path attacks (slow and lying bodies, `Expect: 100-continue`,
+deep JSON) belong here too: `attack_window` and `Watch` are what they need.
 """
 
 from __future__ import annotations
