@@ -39,6 +39,10 @@ from workers.store.checkpoints import Preprocessing
 
 #: Fashion-MNIST's side: every input becomes a 28×28 image before the network's own resize.
 NATIVE_SIZE = 28
+#: The longest edge a decoder may reduce a photo to before `native` (box averages, JPEG's DCT
+#: scaling): eight output pixels per Fashion-MNIST pixel, so the trim and the subsampling to 28
+#: move by a fraction of a pixel at most, and a photo is never held at full resolution.
+DECODE_EDGE = 8 * NATIVE_SIZE
 #: Fashion-MNIST's trim: edges within this fraction of full intensity of the corner colour.
 TRIM_FUZZ = 0.05
 

@@ -132,6 +132,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body.")
     max_image_pixels: int = Field(4096 * 4096, ge=64, description="Largest decoded image.")
     max_images_per_request: int = Field(64, ge=1, description="Images in one predict call.")
+    max_request_pixels: int = Field(
+        64 * 1024 * 1024,
+        ge=64,
+        description="Pixels the images of one predict, explain or V2 infer call may declare in "
+        "all (read from their headers before any is decoded): 256 MB were they all held at "
+        "once as RGBA; a 413 past it.",
+    )
     model_cache_size: int = Field(4, ge=1, description="Checkpoints kept loaded for inference.")
     batch_window_ms: float = Field(2.0, ge=0, description="Wait to batch concurrent predictions.")
     max_batch_size: int = Field(64, ge=1, description="Images in one inference batch.")

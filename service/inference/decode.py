@@ -7,7 +7,9 @@
   `[N]` of encoded images (the codec, `service.inference.v2_codec`, has parsed the body).
 
 Each encoded image is decoded by `service.inference.images.decode_image` (format by content,
-bombs refused unread). What is done to the pixels next is the preprocess stage's
+bombs refused unread), one at a time (`decoded_files`), reduced as it is decoded; what a
+request's images may declare in all is checked from their headers before any is decoded
+(`check_request_pixels`). What is done to the pixels next is the preprocess stage's
 (`workers.preprocessing`), kept apart so that decoding can change on its own.
 """
 
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -33,11 +37,13 @@ from service.errors import (
 from service.inference.images import (
     ALLOWED_MEDIA_TYPES,
     ImageInputError,
+    ImageTooLargeError,
+    declared_pixels,
     decode_image,
     pixels_to_array,
 )
 from service.inference.v2_codec import ProtocolError, Tensor
-from workers.preprocessing import NATIVE_SIZE
+from workers.preprocessing import DECODE_EDGE, NATIVE_SIZE
 from workers.settings import Settings
 
 #: Multipart bodies up to this size are read whole and parsed in one pass by python-multipart's
@@ -59,6 +65,14 @@ class TooManyImagesError(ProblemError):
     title = "Too many images"
 
 
+class TooManyPixelsError(ProblemError):
+    """A request whose images declare more pixels in all than the server decodes for one."""
+
+    status = 413
+    slug = "too-many-pixels"
+    title = "Too many pixels"
+
+
 class UnsupportedBodyError(ProblemError):
     """A predict body that is neither multipart nor JSON."""
 
@@ -67,13 +81,43 @@ class UnsupportedBodyError(ProblemError):
     title = "Unsupported Media Type"
 
 
-def too_many(count: int | None, limit: int) -> TooManyImagesError:
+def too_many(count: int | None, limit: int, does: str = "takes") -> TooManyImagesError:
     sent = f"{count} images" if count is not None else f"more than {limit} images"
     return TooManyImagesError(
-        f"{sent} in one request; this server takes at most {limit}: "
+        f"{sent} in one request; this server {does} at most {limit}: "
         "split them over several requests",
         limit=limit,
     )
+
+
+#: The setting that bounds the pixels of one request, named in its refusals.
+REQUEST_PIXELS_SETTING = "CNNSERVE_MAX_REQUEST_PIXELS"
+
+
+def check_request_pixels(declared: Sequence[int | None], settings: Settings) -> None:
+    """Refuse (413) a request whose images declare more pixels in all than
+    `max_request_pixels`; an unreadable header counts nothing (its decode refuses it)."""
+    total, limit = sum(d or 0 for d in declared), settings.max_request_pixels
+    if total > limit:
+        raise TooManyPixelsError(
+            f"the {len(declared)} images declare {total} pixels in all, more than the {limit} "
+            f"this server decodes for one request ({REQUEST_PIXELS_SETTING}); send fewer or "
+            "smaller images (28×28 is enough)",
+            limit=limit,
+            setting=REQUEST_PIXELS_SETTING,
+        )
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A request's images before decoding: encoded files, or the pixel arrays a JSON body
+    carried (one of the two)."""
+
+    files: list[bytes] = field(default_factory=list)
+    pixels: list[np.ndarray] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.files) + len(self.pixels)
 
 
 # --- what /v1 predict and explain read --------------------------------------------------------
@@ -282,11 +326,27 @@ def upload_blobs(parts: list[Part]) -> list[bytes]:
     return [content for _, content in uploads]
 
 
-def decode_files(blobs: list[bytes], settings: Settings) -> list[np.ndarray]:
-    """Encoded images as pixels (gray H×W or RGB H×W×3 uint8), each within the pixel limit."""
-    return [
-        decode_image(b, max_pixels=settings.max_image_pixels, index=i) for i, b in enumerate(blobs)
-    ]
+def decoded_files(blobs: list[bytes], settings: Settings) -> Iterator[np.ndarray]:
+    """Encoded images as pixels (gray H×W or RGB H×W×3 uint8), each within the pixel limit,
+    decoded one at a time as they are asked for, and reduced as they are decoded (its longest
+    edge to no less than `DECODE_EDGE`)."""
+    for i, b in enumerate(blobs):
+        yield decode_image(b, max_pixels=settings.max_image_pixels, index=i, reduce_to=DECODE_EDGE)
+
+
+def declared_files(blobs: list[bytes], settings: Settings) -> list[int | None]:
+    """The pixels each encoded image's header declares (nothing decoded), each within the
+    image limit and all within the request's budget (`check_request_pixels`)."""
+    declared = [declared_pixels(b) for b in blobs]
+    for i, pixels in enumerate(declared):
+        if pixels is not None and pixels > settings.max_image_pixels:  # one image's limit first
+            raise ImageTooLargeError(
+                f"the image declares {pixels} pixels, more than the {settings.max_image_pixels} "
+                "this server decodes; downscale it first (28×28 is enough)",
+                index=i,
+            )
+    check_request_pixels(declared, settings)
+    return declared
 
 
 def _b64(text: str, index: int) -> bytes:
@@ -300,8 +360,9 @@ def _b64(text: str, index: int) -> bytes:
         ) from None
 
 
-def json_images(body: bytes, settings: Settings) -> list[np.ndarray]:
-    """The images of a JSON predict body as pixels (blocking: base64 and image decoding)."""
+def json_inputs(body: bytes, settings: Settings) -> Inputs:
+    """The images of a JSON predict body, counted, not decoded: base64 files as bytes, pixel
+    arrays within the request's pixel budget (blocking: JSON and base64)."""
     try:
         payload = PredictJSON.model_validate_json(body)
     except ValidationError as exc:
@@ -317,20 +378,20 @@ def json_images(body: bytes, settings: Settings) -> list[np.ndarray]:
             raise BadRequestError('"images" is empty; send at least one base64 image')
         if len(payload.images) > limit:
             raise too_many(len(payload.images), limit)
-        return [
-            decode_image(_b64(s, i), max_pixels=settings.max_image_pixels, index=i)
-            for i, s in enumerate(payload.images)
-        ]
+        return Inputs(files=[_b64(s, i) for i, s in enumerate(payload.images)])
     pixels: Any = payload.pixels
     if not pixels or not pixels[0] or any(not a for a in pixels[0] if isinstance(a, list)):
         raise BadRequestError('"pixels" is empty; send a 2-D array or a list of them')
     arrays = pixels if isinstance(pixels[0][0], list) else [pixels]
     if len(arrays) > limit:
         raise too_many(len(arrays), limit)
-    return [
-        pixels_to_array(a, max_pixels=settings.max_image_pixels, index=i)
-        for i, a in enumerate(arrays)
-    ]
+    check_request_pixels([len(a) * len(a[0]) if a else 0 for a in arrays], settings)
+    return Inputs(
+        pixels=[
+            pixels_to_array(a, max_pixels=settings.max_image_pixels, index=i)
+            for i, a in enumerate(arrays)
+        ]
+    )
 
 
 # --- what /v2 infer reads ---------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, get_args
 
@@ -31,11 +32,11 @@ from service.inference.backends import LoadedModel
 from service.inference.batcher import InferenceService
 from service.inference.decode import (
     PIXEL_TYPES,
-    TooManyImagesError,
     body_kind,
-    decode_files,
+    declared_files,
+    decoded_files,
     encoded_images,
-    json_images,
+    json_inputs,
     multipart_files,
     pixel_tensor,
     too_many,
@@ -44,7 +45,7 @@ from service.inference.decode import (
 )
 from service.inference.encode import predict_body, predictions, v2_outputs
 from service.inference.explain import attribute
-from service.inference.images import ALLOWED_MEDIA_TYPES, declared_pixels
+from service.inference.images import ALLOWED_MEDIA_TYPES
 from service.inference.v2_codec import (
     BINARY_MEDIA_TYPE,
     InferRequest,
@@ -60,9 +61,11 @@ from workers.store.checkpoints import Manifest
 MAX_TOP_K = 10
 #: The values V2's `invert` and `preprocess` parameters take (as predict's query).
 INVERT_MODES, PREPROCESS_MODES = get_args(InvertMode), get_args(PreprocessMode)
-#: Uploads whose headers declare at most this many pixels in all are decoded on the event
-#: loop: a 28×28 PNG decodes in microseconds, less than a hop to the thread pool costs.
+#: Uploads whose headers declare at most this many pixels in all, in at most this many bytes,
+#: are decoded on the event loop: a 28×28 PNG decodes in microseconds, less than a hop to the
+#: thread pool costs. The bytes count too: a PNG declaring 1×1 may carry compressed chunks.
 INLINE_DECODE_PIXELS = 64 * 64
+INLINE_DECODE_BYTES = 16 * 1024
 
 #: What `/docs` says is done to an upload, for predict and explain alike.
 PREPROCESSING_DESCRIPTION = (
@@ -119,10 +122,15 @@ class Preparation:
     def transform(self) -> Transform:
         return Transform(self.manifest.preprocessing)
 
-    def native(self, arrays: list[np.ndarray]) -> np.ndarray:
-        """Decoded images as the 28×28 uint8 images the network sees (N×28×28)."""
+    def native(self, arrays: Iterable[np.ndarray]) -> np.ndarray:
+        """Decoded images as the 28×28 uint8 images the network sees (N×28×28), each dropped
+        before the next is taken (`arrays` may decode them one at a time)."""
         transform = self.transform
-        return np.stack([transform.native(a, self.invert, self.mode) for a in arrays])
+        native = []
+        for pixels in arrays:
+            native.append(transform.native(pixels, self.invert, self.mode))
+            del pixels  # not alive while the next image is decoded
+        return np.stack(native)
 
     def native_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """28×28 grayscale pixels (N×28×28 uint8) as the images the network sees."""
@@ -136,38 +144,72 @@ class Preparation:
 # --- decode and preprocess: /v1 bodies ------------------------------------------------------
 
 
+def decodes_inline(blobs: list[bytes], declared: list[int | None]) -> bool:
+    """Whether these uploads are small enough to decode on the event loop: declared pixels
+    and bytes both trivial (`INLINE_DECODE_PIXELS`, `INLINE_DECODE_BYTES`)."""
+    return (
+        all(d is not None for d in declared)
+        and sum(d or 0 for d in declared) <= INLINE_DECODE_PIXELS
+        and sum(len(b) for b in blobs) <= INLINE_DECODE_BYTES
+    )
+
+
+def _decoded_native(blobs: list[bytes], settings: Settings, how: Preparation) -> np.ndarray:
+    return how.native(decoded_files(blobs, settings))
+
+
 def _native_files(blobs: list[bytes], settings: Settings, how: Preparation) -> np.ndarray:
-    return how.native(decode_files(blobs, settings))
+    """Encoded images as the 28×28 images the network sees, within the request's pixel budget
+    (from their headers, before any is decoded), decoded one at a time."""
+    declared_files(blobs, settings)
+    return _decoded_native(blobs, settings, how)
 
 
-async def files_native(blobs: list[bytes], settings: Settings, how: Preparation) -> np.ndarray:
-    """Uploaded image files as the 28×28 images the network sees (N×28×28 uint8)."""
-    if len(blobs) > settings.max_images_per_request:
-        raise too_many(len(blobs), settings.max_images_per_request)
-    declared = [declared_pixels(b) for b in blobs]
-    if all(d is not None for d in declared) and sum(d or 0 for d in declared) <= (
-        INLINE_DECODE_PIXELS
-    ):
-        return _native_files(blobs, settings, how)
+def count_images(count: int, settings: Settings, explain: bool = False) -> None:
+    """Refuse (413) more images than a predict call (or an explain call) takes, before any is
+    decoded."""
+    if count > settings.max_images_per_request:
+        raise too_many(count, settings.max_images_per_request)
+    if explain and count > settings.explain_max_images:
+        raise too_many(count, settings.explain_max_images, "explains")
+
+
+async def files_native(
+    blobs: list[bytes], settings: Settings, how: Preparation, explain: bool = False
+) -> np.ndarray:
+    """Uploaded image files as the 28×28 images the network sees (N×28×28 uint8), counted and
+    within the request's pixel budget before any is decoded."""
+    count_images(len(blobs), settings, explain)
+    declared = declared_files(blobs, settings)
+    if decodes_inline(blobs, declared):
+        return _decoded_native(blobs, settings, how)
     # decoding and resizing bigger images is CPU work: off the event loop
-    return await run_in_threadpool(_native_files, blobs, settings, how)
+    return await run_in_threadpool(_decoded_native, blobs, settings, how)
 
 
-def _native_json(body: bytes, settings: Settings, how: Preparation) -> np.ndarray:
-    return how.native(json_images(body, settings))
+def _native_json(body: bytes, settings: Settings, how: Preparation, explain: bool) -> np.ndarray:
+    inputs = json_inputs(body, settings)
+    count_images(len(inputs), settings, explain)
+    if inputs.pixels:
+        return how.native(inputs.pixels)
+    return _native_files(inputs.files, settings, how)
 
 
-async def request_images(request: Request, settings: Settings, how: Preparation) -> np.ndarray:
+async def request_images(
+    request: Request, settings: Settings, how: Preparation, explain: bool = False
+) -> np.ndarray:
     """The images of a predict-style body (multipart files or JSON) as the 28×28 images the
-    network sees (N×28×28 uint8; `how.model_input` scales them)."""
+    network sees (N×28×28 uint8; `how.model_input` scales them); `explain`: within explain's
+    count too."""
     content_type = request.headers.get("content-type", "")
     kind = body_kind(content_type)
     if kind is None:
         raise unsupported_body(content_type)
     if kind == "multipart":
-        return await files_native(await multipart_files(request, settings), settings, how)
+        blobs = await multipart_files(request, settings)
+        return await files_native(blobs, settings, how, explain)
     body = await request.body()
-    return await run_in_threadpool(_native_json, body, settings, how)
+    return await run_in_threadpool(_native_json, body, settings, how, explain)
 
 
 # --- /v1 predict ------------------------------------------------------------------------------
@@ -196,7 +238,7 @@ def _choice(params: dict[str, Any], name: str, allowed: tuple[str, ...]) -> Any:
 
 
 def _native_encoded(blobs: list[bytes], settings: Settings, how: Preparation) -> np.ndarray:
-    return how.model_input(how.native(decode_files(blobs, settings)))
+    return how.model_input(_native_files(blobs, settings, how))
 
 
 async def _infer_batch(
@@ -259,14 +301,7 @@ async def explain_images(
     within the server's limits (images per call, time per call)."""
     settings = inference.settings
     started = time.monotonic()
-    batch = how.model_input(await request_images(request, settings, how))
-    limit = settings.explain_max_images
-    if len(batch) > limit:
-        raise TooManyImagesError(
-            f"{len(batch)} images in one request; this server explains at most {limit}: "
-            "split them over several requests",
-            limit=limit,
-        )
+    batch = how.model_input(await request_images(request, settings, how, explain=True))
     loaded, probs = await inference.predict(how.manifest, batch)
     targets = probs.argmax(axis=1)
     deadline = started + settings.explain_timeout_s

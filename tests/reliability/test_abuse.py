@@ -12,9 +12,9 @@ on a busy 2-core machine and to fail on the starvation they guard against.
 
 Attacks here: many idle event streams of every kind, from one key and from many keys;
 connect/disconnect churn on streams; control characters and very long values in every path
-and header that reaches a log, in the text and JSON log formats. The request-path attacks
-(slow and lying bodies, `Expect: 100-continue`, decompression and pixel bombs, deep JSON)
-belong here too: `attack_window` and `Watch` are what they need.
+and header that reaches a log, in the text and JSON log formats; pixel, decompression and PNG
+text bombs. The other request-path attacks (slow and lying bodies, `Expect: 100-continue`,
+deep JSON) belong here too: `attack_window` and `Watch` are what they need.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ import redis
 from bench.streams import KINDS, Swarm, Tenant, give_work, proc_status, write_tenants
 from service.access.keys import add_key
 from tests.reliability.procs import ApiProcess, raw_request
+from tests.service.checkpoint_helpers import flat_png, huge_png_header, lenet, save, text_bomb_png
+from workers.settings import Settings
+from workers.store.checkpoints import CheckpointStore
 
 pytestmark = [pytest.mark.integration]
 
@@ -444,3 +447,62 @@ def test_control_characters_and_long_values_cannot_forge_a_log_line(
     checked = _check_text_log(log) if log_format == "text" else _check_json_log(log)
     figures.update(requests=sent, **checked)
     assert watch.failures == 0
+
+
+# --- images: pixel and decompression bombs ----------------------------------------------------
+
+#: The issue's goal for one request at the default limits (64 images, 4096² pixels each,
+#: 20 MB bodies, 64 Mi pixels a request): what it may add to the API's peak memory.
+IMAGE_REQUEST_MIB = 256
+
+
+def _photographer(t: Target, tmp_path: Path, settings: Settings) -> tuple[str, dict[str, str]]:
+    """A principal that may classify, a checkpoint of its own and its predict path, warm."""
+    key, _, _ = add_key(tmp_path / "keys.toml", "photographer", ["predict"])
+    ckpt = save(CheckpointStore.from_settings(settings), lenet(trained=False), owner="photographer")
+    path, headers = f"/v1/checkpoints/{ckpt.id}/predict", {"Authorization": f"Bearer {key}"}
+    deadline = time.monotonic() + 20  # until the API has re-read its keys file
+    while True:
+        r = httpx.post(f"{t.api.url}{path}", headers=headers, files=[("files", flat_png(28))])
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert r.status_code == 200, r.text
+    return path, headers
+
+
+def test_pixel_and_decompression_bombs_cost_bounded_memory_and_no_stall(
+    target: Callable[..., Target], report: dict[str, Any], tmp_path: Path, settings: Settings
+) -> None:
+    t = target(CNNSERVE_API_KEYS_RELOAD_S="0.2", CNNSERVE_INFERENCE_BACKEND="eager")
+    path, headers = _photographer(t, tmp_path, settings)
+    figures = report.setdefault("image_bombs", {"max_request_pixels": 64 * 1024 * 1024})
+    side_2048, side_1024 = flat_png(2048), flat_png(1024)
+    attacks: list[tuple[str, list[bytes], int]] = [
+        ("four_flat_2048_png", [side_2048] * 4, 200),  # the review's 68 KB request: 306 MB
+        ("sixty_four_flat_1024_png", [side_1024] * 64, 200),  # the whole budget, 64 Mi pixels
+        ("sixty_four_flat_2048_png", [side_2048] * 64, 413),  # 4× the budget, from headers
+        ("png_declaring_20000_squared", [huge_png_header(20000, 20000)], 413),
+        ("png_with_64_mb_of_ztxt", [text_bomb_png()] * 4, 422),  # was 0.2 s of zlib each
+    ]
+    rss_before = proc_status(t.api.pid)["VmRSS"]
+    with attack_window(t, figures) as watch:
+        for name, blobs, expected in attacks:
+            files = [("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(blobs)]
+            started = time.perf_counter()
+            r = httpx.post(f"{t.api.url}{path}", headers=headers, files=files, timeout=60)
+            figures[name] = {
+                "status": r.status_code,
+                "request_kib": round(sum(len(b) for b in blobs) / 1024, 1),
+                "seconds": round(time.perf_counter() - started, 2),
+                "api_peak_rss_growth_mib": round(
+                    (proc_status(t.api.pid)["VmHWM"] - rss_before) / 1024, 1
+                ),
+            }
+            assert r.status_code == expected, (name, r.text[:300])
+            time.sleep(0.2)  # a few /healthz probes between the attacks
+    growth_mib = (proc_status(t.api.pid)["VmHWM"] - rss_before) / 1024
+    figures["api_peak_rss_growth_mib"] = round(growth_mib, 1)
+    assert watch.failures == 0
+    assert watch.summary()["max_ms"] < ANSWER_WITHIN_S * 1000, watch.summary()
+    assert growth_mib < IMAGE_REQUEST_MIB, figures

@@ -145,6 +145,25 @@ def huge_png_header(width: int = 20000, height: int = 20000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC."""
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def text_bomb_png(chunks: int = 64, text_bytes: int = 1_000_000) -> bytes:
+    """A 1×1 PNG carrying `chunks` zTXt chunks of `text_bytes` each, compressed: about 1 KB
+    apiece (64 MB of text in a 64 KB file by default, within Pillow's own limits)."""
+    one = png(np.zeros((1, 1), np.uint8))
+    text = png_chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"\x00" * text_bytes, 9))
+    return one[:33] + text * chunks + one[33:]  # after IHDR: read when the file is opened
+
+
+def flat_png(side: int, colour: tuple[int, int, int] = (200, 40, 30)) -> bytes:
+    """A side×side RGB PNG of one colour (a few KB for millions of pixels)."""
+    return png(np.broadcast_to(np.asarray(colour, np.uint8), (side, side, 3)).copy())
+
+
 def reference_probs(model: nn.Module, images: np.ndarray, input_size: int = 28) -> np.ndarray:
     """What training's pipeline feeds the model: x·(1/255), on-device bilinear resize."""
     x = torch.from_numpy(images).unsqueeze(1).to(torch.float32).mul_(1 / 255)
