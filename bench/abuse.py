@@ -23,7 +23,8 @@ An attack that pushes the API's RSS past `--cap-mib` above where it was is stopp
 the API (by PID) and recorded as such. The API is restarted for the next attack after that,
 after an attack that kills it or gets no answer within `--timeout`, when it is still busy 20 s
 after answering, or when it holds more than 128 MiB over its start (memory it keeps would hide
-the next attack's growth). The table marks attacks over either goal.
+the next attack's growth). A killed attack's growth, wall time and stall are lower bounds (a
+probe cut by the kill counts as long as it waited). The table marks attacks over either goal.
 
     python -m bench abuse [--baseline DIR] [--out FILE] [--only NAME ...]
 """
