@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, str] = {
     "api": "bench.api",  # request cost against the size of the history (10 to 100,000 jobs)
     "checkpoints": "bench.checkpoints",  # a checkpoint save to the local store vs S3
     "streams": "bench.streams",  # idle event streams against what everyone else waits for
+    "abuse": "bench.abuse",  # hostile requests: peak memory and event-loop stall, per request
     "train": "bench.train",  # d2l way vs cnnserve's engine (its owner adds bench/train.py)
     "window": "bench.window",  # one GPU window's plan: GPU tests, then short training runs
 }
