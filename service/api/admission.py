@@ -19,6 +19,7 @@ is never read, nor parsed, twice.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,8 @@ from service.access.auth import (
 )
 from service.api.handlers import problem_of
 from service.errors import ProblemError
+
+logger = logging.getLogger(__name__)
 
 #: The request-state name under which the fast path leaves a `Refusal` for this layer to answer.
 REFUSAL = "fast_path_refusal"
@@ -158,4 +161,7 @@ class Admission:
                 scope["state"][ADMITTED] = caller
         except ProblemError as exc:
             return exc
+        except Exception:  # not a refusal (Redis down, say): the route's `Allow` meets it and
+            # the app's handlers answer it (a 503), after the body is read
+            logger.warning("could not admit before the body; the route will", exc_info=True)
         return None

@@ -191,6 +191,10 @@ class FastPath:
             state[REFUSAL] = Refusal(exc, body_read=False)
             await self.app(scope, receive, send)
             return
+        except Exception:  # not a refusal (Redis down, say): the stack meets it and answers it
+            logger.warning("fast path could not admit; the route takes the request", exc_info=True)
+            await self.app(scope, receive, send)
+            return
         limit = scope["app"].state.settings.max_body_bytes
         body, complete = await _read_body(receive, limit)
         if body is None:  # the client left before its body arrived: nobody to answer

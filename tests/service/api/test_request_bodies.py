@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from service.access.keys import add_key
@@ -316,3 +317,21 @@ def test_deep_json_on_v1_is_a_4xx_not_a_500(client: TestClient, ckpt: Manifest) 
         r = client.post(path, content=deep, headers={"Content-Type": "application/json"})
         assert r.status_code in (400, 422), (path, r.status_code, r.text[:300])
         assert r.headers["content-type"] == "application/problem+json"
+
+
+def test_a_rate_store_outage_is_the_routes_503_not_a_500(
+    settings: Settings, ckpt: Manifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Admitting before the body meets Redis down as the route would: a 503 problem."""
+    upload, form = multipart(image())
+    pixels = json.dumps({"pixels": [[0] * 28] * 28}).encode()
+    with TestClient(create_app(settings.model_copy(update={"predict_rate": "5/minute"}))) as c:
+
+        async def down(*args: Any) -> None:
+            raise redis.ConnectionError("Redis is down")
+
+        monkeypatch.setattr(c.app.state.predict_limiter, "hit", down)  # type: ignore[attr-defined]
+        for body, content_type in ((upload, form), (pixels, "application/json")):
+            r = c.post(f"/v1/checkpoints/{ckpt.id}/predict", content=body,
+                       headers={"Content-Type": content_type})  # fmt: skip
+            assert_problem(r, 503)
