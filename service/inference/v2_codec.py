@@ -188,7 +188,7 @@ def _flatten(data: Any, shape: list[int], where: str) -> list[Any]:
     if not isinstance(data, list):
         return [data]
     level: list[Any] = data
-    for _ in range(len(shape)):
+    for _ in range(len(shape) - 1):  # the outermost list is the first dimension
         if not any(isinstance(x, list) for x in level):
             return level
         flat: list[Any] = []
@@ -313,8 +313,11 @@ def _skeleton(body: bytes, check: InputCheck) -> None:
     """`check` each input's datatype and shape as a JSON header states them, reading the
     header without its tensors' numeric data (a linear scan, then a parse of what is left).
     Says nothing of what it cannot read: `parse_request` reports that."""
+    skeleton = _NUMERIC_DATA.sub(rb"\1[]", body)
+    if len(skeleton) * 4 > len(body):  # mostly not numbers (base64 images): one parse will do
+        return
     try:
-        header = json.loads(_NUMERIC_DATA.sub(rb"\1[]", body))
+        header = json.loads(skeleton)
     except (RecursionError, UnicodeDecodeError, ValueError):
         return
     inputs = header.get("inputs") if isinstance(header, dict) else None
