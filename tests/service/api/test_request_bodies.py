@@ -6,6 +6,7 @@ its shape before its data is decoded."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -335,3 +336,24 @@ def test_a_rate_store_outage_is_the_routes_503_not_a_500(
             r = c.post(f"/v1/checkpoints/{ckpt.id}/predict", content=body,
                        headers={"Content-Type": content_type})  # fmt: skip
             assert_problem(r, 503)
+
+
+def test_every_route_that_takes_a_body_refuses_a_caller_without_a_key_unread(
+    keyed: TestClient,
+) -> None:
+    """Whatever route is added: a body-taking operation that asks for a key never reads a
+    body from a caller without one."""
+    paths = keyed.get("/openapi.json").json()["paths"]
+    checked = []
+    for template, operations in paths.items():
+        for method, operation in operations.items():
+            if method.upper() not in ("POST", "PUT", "PATCH", "DELETE"):
+                continue
+            if not operation.get("security") or {} in operation["security"]:
+                continue
+            path = re.sub(r"\{[^}]+\}", "lenet", template)
+            headers = {"Content-Type": "application/json", "Content-Length": "2"}
+            r = call(keyed, method.upper(), path, headers, [b"{}"])
+            assert (r.status, r.receives) == (401, 0), (method, template, r.body[:300])
+            checked.append(f"{method.upper()} {template}")
+    assert len(checked) >= 10, checked
