@@ -200,9 +200,27 @@ def authorize(
     return Caller(principal, within)
 
 
-#: The request-state name under which `service.api.fastpath` leaves a predict caller it admitted
-#: and counted, so that the full route, if the request falls back to it, does neither twice.
+#: The request-state name under which a predict caller admitted and counted before the route
+#: ran (by `service.api.admission` or the fast path) is left, so `Allow` does neither twice.
 ADMITTED = "admitted_caller"
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    """What a route's `Allow` asks of its callers: the rule and the action it audits."""
+
+    rule: Rule
+    audit_as: str | None
+
+
+#: Each `Allow` dependency's rule, by its function: what `access_rule` reads.
+_RULES: dict[Any, AccessRule] = {}
+
+
+def access_rule(call: Any) -> AccessRule | None:
+    """The rule of an `Allow` dependency's function (None: not one), for code that admits a
+    caller before FastAPI resolves the route's dependencies (`service.api.admission`)."""
+    return _RULES.get(call)
 
 
 async def count_prediction(app_state: Any, caller: Caller) -> None:
@@ -244,6 +262,7 @@ def Allow(rule: Rule, *, audit_as: str | None = None) -> Any:
         return caller
 
     allow.__name__ = f"allow_{rule}"
+    _RULES[allow] = AccessRule(rule, audit_as)
     scopes = [] if rule == "any" else [rule]
     return Security(allow, scopes=scopes)
 

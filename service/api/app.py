@@ -23,6 +23,7 @@ from service import server_version
 from service.access.audit import AuditMiddleware
 from service.access.auth import PredictLimiter, log_auth_mode
 from service.access.keys import KeyRing
+from service.api.admission import Admission
 from service.api.body_limit import BodySizeLimitMiddleware
 from service.api.fastpath import FastPath
 from service.api.handlers import register_exception_handlers
@@ -289,6 +290,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.key_ring = KeyRing(settings)
     register_exception_handlers(app)
+    app.add_middleware(Admission)  # innermost: a refusal is audited, counted, and body-free
     app.add_middleware(AuditMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware)

@@ -1,8 +1,10 @@
 """Request body size limit as pure ASGI middleware: 413 before the body is buffered.
 
-The declared `Content-Length` is checked before the app runs; bodies without one (chunked
-uploads) are counted as they stream in and cut off at the limit, so the server never holds more
-than the limit of any body.
+The declared `Content-Length` is checked before the app runs, and every body is counted as it
+streams in and cut off at the limit, whatever it declared, so the server never holds more than
+the limit of any body. A request that declares both a `Transfer-Encoding` and a
+`Content-Length` is refused (400), as RFC 9112 §6.3 recommends: the two framings disagree about
+where the body ends, and a server behind a proxy must not pick one.
 """
 
 from __future__ import annotations
@@ -27,6 +29,18 @@ class BodySizeLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if _framed_twice(scope):
+            logger.info("refused a request with both Transfer-Encoding and Content-Length")
+            response = problem_response(
+                400,
+                "the request has both Transfer-Encoding and Content-Length; send one of them "
+                "(RFC 9112 §6.3)",
+                instance=scope.get("path"),
+                slug="ambiguous-framing",
+                headers={"Connection": "close"},
+            )
+            await response(scope, receive, send)
             return
         declared = declared_length(scope)
         if declared is not None and declared > self.max_bytes:
@@ -71,6 +85,11 @@ class BodySizeLimitMiddleware:
             headers=exc.headers,
         )
         await response(scope, receive, send)
+
+
+def _framed_twice(scope: Scope) -> bool:
+    names = {name for name, _ in scope.get("headers", [])}
+    return b"transfer-encoding" in names and b"content-length" in names
 
 
 def declared_length(scope: Scope) -> int | None:

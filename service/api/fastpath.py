@@ -14,11 +14,12 @@ what they do it with: the same bearer parser, key check, scope and rate limit
 caller's tenant and the same pipeline (`service.inference.pipeline`); it imports no route.
 
 It answers only a success. Whatever it does not take (JSON predict bodies, big uploads, odd
-query strings, bodies without a declared length) goes to the route untouched, and whatever goes
-wrong on the way (no key, an unknown checkpoint or model, a bad image or tensor, a 429) goes to
-the route too, with the body it read replayed and the caller it admitted left in the request's
-state, so every error is the route's own answer (a problem document on `/v1`, the protocol's
-`{"error": ...}` on `/v2`) and a prediction is counted against the rate once.
+query strings, bodies without a declared length) goes to the route untouched. It admits a call
+from its headers (key, scope, rate) before reading a byte of its body; whatever goes wrong on
+the way (no key, a 429, an unknown checkpoint or model, a bad image or tensor) it leaves in the
+request's state for `service.api.admission`, at the bottom of the stack, to answer exactly as
+the route would (a problem document on `/v1`, the protocol's `{"error": ...}` on `/v2`), so a
+body is never read or parsed twice and a prediction is counted against the rate once.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.access.audit import AuditMiddleware
 from service.access.auth import ADMITTED, Caller, authorize, bearer_credentials, count_prediction
+from service.api.admission import REFUSAL, Admission, Refusal
 from service.api.body_limit import BodySizeLimitMiddleware, declared_length
 from service.api.deps import inference_of
 from service.errors import ProblemError
@@ -52,10 +54,17 @@ REF = re.compile(CHECKPOINT_REF_PATTERN)
 
 #: The app's middleware, outermost first, that the fast path stands in front of; what it
 #: answers may skip each: the request metrics (it counts its answers itself), the body limit
-#: (it takes only bodies whose declared length is within the limit) and the audit log
-#: (predictions change no state). A middleware added to the app must be added here, with why
-#: the fast path may skip it, or the fast path must do its work too: a test holds them equal.
-STANDS_IN_FRONT_OF = (RequestMetricsMiddleware, BodySizeLimitMiddleware, AuditMiddleware)
+#: (it takes only bodies of a declared length within the limit, and counts what arrives), the
+#: audit log (predictions change no state) and admission (it admits its calls from their
+#: headers too, before reading a body, and leaves what it refuses to it). A middleware added
+#: to the app must be added here, with why the fast path may skip it, or the fast path must do
+#: its work too: a test holds them equal.
+STANDS_IN_FRONT_OF = (
+    RequestMetricsMiddleware,
+    BodySizeLimitMiddleware,
+    AuditMiddleware,
+    Admission,
+)
 
 Headers = dict[bytes, bytes]
 #: What a fast route answers: the body and its headers (Content-Type among them).
@@ -155,6 +164,8 @@ def _taken(scope: Scope) -> tuple[Taken, Headers] | None:
         headers: Headers = {}
         for name, value in scope["headers"]:
             headers.setdefault(name, value)  # the first of a repeated header, as Starlette
+        if b"transfer-encoding" in headers:  # framed by its coding, not its length: the stack's
+            return None
         taken = take(match, scope, headers)
         return None if taken is None else (taken, headers)
     return None
@@ -173,12 +184,28 @@ class FastPath:
             return
         taken, headers = found
         started = time.perf_counter()
-        body = await _read_body(receive)
+        state = scope.setdefault("state", {})
+        try:  # from the headers, before a byte of the body is read
+            caller = await _admit(scope, headers)
+        except ProblemError as exc:  # answered by `Admission`, the body left unread
+            state[REFUSAL] = Refusal(exc, body_read=False)
+            await self.app(scope, receive, send)
+            return
+        except Exception:  # not a refusal (Redis down, say): the stack meets it and answers it
+            logger.warning("fast path could not admit; the route takes the request", exc_info=True)
+            await self.app(scope, receive, send)
+            return
+        limit = scope["app"].state.settings.max_body_bytes
+        body, complete = await _read_body(receive, limit)
         if body is None:  # the client left before its body arrived: nobody to answer
             return
+        if not complete:  # past the limit: the limit's middleware refuses it, reading no more
+            await self.app(scope, _replay(body, receive, more_body=True), send)
+            return
         try:
-            answer = await self._answer(scope, headers, body, taken)
-        except ProblemError:  # the route answers it, with its own error document
+            answer = await self._answer(scope, headers, body, taken, caller)
+        except ProblemError as exc:  # answered as the route would, without parsing again
+            state[REFUSAL] = Refusal(exc, body_read=True)
             answer = None
         except Exception:
             # not a refusal: the route will meet it again and report it (a 500)
@@ -194,38 +221,53 @@ class FastPath:
         await send({"type": "http.response.body", "body": content})
         observe_request("POST", taken.route, 200, time.perf_counter() - started)
 
-    async def _answer(self, scope: Scope, headers: Headers, body: bytes, taken: Taken) -> Answer:
-        app_state = scope["app"].state
-        authorization = headers.get(b"authorization")
-        credentials = bearer_credentials(authorization.decode("latin-1") if authorization else None)
-        caller = authorize(app_state.key_ring, app_state.settings, "predict", credentials)
-        await count_prediction(app_state, caller)
-        state = scope.setdefault("state", {})
-        state[ADMITTED] = state["caller"] = caller
-        return await taken.handle(inference_of(app_state), caller, body)
+    async def _answer(
+        self, scope: Scope, headers: Headers, body: bytes, taken: Taken, caller: Caller
+    ) -> Answer:
+        return await taken.handle(inference_of(scope["app"].state), caller, body)
 
 
-async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body (of a declared length within the limit), None on a disconnect."""
+async def _admit(scope: Scope, headers: Headers) -> Caller:
+    """The predict caller of a request, admitted by its key and counted against its rate,
+    as `Allow("predict")` would (and left in the request's state, so it does neither again)."""
+    app_state = scope["app"].state
+    authorization = headers.get(b"authorization")
+    credentials = bearer_credentials(authorization.decode("latin-1") if authorization else None)
+    caller = authorize(app_state.key_ring, app_state.settings, "predict", credentials)
+    await count_prediction(app_state, caller)
+    state = scope.setdefault("state", {})
+    state[ADMITTED] = state["caller"] = caller
+    return caller
+
+
+async def _read_body(receive: Receive, limit: int) -> tuple[bytes | None, bool]:
+    """The request body counted as it arrives: (the body, True); (what came, False) once past
+    `limit` bytes, whatever the request declared; (None, False) on a disconnect."""
     chunks: list[bytes] = []
+    received = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            return None
-        chunks.append(message.get("body", b""))
+            return None, False
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        received += len(chunk)
+        if received > limit:
+            return b"".join(chunks), False
         if not message.get("more_body", False):
-            return b"".join(chunks)
+            return b"".join(chunks), True
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A receive that gives `body` once, then waits on the real one (a disconnect)."""
+def _replay(body: bytes, receive: Receive, *, more_body: bool = False) -> Receive:
+    """A receive that gives `body` once, then the real one's messages (the rest of the body,
+    or a disconnect)."""
     sent = False
 
     async def replay() -> Message:
         nonlocal sent
         if not sent:
             sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": more_body}
         return await receive()
 
     return replay

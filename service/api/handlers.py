@@ -121,10 +121,15 @@ async def _request_validation(request: Request, exc: Exception) -> JSONResponse:
 
 async def _problem_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ProblemError)
+    return problem_of(exc, _path(request))
+
+
+def problem_of(exc: ProblemError, path: str) -> JSONResponse:
+    """The answer to a domain error on `path` (for the layers that answer before a route)."""
     return problem_response(
         exc.status,
         exc.detail,
-        instance=_path(request),
+        instance=path,
         slug=exc.slug,
         title=exc.title,
         headers=exc.headers,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -55,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    api.add_argument(
+        "--http",
+        choices=["auto", "h11", "httptools"],
+        # as uvicorn's own command line reads it
+        default=os.environ.get("UVICORN_HTTP", "auto"),
+        help="uvicorn's HTTP/1.1 parser (UVICORN_HTTP; auto: httptools when installed, else h11)",
+    )
 
     worker = sub.add_parser("worker", help="a Celery training worker (one per GPU)")
     worker.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -111,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "api":
         from service.cli.server import serve
 
-        return serve(host=args.host, port=args.port, workers=args.workers)
+        return serve(host=args.host, port=args.port, workers=args.workers, http=args.http)
     if args.command == "worker" and args.check:
         from workers.healthcheck import check_worker
         from workers.settings import get_settings

@@ -30,8 +30,9 @@ logger = logging.getLogger(__name__)
 GRACEFUL_S = 10
 
 
-def _config(host: str, port: int) -> dict[str, Any]:
+def _config(host: str, port: int, http: str = "auto") -> dict[str, Any]:
     return {
+        "http": http,
         "app": "service.api.app:create_app",
         "log_config": uvicorn_log_config(get_settings()),
         "factory": True,
@@ -55,14 +56,14 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(host: str, port: int) -> None:
+def _worker(host: str, port: int, http: str = "auto") -> None:
     """One API process of several: its own socket on the shared port."""
     sock = reuse_port_socket(host, port)
-    config = uvicorn.Config(**_config(host, port))
+    config = uvicorn.Config(**_config(host, port, http))
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def _supervise(host: str, port: int, workers: int) -> int:
+def _supervise(host: str, port: int, workers: int, http: str = "auto") -> int:
     """Start `workers` API processes, restart any that dies, stop them all on TERM or INT;
     HUP is passed on (each re-reads the keys file)."""
     ctx = multiprocessing.get_context("spawn")
@@ -72,7 +73,9 @@ def _supervise(host: str, port: int, workers: int) -> int:
     stopping = False
 
     def start() -> multiprocessing.process.BaseProcess:
-        proc = ctx.Process(target=_worker, args=(host, port), name="cnnserve-api", daemon=False)
+        proc = ctx.Process(
+            target=_worker, args=(host, port, http), name="cnnserve-api", daemon=False
+        )
         proc.start()
         return proc
 
@@ -111,7 +114,7 @@ def _supervise(host: str, port: int, workers: int) -> int:
     return 0
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> int:
+def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1, http: str = "auto") -> int:
     """Run the API until interrupted; returns an exit code."""
     if workers < 1:
         logger.error("--workers must be at least 1, got %d", workers)
@@ -119,12 +122,12 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> int:
     # inherited by the worker processes: each sizes its inference threads to its share
     os.environ[API_PROCESSES_ENV] = str(workers)
     if workers == 1:
-        uvicorn.run(**_config(host, port))
+        uvicorn.run(**_config(host, port, http))
         return 0
     # each process has its own Prometheus registry: /metrics shows one process's numbers
     logger.warning("%d worker processes: /metrics reports the one that answers", workers)
     try:
-        return _supervise(host, port, workers)
+        return _supervise(host, port, workers, http)
     except OSError as exc:
         logger.error("cannot listen on %s:%d: %s", host, port, exc)
         return 1

@@ -32,6 +32,7 @@ from starlette.requests import Request
 
 from service.errors import (
     BadRequestError,
+    PayloadTooLargeError,
     ProblemError,
 )
 from service.inference.images import (
@@ -42,7 +43,7 @@ from service.inference.images import (
     decode_image,
     pixels_to_array,
 )
-from service.inference.v2_codec import ProtocolError, Tensor
+from service.inference.v2_codec import InputCheck, ProtocolError, Tensor
 from workers.preprocessing import DECODE_EDGE, NATIVE_SIZE
 from workers.settings import Settings
 
@@ -278,6 +279,8 @@ async def _form_parts(request: Request, max_files: int) -> list[Part]:
     """The parts of a (large) multipart body, streamed through Starlette's form parser."""
     try:
         form = await request.form(max_files=max_files, max_fields=max_files + 16)
+    except PayloadTooLargeError:
+        raise  # the body limit's own 413, not a malformed body
     except StarletteHTTPException as exc:
         if "Too many files" in str(exc.detail):
             raise too_many(None, max_files) from None
@@ -407,21 +410,53 @@ def v2_input(tensors: list[Tensor]) -> Tensor:
     return tensors[0]
 
 
-def pixel_tensor(tensor: Tensor, max_images: int) -> np.ndarray:
-    """A V2 pixel tensor as N×28×28 uint8 (values checked, shape checked)."""
-    shape = tensor.shape
+def _pixel_shape(name: str, shape: list[int], max_images: int) -> list[int]:
+    """A pixel tensor's shape as N×28×28, N within the limit; the protocol's 400 otherwise."""
+    sent = shape
     if len(shape) == 4 and shape[1] == 1:
         shape = [shape[0], shape[2], shape[3]]
     if len(shape) != 3 or shape[1:] != [NATIVE_SIZE, NATIVE_SIZE]:
         raise ProtocolError(
-            f"input {tensor.name!r} has shape {tensor.shape}; send [N, 28, 28] or "
+            f"input {name!r} has shape {sent}; send [N, 28, 28] or "
             "[N, 1, 28, 28] grayscale pixels (or BYTES [N] of encoded images)"
         )
     if not 1 <= shape[0] <= max_images:
         raise ProtocolError(
-            f"input {tensor.name!r} holds {shape[0]} images; this server takes 1 to {max_images} "
+            f"input {name!r} holds {shape[0]} images; this server takes 1 to {max_images} "
             "per request"
         )
+    return shape
+
+
+def _images_shape(name: str, shape: list[int], max_images: int) -> None:
+    """A BYTES tensor's shape: [N], N within the limit; the protocol's 400 otherwise."""
+    if len(shape) != 1 or not 1 <= shape[0] <= max_images:
+        raise ProtocolError(
+            f"input {name!r}: BYTES images come as shape [N] with N from 1 to "
+            f"{max_images}; got {shape}"
+        )
+
+
+def v2_input_check(max_images: int) -> InputCheck:
+    """What a V2 input must be, checked from its datatype and shape before its data is read:
+    pixels (`PIXEL_TYPES`) of N×28×28 or N×1×28×28, or BYTES [N], N from 1 to `max_images`."""
+
+    def check(name: str, datatype: str, shape: list[int]) -> None:
+        if datatype in PIXEL_TYPES:
+            _pixel_shape(name, shape, max_images)
+        elif datatype == "BYTES":
+            _images_shape(name, shape, max_images)
+        else:
+            raise ProtocolError(
+                f"input {name!r} is {datatype}; send UINT8 or FP32 pixels, or BYTES images"
+            )
+
+    return check
+
+
+def pixel_tensor(tensor: Tensor, max_images: int) -> np.ndarray:
+    """A V2 pixel tensor as N×28×28 uint8 (values checked, shape checked)."""
+    shape = _pixel_shape(tensor.name, tensor.shape, max_images)
     data = tensor.data.reshape(shape)
     if data.dtype == np.uint8:  # binary UINT8: every value is a pixel already
         return np.ascontiguousarray(data)
@@ -436,9 +471,5 @@ def pixel_tensor(tensor: Tensor, max_images: int) -> np.ndarray:
 
 def encoded_images(tensor: Tensor, max_images: int) -> list[bytes]:
     """A V2 BYTES tensor's encoded images (shape [N], N within the limit)."""
-    if len(tensor.shape) != 1 or not 1 <= tensor.shape[0] <= max_images:
-        raise ProtocolError(
-            f"input {tensor.name!r}: BYTES images come as shape [N] with N from 1 to "
-            f"{max_images}; got {tensor.shape}"
-        )
+    _images_shape(tensor.name, tensor.shape, max_images)
     return list(tensor.data.reshape(-1))

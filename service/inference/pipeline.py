@@ -42,6 +42,7 @@ from service.inference.decode import (
     too_many,
     unsupported_body,
     v2_input,
+    v2_input_check,
 )
 from service.inference.encode import predict_body, predictions, v2_outputs
 from service.inference.explain import attribute
@@ -66,6 +67,9 @@ INVERT_MODES, PREPROCESS_MODES = get_args(InvertMode), get_args(PreprocessMode)
 #: thread pool costs. The bytes count too: a PNG declaring 1×1 may carry compressed chunks.
 INLINE_DECODE_PIXELS = 64 * 64
 INLINE_DECODE_BYTES = 16 * 1024
+#: V2 bodies up to this size are parsed on the event loop (a few images' JSON parses in less
+#: than a hop to the thread pool costs); bigger ones in the pool.
+INLINE_PARSE_BYTES = 32 * 1024
 
 #: What `/docs` says is done to an upload, for predict and explain alike.
 PREPROCESSING_DESCRIPTION = (
@@ -270,7 +274,11 @@ async def infer_answer(
     """The answer to an infer request's raw body for the checkpoint the model name resolved
     to: the response body and its headers. Every mistake in the request raises a
     `ProblemError` (the protocol's `{"error": ...}` under `/v2`)."""
-    parsed = parse_request(body, header_length)
+    check = v2_input_check(inference.settings.max_images_per_request)
+    if len(body) <= INLINE_PARSE_BYTES:
+        parsed = parse_request(body, header_length, check)
+    else:  # JSON parsing is CPU work: off the event loop
+        parsed = await run_in_threadpool(parse_request, body, header_length, check)
     batch = await _infer_batch(parsed, inference, manifest)
     loaded, probs = await inference.predict(manifest, batch)
     outputs = v2_outputs(parsed, probs, loaded.manifest.classes)

@@ -22,8 +22,9 @@ import base64
 import binascii
 import json
 import math
+import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,18 @@ NUMPY_TYPES: dict[str, type] = {
 }
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_MEDIA_TYPE = "application/octet-stream"
+#: The most dimensions a tensor may have (numpy's own bound is 64; no model here takes 5).
+MAX_DIMS = 16
+#: JSON headers longer than this are checked first without their tensors' numeric data
+#: (`_skeleton`), so an input the server refuses costs a scan of the text, not its parse.
+SKELETON_FROM_BYTES = 64 * 1024
+#: A tensor's numeric `data` in JSON text. No quote or backslash in the class: a match lies
+#: wholly inside one string or wholly outside strings, so the text stays JSON without it.
+_NUMERIC_DATA = re.compile(rb'("data"\s*:\s*)\[[-+0-9.eE,\s\[\]]*\]')
+
+#: What a caller checks of each input (its name, datatype and shape) before its data is read:
+#: raises a `ProtocolError` (or another refusal) for an input the server would not take.
+InputCheck = Callable[[str, str, list[int]], None]
 
 
 class ProtocolError(ProblemError):
@@ -111,24 +124,33 @@ class OutputTensor:
 # --- requests ------------------------------------------------------------------------------
 
 
+def _header_size(body: bytes, header_length: str) -> int:
+    """The JSON header's length that `Inference-Header-Content-Length` gives."""
+    try:
+        size = int(header_length)
+    except ValueError:
+        raise ProtocolError(
+            f"{HEADER_LENGTH} must be the byte length of the JSON header, got "
+            f"{header_length[:40]!r}"
+        ) from None
+    if not 0 < size <= len(body):
+        raise ProtocolError(
+            f"{HEADER_LENGTH} is {size} but the body has {len(body)} bytes; it must count "
+            "the JSON header at the start of the body"
+        )
+    return size
+
+
 def _header(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
     """The JSON header and the binary rest of a body."""
-    size = len(body)
-    if header_length is not None:
-        try:
-            size = int(header_length)
-        except ValueError:
-            raise ProtocolError(
-                f"{HEADER_LENGTH} must be the byte length of the JSON header, got "
-                f"{header_length[:40]!r}"
-            ) from None
-        if not 0 < size <= len(body):
-            raise ProtocolError(
-                f"{HEADER_LENGTH} is {size} but the body has {len(body)} bytes; it must count "
-                "the JSON header at the start of the body"
-            )
+    size = len(body) if header_length is None else _header_size(body, header_length)
     try:
         header = json.loads(body[:size])
+    except RecursionError:
+        raise ProtocolError(
+            "the request's JSON header is nested too deeply to read; send tensors' data flat "
+            "or nested as deep as their shape"
+        ) from None
     except (UnicodeDecodeError, ValueError) as exc:
         hint = (
             f"; a body with binary tensors needs the {HEADER_LENGTH} header"
@@ -153,19 +175,32 @@ def _shape(raw: Any, where: str) -> list[int]:
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw
     ):
         raise ProtocolError(f'{where}: "shape" must be a list of non-negative integers')
+    if len(raw) > MAX_DIMS:
+        raise ProtocolError(
+            f'{where}: "shape" has {len(raw)} dimensions; this server takes at most {MAX_DIMS}'
+        )
     return list(raw)
 
 
-def _flatten(data: Any) -> list[Any]:
-    """Nested lists in row-major order, flattened (a flat list stays as it is)."""
+def _flatten(data: Any, shape: list[int], where: str) -> list[Any]:
+    """Nested lists in row-major order, flattened (a flat list stays as it is), one level at a
+    time: no recursion, and no deeper than the shape has dimensions."""
     if not isinstance(data, list):
         return [data]
-    if not any(isinstance(x, list) for x in data):
-        return data
-    out: list[Any] = []
-    for x in data:
-        out.extend(_flatten(x))
-    return out
+    level: list[Any] = data
+    for _ in range(len(shape) - 1):  # the outermost list is the first dimension
+        if not any(isinstance(x, list) for x in level):
+            return level
+        flat: list[Any] = []
+        for x in level:
+            if isinstance(x, list):
+                flat.extend(x)
+            else:
+                flat.append(x)
+        level = flat
+    if any(isinstance(x, list) for x in level):
+        raise ProtocolError(f"{where}: data is nested deeper than its shape {shape}")
+    return level
 
 
 def _bytes_elements(buf: bytes, count: int, where: str) -> list[bytes]:
@@ -204,7 +239,9 @@ def _is_element(value: Any, datatype: str) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _tensor(raw: Any, index: int, rest: memoryview, offset: int) -> tuple[Tensor, int]:
+def _tensor(
+    raw: Any, index: int, rest: memoryview, offset: int, check: InputCheck | None = None
+) -> tuple[Tensor, int]:
     where = f"input {index}"
     if not isinstance(raw, dict):
         raise ProtocolError(f"{where} must be an object with name, shape, datatype and data")
@@ -217,6 +254,8 @@ def _tensor(raw: Any, index: int, rest: memoryview, offset: int) -> tuple[Tensor
         known = ", ".join(["BYTES", *NUMPY_TYPES])
         raise ProtocolError(f'{where}: "datatype" {datatype!r} is not one of {known}')
     shape = _shape(raw.get("shape"), where)
+    if check is not None:  # before a byte of its data is read
+        check(name, datatype, shape)
     count = math.prod(shape)
     params = _parameters(raw, where)
     size = params.get("binary_data_size")
@@ -243,7 +282,7 @@ def _tensor(raw: Any, index: int, rest: memoryview, offset: int) -> tuple[Tensor
     else:
         if "data" not in raw:
             raise ProtocolError(f'{where}: no "data" and no binary_data_size')
-        values = _flatten(raw["data"])
+        values = _flatten(raw["data"], shape, where)
         if len(values) != count:
             raise ProtocolError(
                 f"{where}: shape {shape} holds {count} elements but data has {len(values)}"
@@ -270,8 +309,38 @@ def _requested(raw: Any, index: int) -> RequestedOutput:
     return RequestedOutput(raw["name"], bool(params.get("binary_data", False)), k)
 
 
-def parse_request(body: bytes, header_length: str | None) -> InferRequest:
-    """An inference request from a raw body (JSON, or JSON and binary tensors)."""
+def _skeleton(body: bytes, check: InputCheck) -> None:
+    """`check` each input's datatype and shape as a JSON header states them, reading the
+    header without its tensors' numeric data (a linear scan, then a parse of what is left).
+    Says nothing of what it cannot read: `parse_request` reports that."""
+    skeleton = _NUMERIC_DATA.sub(rb"\1[]", body)
+    if len(skeleton) * 4 > len(body):  # mostly not numbers (base64 images): one parse will do
+        return
+    try:
+        header = json.loads(skeleton)
+    except (RecursionError, UnicodeDecodeError, ValueError):
+        return
+    inputs = header.get("inputs") if isinstance(header, dict) else None
+    for raw in inputs if isinstance(inputs, list) else []:
+        name = raw.get("name") if isinstance(raw, dict) else None
+        if not isinstance(name, str) or not name:
+            return
+        datatype = raw.get("datatype")
+        if datatype != "BYTES" and datatype not in NUMPY_TYPES:
+            return
+        check(name, datatype, _shape(raw.get("shape"), f"input {name!r}"))
+
+
+def parse_request(
+    body: bytes, header_length: str | None, check: InputCheck | None = None
+) -> InferRequest:
+    """An inference request from a raw body (JSON, or JSON and binary tensors); `check` sees
+    each input's name, datatype and shape before its data is decoded (blocking: a big JSON
+    body is worth a thread)."""
+    if check is not None:
+        json_size = len(body) if header_length is None else _header_size(body, header_length)
+        if json_size > SKELETON_FROM_BYTES:
+            _skeleton(body[:json_size], check)
     header, rest = _header(body, header_length)
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
@@ -281,7 +350,7 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     offset = 0
     tensors = []
     for i, raw in enumerate(inputs):
-        tensor, offset = _tensor(raw, i, binary, offset)
+        tensor, offset = _tensor(raw, i, binary, offset, check)
         tensors.append(tensor)
     if offset != len(binary):
         raise ProtocolError(

@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import socket
 import statistics
 import threading
@@ -506,3 +507,285 @@ def test_pixel_and_decompression_bombs_cost_bounded_memory_and_no_stall(
     assert watch.failures == 0
     assert watch.summary()["max_ms"] < ANSWER_WITHIN_S * 1000, watch.summary()
     assert growth_mib < IMAGE_REQUEST_MIB, figures
+
+
+# --- bodies: slow, lying and huge -----------------------------------------------------------
+# (issue 23, items 4, 5, 6, 9, 11) A caller is authorised from its headers before its body is
+# read; a body is counted as it arrives, whatever it declared; a V2 body is refused from its
+# shape before its data is decoded, off the event loop, once. Raw sockets: no client lies.
+
+BODY_LIMIT = 100_000
+#: What a lying client offers to send: far more than loopback's buffers hold.
+LIE_BYTES = 50_000_000
+#: The start of a multipart file part (boundary `b`): what follows is the file's content.
+PART_HEAD = (
+    b'--b\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
+    b"Content-Type: image/png\r\n\r\n"
+)
+#: A V2 JSON body of 12,000 28×28 images (18.8 MB): what the issue measured.
+HUGE_IMAGES = 12_000
+
+
+def _head(port: int, method: str, path: str, headers: dict[str, str]) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _answer(sock: socket.socket, within_s: float) -> tuple[bytes, bool]:
+    """What the server answers (past any `100 Continue`), within `within_s`, and whether it
+    then closed the connection."""
+    sock.settimeout(within_s)
+    reply = b""
+    try:
+        while chunk := sock.recv(65536):
+            reply += chunk
+            status, body = _final(reply)
+            length = re.search(rb"\r\ncontent-length: *(\d+)", reply, re.IGNORECASE)
+            if status >= 200 and length and len(body) >= int(length.group(1)):
+                sock.settimeout(0.5)  # complete: does the server close too?
+    except TimeoutError:
+        return reply, False
+    except ConnectionResetError:
+        pass
+    return reply, True
+
+
+def _status(reply: bytes) -> int:
+    line = reply.split(b"\r\n", 1)[0].split()
+    return int(line[1]) if len(line) > 1 else 0
+
+
+def _final(reply: bytes) -> tuple[int, bytes]:
+    """The final answer's status and body, past any interim `100 Continue`."""
+    while reply.startswith(b"HTTP/1.1 1"):
+        reply = reply.split(b"\r\n\r\n", 1)[1]
+    return _status(reply), reply.split(b"\r\n\r\n", 1)[-1]
+
+
+def _expect_continue(port: int, path: str, content_type: str, length: int) -> dict[str, Any]:
+    """Headers that promise `length` bytes after a `100 Continue`, and no byte of them."""
+    started = time.perf_counter()
+    head = _head(
+        port,
+        "POST",
+        path,
+        {"Content-Type": content_type, "Expect": "100-continue", "Content-Length": str(length)},
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(head)
+        reply, closed = _answer(s, 5)
+    return {
+        "status": _status(reply),
+        "continue": b" 100 " in reply.split(b"\r\n", 1)[0],
+        "closed": closed,
+        "body_bytes_sent": 0,
+        "ms": round((time.perf_counter() - started) * 1000, 1),
+    }
+
+
+def _stream(port: int, head: bytes, chunk: bytes, total: int) -> dict[str, Any]:
+    """Send `head`, then `chunk` again and again (up to `total` bytes) until the server
+    answers; what it answered, how much was sent (loopback buffers take megabytes the server
+    never reads), and how long it took."""
+    started = time.perf_counter()
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(head)
+        try:
+            while sent < total:
+                readable, writable, _ = select.select([s], [s], [], 10)
+                if readable:
+                    break
+                if writable:
+                    s.sendall(chunk)
+                    sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply, _ = _answer(s, 10)
+    status, body = _final(reply)
+    return {
+        "status": status,
+        "names_the_limit": str(BODY_LIMIT).encode() in body,
+        "sent": sent,
+        "ms": round((time.perf_counter() - started) * 1000, 1),
+    }
+
+
+def _with_lenet(settings: Settings) -> None:
+    """A LeNet checkpoint the API serves (as `lenet`), for the calls that get past admission."""
+    store = CheckpointStore.from_settings(settings)
+    try:
+        save(store, lenet())
+    finally:
+        store.close()
+
+
+def _huge_v2_body(images: int) -> bytes:
+    head = b'{"inputs":[{"name":"image","shape":[%d,28,28],"datatype":"UINT8","data":[' % images
+    return head + b"0," * (images * 784 - 1) + b"0]}]}"
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_expect_continue_without_a_key_is_refused_before_the_body(
+    target: Callable[..., Target], report: dict[str, Any], http: str
+) -> None:
+    t = target(UVICORN_HTTP=http)
+    figures = report.setdefault(f"expect_continue_without_key_{http}", {})
+    calls = {
+        "v1_predict": (
+            "/v1/checkpoints/lenet:best/predict",
+            "multipart/form-data; boundary=b",
+            200_000,
+        ),
+        "v2_infer": ("/v2/models/lenet/infer", "application/json", 18_816_079),
+        "v1_jobs": ("/v1/jobs", "application/json", 200_000),
+    }
+    with attack_window(t, figures) as watch:
+        for name, (path, content_type, length) in calls.items():
+            figures[name] = _expect_continue(t.api.port, path, content_type, length)
+    for name, seen in ((n, figures[n]) for n in calls):
+        assert seen["status"] == 401, (name, seen)
+        assert not seen["continue"], f"{name}: 100 Continue sent to a caller without a key"
+        assert seen["closed"], f"{name}: the connection stayed open for a body never read"
+    assert watch.failures == 0
+
+
+def test_lying_and_truncated_bodies_are_cut_at_the_limit_and_free_everything(
+    target: Callable[..., Target], report: dict[str, Any], settings: Settings
+) -> None:
+    _with_lenet(settings)
+    t = target(
+        UVICORN_HTTP="h11", CNNSERVE_MAX_BODY_BYTES=str(BODY_LIMIT), CNNSERVE_PUBLIC_PREDICT="true"
+    )
+    figures = report.setdefault("lying_and_truncated_bodies_h11", {"limit": BODY_LIMIT})
+    port, chunk = t.api.port, b"x" * 16_384
+    framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+    paths = {
+        "v1_predict": ("/v1/checkpoints/lenet:best/predict", "multipart/form-data; boundary=b"),
+        "v2_infer": ("/v2/models/lenet/infer", "application/json"),
+    }
+    with attack_window(t, figures) as watch:
+        for name, (path, content_type) in paths.items():
+            # Content-Length: 100, then 50 MB chunked: two framings, refused (RFC 9112 §6.3)
+            head = _head(
+                port,
+                "POST",
+                path,
+                {
+                    "Content-Type": content_type,
+                    "Content-Length": "100",
+                    "Transfer-Encoding": "chunked",
+                },
+            )
+            figures[f"{name}_length_100_and_chunked"] = _stream(port, head, framed, LIE_BYTES)
+            # 50 MB chunked, no length: counted as it arrives, 413 at the limit
+            head = _head(
+                port, "POST", path, {"Content-Type": content_type, "Transfer-Encoding": "chunked"}
+            )
+            part = PART_HEAD if "multipart" in content_type else b""
+            head += f"{len(part):x}\r\n".encode() + part + b"\r\n" if part else b""
+            figures[f"{name}_50mb_chunked"] = _stream(port, head, framed, LIE_BYTES)
+        fds_before = len(os.listdir(f"/proc/{t.api.pid}/fd"))
+        # 60 clients declare 90 KB, send half, and leave
+        for i in range(60):
+            path, content_type = list(paths.values())[i % 2]
+            head = _head(
+                port, "POST", path, {"Content-Type": content_type, "Content-Length": "90000"}
+            )
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(head + b"x" * 45_000)
+        time.sleep(1.0)  # the server notices the disconnects
+        fds_after = len(os.listdir(f"/proc/{t.api.pid}/fd"))
+        healthy = httpx.get(f"{t.api.url}/healthz", timeout=5).status_code
+    for name in paths:
+        refused = figures[f"{name}_length_100_and_chunked"]
+        assert refused["status"] == 400, refused
+        assert refused["sent"] < LIE_BYTES // 2, refused
+        cut = figures[f"{name}_50mb_chunked"]
+        assert cut["status"] == 413 and cut["names_the_limit"], cut
+        assert cut["sent"] < LIE_BYTES // 2, cut
+    figures.update(truncated_clients=60, api_fds_before=fds_before, api_fds_after=fds_after)
+    assert fds_after <= fds_before + 5, (fds_before, fds_after)  # every connection freed
+    assert healthy == 200 and watch.failures == 0
+    assert figures["api_rss_after_mib"] - figures["api_rss_before_mib"] < 100, figures
+
+
+def test_deep_and_wide_json_are_400s_answered_quickly(
+    target: Callable[..., Target], report: dict[str, Any], settings: Settings
+) -> None:
+    _with_lenet(settings)
+    t = target(CNNSERVE_PUBLIC_PREDICT="true")
+    figures = report.setdefault("deep_and_wide_json", {})
+    deep = b"[" * 100_000 + b"]" * 100_000
+    deep_v2 = (
+        b'{"inputs":[{"name":"image","shape":[1,28,28],"datatype":"UINT8","data":' + deep + b"}]}"
+    )
+    wide_v2 = (
+        b'{"inputs":[{"name":"image","shape":[1,28,28],"datatype":"UINT8","data":['
+        + b"0," * 2_000_000
+        + b"0]}]}"
+    )
+    tall_v2 = (
+        b'{"inputs":[{"name":"image","shape":['
+        + b"1," * 99
+        + b'1],"datatype":"UINT8","data":[0]}]}'
+    )
+    sent = {
+        "v2_deep": ("/v2/models/lenet/infer", deep_v2),
+        "v2_wide_2m_numbers": ("/v2/models/lenet/infer", wide_v2),
+        "v2_100_dimensions": ("/v2/models/lenet/infer", tall_v2),
+        "v1_predict_deep": ("/v1/checkpoints/lenet:best/predict", deep),
+        "v1_jobs_deep": ("/v1/jobs", deep),
+    }
+    with attack_window(t, figures) as watch:
+        for name, (path, body) in sent.items():
+            started = time.perf_counter()
+            status, answer = raw_request(
+                t.api.port,
+                "POST",
+                path,
+                {
+                    "Content-Type": "application/json",
+                    **(t.tenants[0].headers if "jobs" in path else {}),
+                },
+                body,
+                timeout=30,
+            )
+            figures[name] = {
+                "status": status,
+                "bytes": len(body),
+                "ms": round((time.perf_counter() - started) * 1000, 1),
+            }
+            assert status in (400, 422), (name, status, answer[:300])
+    assert watch.failures == 0
+    assert max(f["ms"] for n, f in figures.items() if n in sent) < 10_000
+
+
+def test_a_huge_v2_json_body_is_refused_from_its_shape_without_stalling_healthz(
+    target: Callable[..., Target], report: dict[str, Any], settings: Settings
+) -> None:
+    _with_lenet(settings)
+    t = target(CNNSERVE_PUBLIC_PREDICT="true")
+    figures = report.setdefault("v2_json_12000_images", {})
+    body = _huge_v2_body(HUGE_IMAGES)
+    with attack_window(t, figures) as watch:
+        time.sleep(0.5)  # the watcher's baseline
+        started = time.perf_counter()
+        status, answer = raw_request(
+            t.api.port,
+            "POST",
+            "/v2/models/lenet/infer",
+            {"Content-Type": "application/json"},
+            body,
+            timeout=60,
+        )
+        seconds = time.perf_counter() - started
+        time.sleep(0.5)
+    figures.update(
+        body_mb=round(len(body) / 1e6, 1), status=status, answer_ms=round(seconds * 1000, 1)
+    )
+    assert status == 400 and b"12000 images" in answer, answer[:300]
+    assert seconds < 5, seconds
+    assert watch.failures == 0
+    assert watch.summary()["max_ms"] < ANSWER_WITHIN_S * 1000, watch.summary()

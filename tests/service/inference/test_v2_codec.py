@@ -175,3 +175,52 @@ def test_binary_sizes_must_add_up() -> None:
     body, length = binary_body(cut, struct.pack("<I", 10) + b"ab")
     with pytest.raises(ProtocolError, match="longer than the data sent"):
         parse_request(body, length)
+
+
+# --- bounds: shapes, nesting, and a check before the data -----------------------------------
+
+
+def _one_input(**tensor: object) -> bytes:
+    return json.dumps({"inputs": [{"name": "x", "datatype": "UINT8", **tensor}]}).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (_one_input(shape=[1] * 65, data=[0]), "65 dimensions"),
+        (_one_input(shape=[1, 2], data=[[[0, 0]]]), "nested deeper than its shape"),
+        (b'{"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1], "data": '
+         + b"[" * 50_000 + b"]" * 50_000 + b"}]}", "nested too deeply"),
+    ],
+)  # fmt: skip
+def test_shapes_and_nesting_past_the_bounds_are_protocol_errors(body: bytes, says: str) -> None:
+    with pytest.raises(ProtocolError, match=says):
+        parse_request(body, None)
+
+
+class Refused(Exception):
+    pass
+
+
+def test_the_check_sees_each_shape_before_its_data_is_read() -> None:
+    seen: list[tuple[str, str, list[int]]] = []
+
+    def check(name: str, datatype: str, shape: list[int]) -> None:
+        seen.append((name, datatype, shape))
+        if shape[0] > 2:
+            raise Refused(name)
+
+    ok = _one_input(shape=[2, 2], data=[[1, 2], [3, 4]])
+    assert parse_request(ok, None, check).inputs[0].data.tolist() == [[1, 2], [3, 4]]
+    assert seen == [("x", "UINT8", [2, 2])]
+    # data that could never be read (wrong count, not numbers): the shape is refused first,
+    # in a big header too, where the numbers are left out before anything is parsed
+    for count in (9, 100_000):
+        bad = _one_input(shape=[3, 2], data=["?"] + [0] * count)
+        with pytest.raises(Refused):
+            parse_request(bad, None, check)
+    header, length = binary_body(
+        {"inputs": [{"name": "b", "datatype": "UINT8", "shape": [5, 1],
+                     "parameters": {"binary_data_size": 1}}]}, b"\0")  # fmt: skip
+    with pytest.raises(Refused):
+        parse_request(header, length, check)
