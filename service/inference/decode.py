@@ -109,6 +109,37 @@ def check_request_pixels(declared: Sequence[int | None], settings: Settings) -> 
         )
 
 
+class TooManyValuesError(ProblemError):
+    """A JSON body with more numbers than a request's images can be."""
+
+    status = 413
+    slug = "too-many-values"
+    title = "Too many values in a JSON body"
+
+
+#: Numbers a JSON body may carry per image the request may hold: two 28×28 images' worth.
+#: Parsing JSON numbers holds the interpreter (on whatever thread), about 4 million floats a
+#: second here: 64 images' worth is 25 ms; the 20 MB body limit alone let through 4 million
+#: (a second) and, as pixel arrays, 2 GB of Python objects. Bigger images go as files.
+JSON_VALUES_PER_IMAGE = 2 * 28 * 28
+
+
+def check_json_values(body: bytes, settings: Settings) -> None:
+    """Refuse (413) a JSON body that holds more values than `JSON_VALUES_PER_IMAGE` for each
+    image a request may have, counted (its commas: a linear scan, microseconds a megabyte)
+    before it is parsed."""
+    limit = settings.max_images_per_request * JSON_VALUES_PER_IMAGE
+    values = body.count(b",") + 1
+    if values > limit:
+        raise TooManyValuesError(
+            f"the JSON body holds about {values} values, more than the {limit} this server "
+            f"parses in one request ({JSON_VALUES_PER_IMAGE} per image it takes); send pixels "
+            "as 28×28 arrays, larger images as files (multipart, or base64 PNG in JSON), or "
+            "V2 tensors in the binary extension",
+            limit=limit,
+        )
+
+
 @dataclass(frozen=True)
 class Inputs:
     """A request's images before decoding: encoded files, or the pixel arrays a JSON body
@@ -366,6 +397,7 @@ def _b64(text: str, index: int) -> bytes:
 def json_inputs(body: bytes, settings: Settings) -> Inputs:
     """The images of a JSON predict body, counted, not decoded: base64 files as bytes, pixel
     arrays within the request's pixel budget (blocking: JSON and base64)."""
+    check_json_values(body, settings)
     try:
         payload = PredictJSON.model_validate_json(body)
     except ValidationError as exc:

@@ -31,6 +31,7 @@ from starlette.requests import Request
 from service.inference.backends import LoadedModel
 from service.inference.batcher import InferenceService
 from service.inference.decode import (
+    JSON_VALUES_PER_IMAGE,
     PIXEL_TYPES,
     body_kind,
     declared_files,
@@ -275,10 +276,11 @@ async def infer_answer(
     to: the response body and its headers. Every mistake in the request raises a
     `ProblemError` (the protocol's `{"error": ...}` under `/v2`)."""
     check = v2_input_check(inference.settings.max_images_per_request)
+    values = inference.settings.max_images_per_request * JSON_VALUES_PER_IMAGE
     if len(body) <= INLINE_PARSE_BYTES:
-        parsed = parse_request(body, header_length, check)
+        parsed = parse_request(body, header_length, check, values)
     else:  # JSON parsing is CPU work: off the event loop
-        parsed = await run_in_threadpool(parse_request, body, header_length, check)
+        parsed = await run_in_threadpool(parse_request, body, header_length, check, values)
     batch = await _infer_batch(parsed, inference, manifest)
     loaded, probs = await inference.predict(manifest, batch)
     outputs = v2_outputs(parsed, probs, loaded.manifest.classes)

@@ -332,15 +332,27 @@ def _skeleton(body: bytes, check: InputCheck) -> None:
 
 
 def parse_request(
-    body: bytes, header_length: str | None, check: InputCheck | None = None
+    body: bytes,
+    header_length: str | None,
+    check: InputCheck | None = None,
+    max_values: int | None = None,
 ) -> InferRequest:
     """An inference request from a raw body (JSON, or JSON and binary tensors); `check` sees
-    each input's name, datatype and shape before its data is decoded (blocking: a big JSON
-    body is worth a thread)."""
-    if check is not None:
-        json_size = len(body) if header_length is None else _header_size(body, header_length)
-        if json_size > SKELETON_FROM_BYTES:
-            _skeleton(body[:json_size], check)
+    each input's name, datatype and shape before its data is decoded, and a JSON part of more
+    than `max_values` values (counted by its commas) is refused before it is parsed: parsing
+    numbers holds the interpreter, whatever thread does it (blocking: a big JSON body is worth
+    a thread)."""
+    json_size = len(body) if header_length is None else _header_size(body, header_length)
+    if check is not None and json_size > SKELETON_FROM_BYTES:
+        _skeleton(body[:json_size], check)
+    if max_values is not None:
+        values = body.count(b",", 0, json_size) + 1
+        if values > max_values:
+            raise ProtocolError(
+                f"the JSON holds about {values} values, more than the {max_values} this server "
+                "parses in one request; send the tensor in the binary extension "
+                "(Inference-Header-Content-Length), or BYTES images"
+            )
     header, rest = _header(body, header_length)
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
