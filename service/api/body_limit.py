@@ -5,11 +5,18 @@ streams in and cut off at the limit, whatever it declared, so the server never h
 the limit of any body. A request that declares both a `Transfer-Encoding` and a
 `Content-Length` is refused (400), as RFC 9112 §6.3 recommends: the two framings disagree about
 where the body ends, and a server behind a proxy must not pick one.
+
+The limit (`CNNSERVE_MAX_BODY_BYTES`) is for the routes that take images: predict, explain
+and V2 infer. Every other body is a spec of a few hundred bytes (a job, a sweep, an
+evaluation), parsed as JSON on the event loop by FastAPI and validated in one step, so those
+routes take at most `CONTROL_BODY_BYTES`: a 20 MB job body of unknown fields held the loop for
+12 s and 2 GB (each field's error reported).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -17,6 +24,13 @@ from service.api.problems import problem_response
 from service.errors import PayloadTooLargeError
 
 logger = logging.getLogger(__name__)
+
+#: The routes whose bodies are images (up to `max_bytes`).
+IMAGE_BODY_PATH = re.compile(
+    r"^/v1/checkpoints/[^/]+/(predict|explain)$|^/v2/models/[^/]+(/versions/[^/]+)?/infer$"
+)
+#: The most any other route's body may hold (a job spec is about 200 bytes).
+CONTROL_BODY_BYTES = 256 * 1024
 
 
 class BodySizeLimitMiddleware:
@@ -26,10 +40,17 @@ class BodySizeLimitMiddleware:
         self.app = app
         self.max_bytes = max_bytes
 
+    def limit_for(self, path: str) -> int:
+        """The most the body of a request to `path` may hold."""
+        if IMAGE_BODY_PATH.match(path):
+            return self.max_bytes
+        return min(self.max_bytes, CONTROL_BODY_BYTES)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limit_for(scope["path"])
         if _framed_twice(scope):
             logger.info("refused a request with both Transfer-Encoding and Content-Length")
             response = problem_response(
@@ -43,9 +64,9 @@ class BodySizeLimitMiddleware:
             await response(scope, receive, send)
             return
         declared = declared_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            logger.info("refused a %d-byte body (limit %d)", declared, self.max_bytes)
-            await self._send_413(scope, receive, send)
+        if declared is not None and declared > limit:
+            logger.info("refused a %d-byte body (limit %d)", declared, limit)
+            await self._send_413(scope, receive, send, limit)
             return
 
         received = 0
@@ -56,8 +77,8 @@ class BodySizeLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise PayloadTooLargeError(self.max_bytes)
+                if received > limit:
+                    raise PayloadTooLargeError(limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -72,11 +93,11 @@ class BodySizeLimitMiddleware:
             # raised from a receive the app did not turn into a response itself
             if response_started:
                 raise
-            await self._send_413(scope, receive, send)
+            await self._send_413(scope, receive, send, limit)
 
-    async def _send_413(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _send_413(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         """The 413 problem the exception handlers would give, sent from outside the app."""
-        exc = PayloadTooLargeError(self.max_bytes)
+        exc = PayloadTooLargeError(limit)
         response = problem_response(
             413,
             exc.detail,
