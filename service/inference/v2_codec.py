@@ -343,16 +343,17 @@ def parse_request(
     numbers holds the interpreter, whatever thread does it (blocking: a big JSON body is worth
     a thread)."""
     json_size = len(body) if header_length is None else _header_size(body, header_length)
-    if check is not None and json_size > SKELETON_FROM_BYTES:
-        _skeleton(body[:json_size], check)
-    if max_values is not None:
+    if max_values is not None:  # first: a count is ten times cheaper than the skeleton's scan
         values = body.count(b",", 0, json_size) + 1
         if values > max_values:
             raise ProtocolError(
-                f"the JSON holds about {values} values, more than the {max_values} this server "
-                "parses in one request; send the tensor in the binary extension "
+                f"the JSON holds about {values} values (as many as {values // 784} 28×28 "
+                f"images), more than the {max_values} this server parses in one request; send "
+                "fewer images, the tensor in the binary extension "
                 "(Inference-Header-Content-Length), or BYTES images"
             )
+    if check is not None and json_size > SKELETON_FROM_BYTES:
+        _skeleton(body[:json_size], check)
     header, rest = _header(body, header_length)
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
