@@ -181,8 +181,18 @@ def beating(client: Any) -> list[dict[str, Any]]:
         else:
             gone.append(name)
     if gone:  # expired: a worker that stopped without clearing its heartbeat
-        client.srem(WORKERS_KEY, *gone)
+        client.eval(_FORGET, 1, WORKERS_KEY, WORKER_KEY, *gone)
     return out
+
+
+#: Lua: forget the named workers whose heartbeat key is (still) gone, in one step, so that a
+#: worker that beats again meanwhile is not dropped from the set.
+_FORGET = """
+for i = 2, #ARGV do
+  if redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 0 then redis.call('SREM', KEYS[1], ARGV[i]) end
+end
+return 0
+"""
 
 
 def write_heartbeat(client: Any, info: dict[str, Any]) -> None:

@@ -9,8 +9,9 @@ where the body ends, and a server behind a proxy must not pick one.
 The limit (`CNNSERVE_MAX_BODY_BYTES`) is for the routes that take images: predict, explain
 and V2 infer. Every other body is a spec of a few hundred bytes (a job, a sweep, an
 evaluation), parsed as JSON on the event loop by FastAPI and validated in one step, so those
-routes take at most `CONTROL_BODY_BYTES`: a 20 MB job body of unknown fields held the loop for
-12 s and 2 GB (each field's error reported).
+routes take at most `CONTROL_BODY_BYTES` (`/v1/ops`, whose tensors are bigger, `OPS_BODY_BYTES`):
+a 20 MB job body of unknown fields held the loop for 12 s and 2 GB (each field's error
+reported).
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ logger = logging.getLogger(__name__)
 IMAGE_BODY_PATH = re.compile(
     r"^/v1/checkpoints/[^/]+/(predict|explain)$|^/v2/models/[^/]+(/versions/[^/]+)?/infer$"
 )
-#: The most any other route's body may hold (a job spec is about 200 bytes).
+#: The most any other route's body may hold (a job spec is about 200 bytes)...
 CONTROL_BODY_BYTES = 256 * 1024
+#: ... but the seed's tensor operations (`/v1/ops`), whose inputs are up to 16 × 64 × 64
+#: numbers as JSON (about 1.2 MB at full float precision).
+OPS_PATH = re.compile(r"^/v1/ops/")
+OPS_BODY_BYTES = 2 * 1024 * 1024
 
 
 class BodySizeLimitMiddleware:
@@ -44,6 +49,8 @@ class BodySizeLimitMiddleware:
         """The most the body of a request to `path` may hold."""
         if IMAGE_BODY_PATH.match(path):
             return self.max_bytes
+        if OPS_PATH.match(path):
+            return min(self.max_bytes, OPS_BODY_BYTES)
         return min(self.max_bytes, CONTROL_BODY_BYTES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -213,6 +213,7 @@ def reduced_image(im: Image.Image, edge: int | None) -> Image.Image:
     for top in range(0, height, rows):
         strip = im.crop((0, top, width, min(height, top + rows))).reduce(factor)
         reduced.paste(strip, (0, top // factor))
+    reduced.info = dict(im.info)  # its EXIF orientation among it: turned upright after
     return reduced
 
 

@@ -185,11 +185,15 @@ async def files_native(
     """Uploaded image files as the 28×28 images the network sees (N×28×28 uint8), counted and
     within the request's pixel budget before any is decoded."""
     count_images(len(blobs), settings, explain)
-    declared = declared_files(blobs, settings)
-    if decodes_inline(blobs, declared):
-        return _decoded_native(blobs, settings, how)
-    # decoding and resizing bigger images is CPU work: off the event loop
-    return await run_in_threadpool(_decoded_native, blobs, settings, how)
+    if sum(len(b) for b in blobs) <= INLINE_DECODE_BYTES:
+        # small uploads: their headers are read here (a JPEG's markers are walked in Python:
+        # bounded by the bytes), and tiny images decoded too
+        declared = declared_files(blobs, settings)
+        if decodes_inline(blobs, declared):
+            return _decoded_native(blobs, settings, how)
+        return await run_in_threadpool(_decoded_native, blobs, settings, how)
+    # reading headers, decoding and resizing bigger uploads is CPU work: off the event loop
+    return await run_in_threadpool(_native_files, blobs, settings, how)
 
 
 def _native_json(body: bytes, settings: Settings, how: Preparation, explain: bool) -> np.ndarray:

@@ -38,6 +38,10 @@ class CheckpointCorruptError(CheckpointError):
     """A checkpoint whose files do not match its manifest."""
 
 
+class JobNotOursError(CheckpointError):
+    """A worker publishing for a job whose lease it lost: another worker owns the job now."""
+
+
 class LineageError(ValueError):
     """An `init_from` that names no checkpoint, or one of another network."""
 

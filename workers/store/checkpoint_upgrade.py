@@ -55,8 +55,11 @@ def index_earlier_store(store: CheckpointStore, wait_s: float = 600.0) -> int:
         batch: list[Entry] = []
 
         def renew() -> None:
-            if not index.renew(where, token):
-                log.warning("upgrade of %s: another process took the lock over", where)
+            if not index.renew(where, token):  # it lapsed: another process may be at it now
+                raise TimeoutError(
+                    f"the upgrade of {where} lost its lock; the process that holds it now "
+                    "indexes the store"
+                )
 
         for entry in _scan(store, retired, evaluations, renew):
             batch.append(entry)

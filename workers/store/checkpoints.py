@@ -44,6 +44,7 @@ from workers.store.checkpoint_errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointNotFoundError,
+    JobNotOursError,
     LineageError,
     retry_unavailable,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointStore",
     "CheckpointSummary",
+    "JobNotOursError",
     "Lineage",
     "LineageError",
     "Manifest",
@@ -212,15 +214,23 @@ class CheckpointStore:
             job_id=job_id, epoch=epoch, model=model, manifest_fields=manifest_fields, state=state
         )
 
-    def publish(self, staged: StagedCheckpoint, keep: int | None = 3) -> SavedCheckpoint:
+    def publish(
+        self,
+        staged: StagedCheckpoint,
+        keep: int | None = 3,
+        still_ours: Callable[[], bool] | None = None,
+    ) -> SavedCheckpoint:
         """Put a staged checkpoint's files in the store (manifest last), file it in the index
         with the job's aliases and pruning in one atomic step, then remove what was pruned.
 
         May be called again after a `STORE_UNAVAILABLE` error; the staged files stay until it
-        succeeds (or `discard`).
+        succeeds (or `discard`). With `still_ours`, asked once the files are up, a worker
+        that lost the job meanwhile (`JobNotOursError`) files nothing.
         """
         m = staged.manifest
         self.files.put_staged(staged)
+        if still_ours is not None and not still_ours():  # the upload outlived the job's lease
+            raise JobNotOursError(f"checkpoint {m.id}: the job is another worker's now")
         self._ready()
         summary = m.model_dump(mode="json", include=set(SUMMARY_FIELDS))
         filed = self.index.publish(

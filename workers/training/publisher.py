@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from workers.store.checkpoints import (
     STORE_UNAVAILABLE,
     CheckpointStore,
+    JobNotOursError,
     SavedCheckpoint,
     StagedCheckpoint,
     retry_unavailable,
@@ -75,10 +76,19 @@ class Publisher:
             return
         try:
             saved = retry_unavailable(
-                lambda: self.store.publish(staged, keep=self.keep),
+                lambda: self.store.publish(
+                    staged, keep=self.keep, still_ours=lambda: not self.lost()
+                ),
                 stop=self.stop,
                 what=f"checkpoint {staged.manifest.id}",
             )
+        except JobNotOursError:
+            log.warning(
+                "checkpoint %s not filed: the job became another worker's during its upload",
+                staged.manifest.id,
+            )
+            self.store.discard(staged)
+            return
         except STORE_UNAVAILABLE:
             log.error(
                 "checkpoint %s not published: the store is unavailable and the job is no "

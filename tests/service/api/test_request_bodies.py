@@ -416,3 +416,28 @@ def test_routes_that_take_a_spec_take_at_most_256_kib(client: TestClient, ckpt: 
         f"/v1/checkpoints/{ckpt.id}/predict", files=[("files", ("a.png", buf.getvalue()))]
     )
     assert r.status_code == 200, r.text[:200]
+
+
+def test_every_route_that_classifies_takes_the_image_body_limit_and_ops_their_tensors(
+    client: TestClient,
+) -> None:
+    """The image routes are listed by path for the body limit: a route added with the predict
+    scope and not listed would take 256 KiB. The seed's ops take their largest tensors."""
+    from service.api.body_limit import IMAGE_BODY_PATH, BodySizeLimitMiddleware
+
+    doc = client.get("/openapi.json").json()
+    predict_routes = [
+        path.replace("{", "").replace("}", "")
+        for path, ops in doc["paths"].items()
+        for method, op in ops.items()
+        if method == "post" and {"ApiKey": ["predict"]} in op.get("security", [])
+    ]
+    assert len(predict_routes) >= 4
+    assert all(IMAGE_BODY_PATH.match(p) for p in predict_routes), predict_routes
+
+    limit = BodySizeLimitMiddleware(lambda *_: None, 20 * 1024 * 1024)  # type: ignore[arg-type]
+    x = np.random.default_rng(0).random((4, 64, 64)).tolist()  # 16,384 windows: the most
+    body = json.dumps({"X": x, "K": [[[0.5]]] * 4}).encode()
+    assert 256 * 1024 < len(body) <= limit.limit_for("/v1/ops/corr2d")
+    r = client.post("/v1/ops/corr2d", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text[:300]

@@ -189,3 +189,51 @@ def test_only_small_files_of_few_pixels_are_decoded_on_the_event_loop() -> None:
     bomb = text_bomb_png()  # declares 1 pixel, but 64 KB of compressed chunks
     assert not decodes_inline([bomb], [1])
     assert not decodes_inline([tiny] * 8, [28 * 28] * 8)  # the pixels in all count
+
+
+def test_a_photo_reduced_on_its_way_in_is_still_turned_upright_by_its_exif() -> None:
+    """A photo is stored sideways with an EXIF Orientation; reducing it (a new image) must
+    keep what turns it upright (it was lost: the photo was classified lying down)."""
+    sideways = Image.fromarray(np.zeros((600, 1200, 3), np.uint8))  # 1200 wide, 600 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    buf = io.BytesIO()
+    sideways.save(buf, format="PNG", exif=exif)
+    full = decode_image(buf.getvalue(), max_pixels=10**7)
+    reduced = decode_image(buf.getvalue(), max_pixels=10**7, reduce_to=DECODE_EDGE)
+    assert full.shape[:2] == (1200, 600)  # upright: tall
+    assert reduced.shape[0] > reduced.shape[1], reduced.shape
+
+
+def test_the_headers_of_a_big_upload_are_read_off_the_event_loop(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JPEG's header is found by walking its markers in Python: 4 MB of empty APP1
+    segments took 2 s. Only uploads of a few KiB in all have their headers read on the loop."""
+    import asyncio
+    import threading
+
+    from service.inference import decode, pipeline
+
+    seen: list[str] = []
+    real = decode.declared_files
+
+    def recording(blobs: list[bytes], s: Settings) -> list[int | None]:
+        seen.append(threading.current_thread().name)
+        return real(blobs, s)
+
+    monkeypatch.setattr(pipeline, "declared_files", recording)
+    how = pipeline.Preparation(
+        manifest=None,  # type: ignore[arg-type]
+    )
+    monkeypatch.setattr(
+        pipeline.Preparation,
+        "transform",
+        property(lambda self: Transform(Preprocessing(resize=28))),
+    )
+    tiny = png(np.zeros((28, 28), np.uint8))
+    big = png(np.random.default_rng(0).integers(0, 255, (300, 300), np.uint8))
+    assert len(big) > pipeline.INLINE_DECODE_BYTES
+    for blobs in ([tiny], [big]):
+        asyncio.run(pipeline.files_native(blobs, settings, how))
+    assert seen[0] == threading.main_thread().name and seen[1] != threading.main_thread().name

@@ -386,3 +386,18 @@ def test_filing_the_same_manifest_again_keeps_its_evaluation_and_graphs(
     assert fields["evaluation_sha256"] == "e" * 64 and fields["onnx:model.onnx"] == "f" * 64
     store.index.publish_many([(entry.summary, 0.9, "0" * 64)], store.location)  # another one
     assert "evaluation_sha256" not in store.index.entry(ckpt).fields  # type: ignore[union-attr]
+
+
+def test_an_upgrade_that_loses_its_lock_stops_and_marks_nothing(
+    store: CheckpointStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers.store import checkpoint_upgrade
+
+    for epoch in (1, 2):
+        save(store, JOBS[0], epoch, 0.5)
+    store.index.r.flushdb()
+    monkeypatch.setattr(checkpoint_upgrade, "LIST_RENEW_EVERY", 1)
+    monkeypatch.setattr(type(store.index), "renew", lambda self, where, token: False)
+    with pytest.raises(TimeoutError, match="lost its lock"):
+        checkpoint_upgrade.index_earlier_store(store)
+    assert not store.index.is_indexed(store.location)  # the lock's holder will mark it

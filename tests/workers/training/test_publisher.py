@@ -64,3 +64,23 @@ def test_a_worker_that_lost_its_job_publishes_nothing_over_the_new_owners(
     manifest = checkpoint_store.manifest(f"{JOB}-e002")  # B's, intact
     assert manifest.weights_sha256 == b_epoch_2.manifest.weights_sha256
     assert checkpoint_store.aliases(JOB) == {"latest": f"{JOB}-e002", "best": f"{JOB}-e002"}
+
+
+def test_a_lease_lost_during_the_upload_files_nothing(checkpoint_store: CheckpointStore) -> None:
+    """The lease lapses while the files go up (a long upload to a slow bucket): the files are
+    not filed, and the job's aliases stay where the new owner put them."""
+    checkpoint_store.ensure_indexed()  # a store in use (nothing from an earlier version)
+    answers = iter([False, True])  # still the job's when it starts, not once the files are up
+    published: list[str] = []
+    publisher = Publisher(
+        checkpoint_store,
+        keep=3,
+        on_published=lambda _m, saved: published.append(saved.manifest.id),
+        stop=lambda: False,
+        lost=lambda: next(answers, True),
+    )
+    staged = _staged(checkpoint_store, 1, 0.5)
+    publisher.submit(staged, metrics=None)  # type: ignore[arg-type]
+    publisher.close()
+    assert published == [] and not staged.directory.exists()
+    assert checkpoint_store.aliases(JOB) == {}
