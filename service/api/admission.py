@@ -33,6 +33,7 @@ from service.access import audit
 from service.access.auth import (
     ADMITTED,
     AccessRule,
+    Caller,
     access_rule,
     authorize,
     bearer_credentials,
@@ -151,17 +152,26 @@ class Admission:
     async def _admit(self, scope: Scope, rule: Any) -> ProblemError | None:
         """None when the request's key may call a route with this rule (a predict call is
         counted against its rate and left admitted); the refusal otherwise."""
-        app_state = scope["app"].state
-        authorization = next((v for k, v in scope["headers"] if k == b"authorization"), None)
-        credentials = bearer_credentials(authorization.decode("latin-1") if authorization else None)
         try:
-            caller = authorize(app_state.key_ring, app_state.settings, rule, credentials)
-            if rule == "predict":
-                await count_prediction(app_state, caller)
-                scope["state"][ADMITTED] = caller
+            await admit(scope, rule)
         except ProblemError as exc:
             return exc
         except Exception:  # not a refusal (Redis down, say): the route's `Allow` meets it and
             # the app's handlers answer it (a 503), after the body is read
             logger.warning("could not admit before the body; the route will", exc_info=True)
         return None
+
+
+async def admit(scope: Scope, rule: Any) -> Caller:
+    """The caller of a request, from its `Authorization` header, allowed `rule` (a scope, or
+    `Allow`'s rule); a predict call is counted against its rate and left admitted in the
+    request's state (so that the route's `Allow` does neither again). Raises the refusal."""
+    app_state = scope["app"].state
+    authorization = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+    credentials = bearer_credentials(authorization.decode("latin-1") if authorization else None)
+    caller = authorize(app_state.key_ring, app_state.settings, rule, credentials)
+    if rule == "predict":
+        await count_prediction(app_state, caller)
+        state = scope.setdefault("state", {})
+        state[ADMITTED] = state["caller"] = caller
+    return caller

@@ -35,8 +35,8 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.access.audit import AuditMiddleware
-from service.access.auth import ADMITTED, Caller, authorize, bearer_credentials, count_prediction
-from service.api.admission import REFUSAL, Admission, Refusal
+from service.access.auth import Caller
+from service.api.admission import REFUSAL, Admission, Refusal, admit
 from service.api.body_limit import BodySizeLimitMiddleware, declared_length
 from service.api.deps import inference_of
 from service.errors import ProblemError
@@ -186,7 +186,7 @@ class FastPath:
         started = time.perf_counter()
         state = scope.setdefault("state", {})
         try:  # from the headers, before a byte of the body is read
-            caller = await _admit(scope, headers)
+            caller = await admit(scope, "predict")
         except ProblemError as exc:  # answered by `Admission`, the body left unread
             state[REFUSAL] = Refusal(exc, body_read=False)
             await self.app(scope, receive, send)
@@ -225,19 +225,6 @@ class FastPath:
         self, scope: Scope, headers: Headers, body: bytes, taken: Taken, caller: Caller
     ) -> Answer:
         return await taken.handle(inference_of(scope["app"].state), caller, body)
-
-
-async def _admit(scope: Scope, headers: Headers) -> Caller:
-    """The predict caller of a request, admitted by its key and counted against its rate,
-    as `Allow("predict")` would (and left in the request's state, so it does neither again)."""
-    app_state = scope["app"].state
-    authorization = headers.get(b"authorization")
-    credentials = bearer_credentials(authorization.decode("latin-1") if authorization else None)
-    caller = authorize(app_state.key_ring, app_state.settings, "predict", credentials)
-    await count_prediction(app_state, caller)
-    state = scope.setdefault("state", {})
-    state[ADMITTED] = state["caller"] = caller
-    return caller
 
 
 async def _read_body(receive: Receive, limit: int) -> tuple[bytes | None, bool]:
