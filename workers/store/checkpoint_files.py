@@ -16,10 +16,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import pickle
 import platform
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -159,6 +161,23 @@ class CheckpointFiles:
             path = staged.directory / name
             if path.is_file():
                 self.blobs.put_file(key(ckpt_id, name), path)
+
+    def pinned(self, path: Path) -> tuple[Path, Callable[[], None]]:
+        """A hard link to `path` in a fresh staging directory, and what releases it: it stays
+        readable however the file is evicted from a cache another process shares, or deleted,
+        until released (a download streams from it). `FileNotFoundError` when `path` is gone
+        already; the file itself where hard links cannot be made."""
+        folder = self.staging_dir()
+        pin = folder / path.name
+        try:
+            os.link(path, pin)
+        except FileNotFoundError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        except OSError:  # another file system, or no hard links there
+            shutil.rmtree(folder, ignore_errors=True)
+            return path, lambda: None
+        return pin, lambda: shutil.rmtree(folder, ignore_errors=True)
 
     def keep_staged_weights(self, staged: StagedCheckpoint) -> None:
         """What this process just wrote is what it will read: keep it in the cache, verified."""

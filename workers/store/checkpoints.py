@@ -429,12 +429,26 @@ class CheckpointStore:
             in_channels=manifest.in_channels,
         )
         try:
-            model.load_state_dict(self.files.read_weights(ckpt_id, path))
+            try:
+                state = self.files.read_weights(ckpt_id, path)
+            except FileNotFoundError:  # evicted by a process sharing the cache: fetch again
+                state = self.files.read_weights(
+                    ckpt_id, self.files.verified_weights(ckpt_id, manifest)
+                )
+            model.load_state_dict(state)
         except (RuntimeError, OSError) as exc:
             raise CheckpointCorruptError(
                 f"checkpoint {ckpt_id}: weights do not load: {exc}"
             ) from exc
         return model.to(device).eval(), manifest
+
+    def pinned(self, get: Callable[[], Path]) -> tuple[Path, Callable[[], None]]:
+        """The file `get()` gives (a verified weights or ONNX file), pinned for a download
+        (`CheckpointFiles.pinned`): got again if another process evicted it in between."""
+        try:
+            return self.files.pinned(get())
+        except FileNotFoundError:
+            return self.files.pinned(get())
 
     def load_weights(self, ckpt_id: str) -> dict[str, torch.Tensor]:
         """The verified weights of a checkpoint as a state_dict on the CPU."""

@@ -15,6 +15,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
 
 from service.access.auth import Allow, CallerDep
 from service.api.deps import CheckpointStoreDep, InferenceDep, ResolvedManifest
@@ -117,12 +118,14 @@ def get_checkpoint(manifest: ResolvedManifest) -> Manifest:
     dependencies=[Allow("read")],
 )
 def get_weights(manifest: ResolvedManifest, store: CheckpointStoreDep) -> FileResponse:
-    path = store.weights_path(manifest.id)
+    # pinned: another process's cache eviction (or a delete) cannot unlink it mid-response
+    path, release = store.pinned(lambda: store.weights_path(manifest.id))
     return FileResponse(
         path,
         media_type="application/octet-stream",
         filename=f"{manifest.id}.safetensors",
         headers={"X-Weights-SHA256": manifest.weights_sha256},
+        background=BackgroundTask(release),
     )
 
 
@@ -145,13 +148,19 @@ def get_weights(manifest: ResolvedManifest, store: CheckpointStoreDep) -> FileRe
     },
     dependencies=[Allow("read")],
 )
-async def get_onnx(manifest: ResolvedManifest, inference: InferenceDep) -> FileResponse:
-    path = await inference.onnx_file(manifest)
+async def get_onnx(
+    manifest: ResolvedManifest, inference: InferenceDep, store: CheckpointStoreDep
+) -> FileResponse:
+    try:
+        path, release = store.files.pinned(await inference.onnx_file(manifest))
+    except FileNotFoundError:  # evicted by a process sharing the cache in between: again
+        path, release = store.files.pinned(await inference.onnx_file(manifest))
     return FileResponse(
         path,
         media_type="application/octet-stream",
         filename=f"{manifest.id}.onnx",
         headers={"X-ONNX-Opset": str(manifest.onnx.opset)},
+        background=BackgroundTask(release),
     )
 
 

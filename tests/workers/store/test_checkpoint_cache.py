@@ -84,3 +84,44 @@ def test_a_pruned_epoch_takes_its_exported_graph_with_it(
             keep=1,
         )
     assert list(checkpoint_store.blobs.list_keys(f"{JOB_A}/e001/")) == []
+
+
+def test_a_download_survives_another_process_evicting_its_file(
+    s3_url: str,
+    settings: Settings,
+    make_client: Callable[..., TestClient],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Processes sharing a data dir share the cache: one's eviction could unlink the file
+    another had just verified, before its response opened it (a 500). A download streams
+    from a hard link of its own, and a file evicted in between is fetched again."""
+    store = CheckpointStore.from_settings(settings)
+    ckpt = save(store, lenet(trained=False), job_id=JOB_A, epoch=1)
+    client = make_client()
+    api_store: CheckpointStore = client.app.state.checkpoint_store  # type: ignore[attr-defined]
+    real = api_store.weights_path
+    evicted: list[Path] = []
+
+    def weights_path_then_evicted(ckpt_id: str) -> Path:
+        path = real(ckpt_id)
+        if not evicted:  # the first time, another process evicts it at once
+            path.unlink()
+            evicted.append(path)
+        return path
+
+    monkeypatch.setattr(api_store, "weights_path", weights_path_then_evicted)
+    r = client.get(f"/v1/checkpoints/{ckpt.id}/weights")
+    assert r.status_code == 200, r.text[:200]
+    assert hashlib.sha256(r.content).hexdigest() == ckpt.weights_sha256
+    assert evicted
+    pins = [p for p in settings.cache_dir.rglob("*") if ".staging" in p.parts and p.is_file()]
+    assert pins == []  # released once the response was sent
+
+    # a pin outlives the file it was made from
+    path = api_store.weights_path(ckpt.id)
+    pin, release = api_store.files.pinned(path)
+    path.unlink()
+    assert hashlib.sha256(pin.read_bytes()).hexdigest() == ckpt.weights_sha256
+    release()
+    assert not pin.exists()
+    store.close()
