@@ -35,7 +35,11 @@ from torch import nn
 from workers.contracts import CHECKPOINT_ID_RE, JOB_ID_RE
 from workers.store.blobs import BlobNotFoundError, Blobs, LocalBlobs, StoreUnavailableError
 from workers.store.cache import CacheVerifyError, DiskCache, sha256_file
-from workers.store.checkpoint_errors import CheckpointCorruptError, CheckpointNotFoundError
+from workers.store.checkpoint_errors import (
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    JobNotOursError,
+)
 from workers.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -153,12 +157,18 @@ class CheckpointFiles:
             raise
         return StagedCheckpoint(manifest, directory, hashlib.sha256(raw).hexdigest())
 
-    def put_staged(self, staged: StagedCheckpoint) -> None:
+    def put_staged(
+        self, staged: StagedCheckpoint, still_ours: Callable[[], bool] | None = None
+    ) -> None:
         """Put a staged checkpoint's files in the store, its manifest last (may be called
-        again after a failure: a local store has moved what it already took)."""
+        again after a failure: a local store has moved what it already took). With
+        `still_ours`, asked before each file: a worker that lost the job meanwhile puts no
+        more of them (`JobNotOursError`)."""
         ckpt_id = staged.manifest.id
         for name in (WEIGHTS, STATE, MANIFEST):
             path = staged.directory / name
+            if still_ours is not None and not still_ours():
+                raise JobNotOursError(f"checkpoint {ckpt_id}: the job is another worker's now")
             if path.is_file():
                 self.blobs.put_file(key(ckpt_id, name), path)
 
@@ -167,15 +177,20 @@ class CheckpointFiles:
         readable however the file is evicted from a cache another process shares, or deleted,
         until released (a download streams from it). `FileNotFoundError` when `path` is gone
         already; the file itself where hard links cannot be made."""
-        folder = self.staging_dir()
-        pin = folder / path.name
+        folder: Path | None = None
         try:
+            folder = self.staging_dir()
+            pin = folder / path.name
             os.link(path, pin)
         except FileNotFoundError:
-            shutil.rmtree(folder, ignore_errors=True)
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            if path.exists():  # the staging directory could not be made: the file itself
+                return path, lambda: None
             raise
-        except OSError:  # another file system, or no hard links there
-            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # no room or no right to stage, another file system, no hard links
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
             return path, lambda: None
         return pin, lambda: shutil.rmtree(folder, ignore_errors=True)
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from workers.store.blobs import BlobNotFoundError
+from workers.store.blobs import BlobNotFoundError, StoreUnavailableError
 from workers.store.checkpoint_index import SUMMARY_FIELDS
 from workers.store.manifest import Manifest
 
@@ -56,9 +56,9 @@ def index_earlier_store(store: CheckpointStore, wait_s: float = 600.0) -> int:
 
         def renew() -> None:
             if not index.renew(where, token):  # it lapsed: another process may be at it now
-                raise TimeoutError(
+                raise StoreUnavailableError(
                     f"the upgrade of {where} lost its lock; the process that holds it now "
-                    "indexes the store"
+                    "indexes the store (retry in a moment)"
                 )
 
         for entry in _scan(store, retired, evaluations, renew):

@@ -228,7 +228,7 @@ class CheckpointStore:
         that lost the job meanwhile (`JobNotOursError`) files nothing.
         """
         m = staged.manifest
-        self.files.put_staged(staged)
+        self.files.put_staged(staged, still_ours)
         if still_ours is not None and not still_ours():  # the upload outlived the job's lease
             raise JobNotOursError(f"checkpoint {m.id}: the job is another worker's now")
         self._ready()

@@ -10,12 +10,14 @@ problem.
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
-from starlette.background import BackgroundTask
+from starlette.types import Receive, Scope, Send
 
 from service.access.auth import Allow, CallerDep
 from service.api.deps import CheckpointStoreDep, InferenceDep, ResolvedManifest
@@ -29,6 +31,23 @@ from workers.store.checkpoints import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+class PinnedFileResponse(FileResponse):
+    """A file response from a pinned file (`CheckpointFiles.pinned`), released however the
+    response ends: sent, refused (a range it cannot satisfy answers before a background task
+    would run), or cut off."""
+
+    def __init__(self, path: Path, release: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
 
 router = APIRouter(prefix="/checkpoints", tags=["checkpoints"])
 
@@ -120,12 +139,12 @@ def get_checkpoint(manifest: ResolvedManifest) -> Manifest:
 def get_weights(manifest: ResolvedManifest, store: CheckpointStoreDep) -> FileResponse:
     # pinned: another process's cache eviction (or a delete) cannot unlink it mid-response
     path, release = store.pinned(lambda: store.weights_path(manifest.id))
-    return FileResponse(
+    return PinnedFileResponse(
         path,
+        release,
         media_type="application/octet-stream",
         filename=f"{manifest.id}.safetensors",
         headers={"X-Weights-SHA256": manifest.weights_sha256},
-        background=BackgroundTask(release),
     )
 
 
@@ -155,12 +174,12 @@ async def get_onnx(
         path, release = store.files.pinned(await inference.onnx_file(manifest))
     except FileNotFoundError:  # evicted by a process sharing the cache in between: again
         path, release = store.files.pinned(await inference.onnx_file(manifest))
-    return FileResponse(
+    return PinnedFileResponse(
         path,
+        release,
         media_type="application/octet-stream",
         filename=f"{manifest.id}.onnx",
         headers={"X-ONNX-Opset": str(manifest.onnx.opset)},
-        background=BackgroundTask(release),
     )
 
 

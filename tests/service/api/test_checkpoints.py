@@ -269,6 +269,24 @@ def test_weights_download_is_the_verified_safetensors_file(
     assert all(torch.equal(state[k], want[k]) for k in want)
 
 
+def test_downloads_leave_no_pinned_file_behind_however_they_end(
+    client: TestClient, saved: dict[str, Manifest], settings: Settings
+) -> None:
+    """A download streams from a hard link of its own (another process's cache eviction
+    cannot unlink it mid-response); the link goes once the response is over, a range it
+    cannot satisfy (416) and a malformed one (400) included."""
+    m = saved["a2"]
+    answers = []
+    for path in ("weights", "model.onnx"):
+        url = f"/v1/checkpoints/{m.id}/{path}"
+        answers.append(client.get(url).status_code)
+        answers.append(client.get(url, headers={"Range": "bytes=0-9"}).status_code)
+        answers.append(client.get(url, headers={"Range": "bytes=999999999-"}).status_code)
+    assert answers == [200, 206, 416, 200, 206, 416]
+    left = [p for p in settings.data_dir.rglob("*") if ".staging" in p.parts and p.is_file()]
+    assert left == []
+
+
 def test_altered_weights_are_refused_not_served(
     client: TestClient, saved: dict[str, Manifest], store: CheckpointStore
 ) -> None:

@@ -398,6 +398,8 @@ def test_an_upgrade_that_loses_its_lock_stops_and_marks_nothing(
     store.index.r.flushdb()
     monkeypatch.setattr(checkpoint_upgrade, "LIST_RENEW_EVERY", 1)
     monkeypatch.setattr(type(store.index), "renew", lambda self, where, token: False)
-    with pytest.raises(TimeoutError, match="lost its lock"):
+    from workers.store.checkpoints import StoreUnavailableError
+
+    with pytest.raises(StoreUnavailableError, match="lost its lock"):
         checkpoint_upgrade.index_earlier_store(store)
     assert not store.index.is_indexed(store.location)  # the lock's holder will mark it
